@@ -1,0 +1,391 @@
+#!/usr/bin/env python3
+"""MixMo (M = 2) overhead against the vanilla network of the same backbone, measured in one process.
+
+Three measurements, each on the vanilla ``<model>`` and the MixMo ``<model>_mixmo2`` built with the same
+seed and init scheme, interleaved (vanilla, mixmo, vanilla, mixmo, ... for ``--repeats`` rounds) so that
+background load hits both alike; every per-model number is the median of all timed iterations:
+
+(a) inference throughput, eval mode, ``model(x)`` on (B, 3, H, W) under ``torch.inference_mode``:
+    ratio mixmo / vanilla images/s, target >= 0.97.
+(b) training step time: forward, loss, backward, SGD step (momentum 0.9, weight decay 5e-4, set_to_none
+    zero_grad). MixMo runs ``model(inputs, masks)`` on a (B, 2, 3, H, W) member batch with
+    ``MemberSoftTargetCrossEntropy``; vanilla runs what a vanilla timm user runs: ``model(x)`` on a plain
+    (B, 3, H, W) batch with timm's ``SoftTargetCrossEntropy`` on one-hot (B, K) targets (``--vanilla-input
+    member`` instead feeds it the M = 1 member batch of the same builder). Batches are built once, outside
+    the timed region. Ratio mixmo / vanilla step time, target <= 1.05.
+(c) batch building: the ``MimoBatchBuilder`` call on U = B / batch_repeat unique images (batch repetition,
+    pad-4 crop + flip, member permutations, Cut-MixMo masks, weighted soft targets) on the training device,
+    as a share of the median MixMo training step, target <= 2 %. Also reported, not judged: the full
+    ``MimoCollate`` on a list of U (image, label) samples on the CPU (what a DataLoader worker runs).
+
+Usage:
+    python bench/mixmo_overhead.py --model wrn16_4                     # CPU defaults, ~3 min on 2 cores
+    python bench/mixmo_overhead.py --model wrn28_10 --batch-size 128 --amp-dtype bfloat16 --channels-last
+"""
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn as nn
+
+import timm
+from timm.loss import SoftTargetCrossEntropy
+
+import timm_mimo
+from timm_mimo.batch import MemberSoftTargetCrossEntropy, MimoBatchBuilder, MimoCollate
+
+TARGETS = {
+    'inference_ratio': ('>=', 0.97),
+    'train_ratio': ('<=', 1.05),
+    'builder_share': ('<=', 0.02),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--model', default='wrn16_4', help='vanilla base name; the MixMo model is <model>_mixmo2')
+    p.add_argument('--batch-size', type=int, default=None, help='mixed samples B (default 64 on CPU, 128 on CUDA)')
+    p.add_argument('--batch-repeat', type=int, default=2, help='copies of each unique image, b (U = B / b)')
+    p.add_argument('--device', default='auto', help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")
+    p.add_argument('--amp-dtype', default='none', choices=('none', 'bfloat16', 'float16'),
+                   help='autocast dtype (both models, all three measurements); float16 adds a GradScaler')
+    p.add_argument('--channels-last', action='store_true', help='channels_last models and inputs')
+    p.add_argument('--warmup', type=int, default=None, help='untimed iterations per model and round (CPU 1, CUDA 10)')
+    p.add_argument('--iters', type=int, default=None, help='timed iterations per model and round (CPU 2, CUDA 50)')
+    p.add_argument('--repeats', type=int, default=None, help='interleaved rounds (CPU 3, CUDA 5)')
+    p.add_argument('--builder-iters', type=int, default=None, help='timed builder/collate calls per round (CPU 10, CUDA 50)')
+    p.add_argument('--num-classes', type=int, default=10)
+    p.add_argument('--img-size', type=int, default=32)
+    p.add_argument('--vanilla-input', default='plain', choices=('plain', 'member'),
+                   help="vanilla training batch: 'plain' (B, 3, H, W) + SoftTargetCrossEntropy (default), "
+                        "'member' the builder's M = 1 batch (B, 1, 3, H, W) + MemberSoftTargetCrossEntropy")
+    p.add_argument('--lr', type=float, default=0.01, help='SGD learning rate of the timed training steps')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--threads', type=int, default=None, help='torch.set_num_threads (default: torch default)')
+    p.add_argument('--skip', default='', help="comma list of 'inference', 'train', 'builder' to skip")
+    p.add_argument('--json', default=None, metavar='PATH', help='also write all results to this JSON file')
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+def cpu_name() -> str:
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: torch.device) -> Dict[str, object]:
+    info = {
+        'cpu': cpu_name(),
+        'cpu_count': os.cpu_count(),
+        'torch_threads': torch.get_num_threads(),
+        'torch': torch.__version__,
+        'timm': timm.__version__,
+        'timm_mimo': getattr(timm_mimo, '__version__', '?'),
+        'python': platform.python_version(),
+        'device': str(device),
+    }
+    if device.type == 'cuda':
+        info['gpu'] = torch.cuda.get_device_name(device)
+        info['cuda'] = torch.version.cuda
+        info['cudnn'] = torch.backends.cudnn.version()
+    return info
+
+
+def make_sync(device: torch.device) -> Callable[[], None]:
+    if device.type == 'cuda':
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+def timed(fn: Callable[[], object], warmup: int, iters: int, sync: Callable[[], None]) -> List[float]:
+    """Seconds per call of ``fn``, one sample per call, synchronised on CUDA before and after each call."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def to_input_layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """channels_last for (B, C, H, W); for member inputs (B, M, C, H, W) the layout (B, H, W, M, C), so that
+    the stem's ``flatten(1, 2)`` to (B, M * C, H, W) is a channels_last view without a copy."""
+    if not channels_last:
+        return x.contiguous()
+    if x.ndim == 4:
+        return x.contiguous(memory_format=torch.channels_last)
+    return x.permute(0, 3, 4, 1, 2).contiguous().permute(0, 3, 4, 1, 2)
+
+
+def create(name: str, args, device: torch.device) -> nn.Module:
+    torch.manual_seed(args.seed)  # same seed and init scheme (the model's own _init_weights) for both
+    model = timm.create_model(name, num_classes=args.num_classes)
+    model.to(device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ------------------------------------------------------------------------------------------- benchmarks
+
+class InferenceBench:
+    """(a) eval-mode ``model(x)`` on one (B, 3, H, W) batch."""
+
+    def __init__(self, model: nn.Module, x: torch.Tensor, autocast):
+        self.model, self.x, self.autocast = model, x, autocast
+
+    def step(self):
+        with torch.inference_mode(), self.autocast():
+            return self.model(self.x)
+
+    def prepare(self):
+        self.model.eval()
+
+
+class TrainBench:
+    """(b) one SGD training step on a fixed, pre-built batch."""
+
+    def __init__(self, model: nn.Module, inputs, masks, targets, loss_fn, args, autocast, scaler):
+        self.model, self.inputs, self.masks, self.targets = model, inputs, masks, targets
+        self.loss_fn, self.autocast, self.scaler = loss_fn, autocast, scaler
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
+
+    def prepare(self):
+        self.model.train()
+
+    def step(self):
+        with self.autocast():
+            out = self.model(self.inputs) if self.masks is None else self.model(self.inputs, self.masks)
+            loss = self.loss_fn(out.float(), self.targets)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+        return loss
+
+
+def interleave(benches: Dict[str, object], args, sync) -> Dict[str, List[float]]:
+    """Run vanilla, mixmo, vanilla, mixmo, ... for ``args.repeats`` rounds; all samples per model."""
+    samples = {k: [] for k in benches}
+    for r in range(args.repeats):
+        for k, b in benches.items():
+            b.prepare()
+            t = timed(b.step, args.warmup, args.iters, sync)
+            samples[k].extend(t)
+            print(f'    round {r + 1}/{args.repeats} {k:8s} ' + ' '.join(f'{s * 1e3:.1f}' for s in t) + ' ms',
+                  flush=True)
+    return samples
+
+
+def summarize(samples: List[float]) -> Dict[str, float]:
+    return {
+        'median_s': statistics.median(samples),
+        'min_s': min(samples),
+        'max_s': max(samples),
+        'n': len(samples),
+    }
+
+
+# ------------------------------------------------------------------------------------------------- main
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.device == 'auto':
+        device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    else:
+        device = torch.device(args.device)
+    on_cuda = device.type == 'cuda'
+    if on_cuda and device.index is not None:
+        torch.cuda.set_device(device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.batch_size is None:
+        args.batch_size = 128 if on_cuda else 64
+    for name, cpu_default, cuda_default in (
+            ('warmup', 1, 10), ('iters', 2, 50), ('repeats', 3, 5), ('builder_iters', 10, 50)):
+        if getattr(args, name) is None:
+            setattr(args, name, cuda_default if on_cuda else cpu_default)
+    if args.batch_size % args.batch_repeat:
+        print(f'--batch-size {args.batch_size} is not divisible by --batch-repeat {args.batch_repeat}',
+              file=sys.stderr)
+        return 2
+    if on_cuda:
+        torch.backends.cudnn.benchmark = True
+    skip = {s.strip() for s in args.skip.split(',') if s.strip()}
+
+    amp_dtype = {'none': None, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[args.amp_dtype]
+    if amp_dtype is None:
+        autocast = contextlib.nullcontext
+    else:
+        autocast = lambda: torch.autocast(device_type=device.type, dtype=amp_dtype)  # noqa: E731
+    sync = make_sync(device)
+
+    vanilla_name, mixmo_name = args.model, f'{args.model}_mixmo2'
+    models = {'vanilla': create(vanilla_name, args, device), 'mixmo': create(mixmo_name, args, device)}
+    assert models['vanilla'].num_members == 1 and models['mixmo'].num_members == 2
+    info = machine_info(device)
+    b, u, k = args.batch_size, args.batch_size // args.batch_repeat, args.num_classes
+    img_size = (args.img_size, args.img_size)
+
+    print('MixMo overhead benchmark')
+    print(f'  machine : {info.get("gpu", info["cpu"])}' + (f' (host CPU {info["cpu"]})' if on_cuda else '')
+          + f', {info["cpu_count"]} CPUs, torch threads {info["torch_threads"]}')
+    print(f'  versions: torch {info["torch"]}, timm {info["timm"]}, timm_mimo {info["timm_mimo"]}, '
+          f'python {info["python"]}' + (f', CUDA {info["cuda"]}, cuDNN {info["cudnn"]}' if on_cuda else ''))
+    print(f'  models  : {vanilla_name} ({count_params(models["vanilla"]) / 1e6:.3f} M params) vs '
+          f'{mixmo_name} ({count_params(models["mixmo"]) / 1e6:.3f} M params), {k} classes, {img_size[0]} px')
+    print(f'  setup   : device {device}, B={b} mixed samples (U={u} unique x batch_repeat {args.batch_repeat}), '
+          f'amp {args.amp_dtype}, channels_last {args.channels_last}, vanilla input {args.vanilla_input}')
+    print(f'  timing  : {args.repeats} interleaved rounds x ({args.warmup} warmup + {args.iters} timed) per model, '
+          f'median of all timed iterations', flush=True)
+
+    gen = torch.Generator().manual_seed(args.seed)
+    unique_images = torch.randn(u, 3, *img_size, generator=gen)
+    unique_labels = torch.randint(0, k, (u,), generator=gen)
+    results: Dict[str, object] = {'machine': info, 'config': vars(args).copy(), 'models': {
+        'vanilla': vanilla_name, 'mixmo': mixmo_name}}
+    rows = []
+
+    # (a) inference --------------------------------------------------------------------------------
+    if 'inference' not in skip:
+        print('\n(a) inference, eval mode, model(x) on (B, 3, H, W)', flush=True)
+        x = to_input_layout(torch.randn(b, 3, *img_size, generator=gen).to(device), args.channels_last)
+        benches = {name: InferenceBench(m, x, autocast) for name, m in models.items()}
+        samples = interleave(benches, args, sync)
+        inf = {name: summarize(s) for name, s in samples.items()}
+        for name in inf:
+            inf[name]['images_per_s'] = b / inf[name]['median_s']
+            rows.append((models[name].default_cfg.get('architecture', name), 'inference images/s',
+                         f'{inf[name]["images_per_s"]:.1f}'))
+        results['inference'] = inf
+        results['inference_ratio'] = inf['mixmo']['images_per_s'] / inf['vanilla']['images_per_s']
+        del x, benches
+
+    # (b) training step ------------------------------------------------------------------------------
+    if 'train' not in skip:
+        print('\n(b) training step: forward, loss, backward, SGD step', flush=True)
+        scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+        mix_builder = MimoBatchBuilder.from_model(
+            models['mixmo'], img_size, batch_repeat=args.batch_repeat, seed=args.seed)
+        mix_batch = mix_builder(unique_images.to(device), unique_labels.to(device))
+        benches = {}
+        if args.vanilla_input == 'plain':
+            # what a vanilla user runs: B plain images (the same repeated+augmented batch), one-hot soft CE
+            van_x = to_input_layout(mix_batch.inputs[:, 0].clone(), args.channels_last)
+            van_t = mix_batch.targets.new_zeros(b, k)
+            van_t[torch.arange(b, device=device), mix_batch.targets[:, 0].argmax(-1)] = 1.0
+            benches['vanilla'] = TrainBench(
+                models['vanilla'], van_x, None, van_t, SoftTargetCrossEntropy(), args, autocast, scaler)
+        else:
+            van_builder = MimoBatchBuilder.from_model(
+                models['vanilla'], img_size, batch_repeat=args.batch_repeat, seed=args.seed)
+            vb = van_builder(unique_images.to(device), unique_labels.to(device))
+            benches['vanilla'] = TrainBench(
+                models['vanilla'], to_input_layout(vb.inputs, args.channels_last), vb.masks, vb.targets,
+                MemberSoftTargetCrossEntropy(), args, autocast, scaler)
+        benches['mixmo'] = TrainBench(
+            models['mixmo'], to_input_layout(mix_batch.inputs, args.channels_last), mix_batch.masks,
+            mix_batch.targets, MemberSoftTargetCrossEntropy(), args, autocast, scaler)
+        samples = interleave(benches, args, sync)
+        tr = {name: summarize(s) for name, s in samples.items()}
+        for name in tr:
+            rows.append((models[name].default_cfg.get('architecture', name), 'train step ms',
+                         f'{tr[name]["median_s"] * 1e3:.1f}'))
+        results['train'] = tr
+        results['train_ratio'] = tr['mixmo']['median_s'] / tr['vanilla']['median_s']
+        del benches
+
+    # (c) batch building -----------------------------------------------------------------------------
+    if 'builder' not in skip:
+        print('\n(c) MimoBatchBuilder on U unique images (and MimoCollate on CPU samples)', flush=True)
+        builder = MimoBatchBuilder.from_model(
+            models['mixmo'], img_size, batch_repeat=args.batch_repeat, seed=args.seed)
+        dev_images, dev_labels = unique_images.to(device), unique_labels.to(device)
+        cpu_builder = MimoBatchBuilder.from_model(
+            models['mixmo'], img_size, batch_repeat=args.batch_repeat, seed=args.seed)
+        collate = MimoCollate(cpu_builder)
+        sample_list = [(unique_images[i], int(unique_labels[i])) for i in range(u)]
+        bw = max(args.warmup, 2)
+        build_s, collate_s = [], []
+        for r in range(args.repeats):
+            build_s += timed(lambda: builder(dev_images, dev_labels), bw, args.builder_iters, sync)
+            collate_s += timed(lambda: collate(sample_list), bw, args.builder_iters, lambda: None)
+            print(f'    round {r + 1}/{args.repeats} builder median '
+                  f'{statistics.median(build_s[-args.builder_iters:]) * 1e3:.2f} ms, collate (cpu) median '
+                  f'{statistics.median(collate_s[-args.builder_iters:]) * 1e3:.2f} ms', flush=True)
+        bres = {'builder': summarize(build_s), 'collate_cpu': summarize(collate_s)}
+        rows.append((mixmo_name, f'builder ms ({device.type})', f'{bres["builder"]["median_s"] * 1e3:.2f}'))
+        rows.append((mixmo_name, 'MimoCollate ms (cpu)', f'{bres["collate_cpu"]["median_s"] * 1e3:.2f}'))
+        results['builder'] = bres
+        if 'train' in results:
+            step = results['train']['mixmo']['median_s']
+            results['builder_share'] = bres['builder']['median_s'] / step
+            results['collate_cpu_share'] = bres['collate_cpu']['median_s'] / step
+
+    # report -------------------------------------------------------------------------------------------
+    print('\nresults (medians)')
+    w0 = max(len(r[0]) for r in rows) if rows else 5
+    w1 = max(len(r[1]) for r in rows) if rows else 6
+    print(f'  {"model":{w0}s}  {"metric":{w1}s}  value')
+    for name, metric, value in rows:
+        print(f'  {name:{w0}s}  {metric:{w1}s}  {value}')
+
+    print('\nratios')
+    verdicts = {}
+    labels = {
+        'inference_ratio': '(a) inference throughput mixmo/vanilla',
+        'train_ratio': '(b) train step time mixmo/vanilla',
+        'builder_share': '(c) builder time / mixmo train step',
+    }
+    for key, label in labels.items():
+        if key not in results:
+            continue
+        op, target = TARGETS[key]
+        value = results[key]
+        ok = value >= target if op == '>=' else value <= target
+        verdicts[key] = 'PASS' if ok else 'FAIL'
+        if key == 'builder_share':
+            print(f'  {label:42s} {value * 100:6.2f} %  target {op} {target * 100:.0f} %   {verdicts[key]}')
+        else:
+            print(f'  {label:42s} {value:6.3f}    target {op} {target:.2f}   {verdicts[key]}')
+    if 'collate_cpu_share' in results:
+        print(f'  {"    MimoCollate (cpu) / mixmo train step":42s} {results["collate_cpu_share"] * 100:6.2f} %  '
+              f'(not judged: runs in DataLoader workers)')
+    results['verdicts'] = verdicts
+
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, 'w') as f:
+            json.dump(results, f, indent=2, default=str)
+        print(f'\nwrote {args.json}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,8 @@
+"""timm_mimo: multi-input multi-output (MixMo, MixViT) networks as timm models.
+
+``import timm_mimo`` registers every model with timm, then ``timm.create_model('wrn28_10_mixmo2')`` works.
+"""
+from . import models  # noqa: F401  (registration side effect)
+from .mimo import MemberClassifierHead, MemberConv2d, MemberLinear, ensemble_logits, mix_members
+
+__version__ = '0.1.0'

@@ -1,0 +1,225 @@
+"""The MIMO idea in one place: member encoders, the mix step, M heads, the ensemble output.
+
+A MIMO network (Havasi et al. 2021; MixMo, Rame et al. 2021) runs M subnetworks ("members") inside one
+base network. In training, M inputs are encoded, mixed into one representation, run through a shared
+core, and M heads each predict the label of their own input. At inference one image goes to every
+member, the core runs once, and the M heads form an ensemble.
+
+Shapes used everywhere in this package:
+    member inputs   (B, M, C, H, W)   one image per member and mixed sample
+    mixing masks    (B, M, h, w)      per-member weight on the mixing grid, summing to 1 over M
+    member logits   (B, M, K)
+    ensemble logits (B, K)
+
+CNNs (``models/mixmo_resnets.py``) and ViTs call these pieces; they differ only in where they mix.
+"""
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from timm.layers import SelectAdaptivePool2d
+
+ENSEMBLE_RULES = ('logits', 'probs')
+
+
+def check_num_members(num_members: int) -> int:
+    if isinstance(num_members, bool) or not isinstance(num_members, int):
+        raise TypeError(f'num_members must be an int, got {type(num_members).__name__}')
+    if num_members < 1:
+        raise ValueError(f'num_members must be >= 1, got {num_members}')
+    return num_members
+
+
+def check_ensemble_rule(rule: str) -> str:
+    if rule not in ENSEMBLE_RULES:
+        raise ValueError(f'unknown ensemble rule {rule!r}, expected one of {ENSEMBLE_RULES}')
+    return rule
+
+
+def mix_members(features: torch.Tensor, masks: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """Merge member features (B, M, C, *grid) with masks (B, M, *grid) into (B, C, *grid).
+
+    MixMo multiplies the merged map by M (spec mixmo.md §1.7) so that its expected scale equals the
+    inference-time sum of the encoders; token mixing in ViTs selects tokens and uses scale 1.
+    """
+    merged = (features * masks.unsqueeze(2).to(features.dtype)).sum(1)
+    return merged * scale if scale != 1.0 else merged
+
+
+def ensemble_logits(member_logits: torch.Tensor, rule: str = 'logits') -> torch.Tensor:
+    """Combine member logits (B, M, K) into one prediction (B, K).
+
+    'logits': mean of the member logits, MixMo's rule (spec mixmo.md §4.4): softmax(mean logits).
+    'probs': log of the mean member probability (the original MIMO rule); softmax of the result is
+    the averaged probability, so it can be used as logits by any timm evaluation code.
+    """
+    if rule == 'probs':
+        num_members = member_logits.shape[1]
+        return torch.logsumexp(member_logits.float().log_softmax(-1), dim=1) - torch.log(
+            torch.tensor(float(num_members), device=member_logits.device))
+    return member_logits.mean(1)
+
+
+class MemberConv2d(nn.Conv2d):
+    """M member encoders (first convolutions) stored as one grouped convolution.
+
+    The weight has shape (M * out_chans, in_chans, k, k), so for M = 1 it is exactly a plain
+    ``nn.Conv2d`` (same state-dict key and shape as the vanilla network). Member inputs run as one
+    grouped convolution; a single image runs once through the sum of the member kernels, which equals
+    the sum of the member outputs (convolution is linear), so inference costs one stem conv.
+    """
+
+    def __init__(
+            self,
+            in_chans: int,
+            out_chans: int,
+            kernel_size: int,
+            stride: int = 1,
+            padding: int = 0,
+            num_members: int = 1,
+            bias: bool = False,
+    ):
+        super().__init__(
+            in_chans * num_members, out_chans * num_members, kernel_size,
+            stride=stride, padding=padding, groups=num_members, bias=bias)
+        self.num_members = num_members
+        self.member_in_chans = in_chans
+        self.member_out_chans = out_chans
+
+    def forward_members(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, M, C, H, W) -> (B, M, out_chans, h, w): member k's input through encoder k."""
+        out = self._conv_forward(x.flatten(1, 2), self.weight, self.bias)
+        return out.unflatten(1, (self.num_members, self.member_out_chans))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, out_chans, h, w): the same image through every encoder, summed."""
+        if self.num_members == 1:
+            return self._conv_forward(x, self.weight, self.bias)
+        weight = self.weight.unflatten(0, (self.num_members, self.member_out_chans)).sum(0)
+        # local copy: TorchScript refines Optional types of locals, not of attributes
+        bias = self.bias
+        if bias is not None:
+            bias = bias.unflatten(0, (self.num_members, self.member_out_chans)).sum(0)
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation)
+
+    def output_grid(self, img_size: Tuple[int, int]) -> Tuple[int, int]:
+        """Spatial size of the encoder output (the MixMo mixing grid) for an input size."""
+        h, w = img_size
+        k, s, p = self.kernel_size[0], self.stride[0], self.padding[0]
+        return (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+
+
+class MemberLinear(nn.Linear):
+    """M linear heads stored as one ``nn.Linear(in_features, M * num_classes)``.
+
+    For M = 1 it is a plain linear layer. Pooled features (B, D) shared by all members give member
+    logits (B, M, K) in one matmul; per-member features (B, M, D) (ViT class tokens) go to their own head.
+    """
+
+    def __init__(self, in_features: int, num_classes: int, num_members: int = 1, bias: bool = True):
+        super().__init__(in_features, num_classes * num_members, bias=bias)
+        self.num_members = num_members
+        self.num_classes = num_classes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim == 2:
+            return F.linear(x, self.weight, self.bias).unflatten(-1, (self.num_members, self.num_classes))
+        weight = self.weight.unflatten(0, (self.num_members, self.num_classes))
+        out = torch.einsum('bmd,mkd->bmk', x, weight)
+        bias = self.bias
+        if bias is not None:
+            out = out + bias.unflatten(0, (self.num_members, self.num_classes))
+        return out
+
+
+class MemberClassifierHead(nn.Module):
+    """Global pool -> dropout -> M linear heads, the CNN counterpart of timm's ``ClassifierHead``.
+
+    ``forward`` returns member logits (B, M, K), or pooled features (B, D) when ``pre_logits`` is set
+    or the classifier was reset to 0 classes.
+    """
+
+    def __init__(
+            self,
+            in_features: int,
+            num_classes: int,
+            num_members: int = 1,
+            pool_type: str = 'avg',
+            drop_rate: float = 0.,
+    ):
+        super().__init__()
+        self.in_features = in_features
+        self.num_members = num_members
+        self.num_classes = num_classes
+        # no pooling ('') keeps the feature map: flattening only makes sense after a pool
+        self.global_pool = SelectAdaptivePool2d(pool_type=pool_type, flatten=bool(pool_type))
+        self.drop = nn.Dropout(drop_rate)
+        self.fc = self._make_fc(num_classes)
+
+    def _make_fc(self, num_classes: int) -> nn.Module:
+        if num_classes > 0:
+            return MemberLinear(self.in_features, num_classes, self.num_members)
+        return nn.Identity()
+
+    def reset(self, num_classes: int, pool_type: Optional[str] = None):
+        if pool_type is not None:
+            self.global_pool = SelectAdaptivePool2d(pool_type=pool_type, flatten=bool(pool_type))
+        self.num_classes = num_classes
+        self.fc = self._make_fc(num_classes)
+
+    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.global_pool(x)
+        x = self.drop(x)
+        if pre_logits:
+            return x
+        return self.fc(x)
+
+
+class MimoClassifierMixin:
+    """Forward contract shared by every MIMO model of the package.
+
+    - ``model(x)`` with x (B, C, H, W): one image for all members, returns ensemble logits (B, K), so
+      timm's own training and evaluation code works unchanged (in train() and eval() alike).
+    - ``model(x, masks)`` with x (B, M, C, H, W): M inputs mixed with ``masks`` (B, M, h, w) (uniform
+      1/M when omitted, i.e. MIMO summing), returns member logits (B, M, K).
+    - ``forward_members(x)``: member logits (B, M, K) for either input form, for diversity metrics.
+
+    A model provides ``forward_features`` (single image), ``forward_mixed_features`` (member inputs)
+    and ``forward_member_head`` (features -> (B, M, K) or pooled features if num_classes == 0).
+    """
+    num_members: int
+    num_classes: int
+    in_chans: int
+    ensemble: str
+
+    def check_member_input(self, x: torch.Tensor, masks: Optional[torch.Tensor]):
+        if x.ndim != 5:
+            raise ValueError(f'member input must be (B, M, C, H, W), got shape {list(x.shape)}')
+        if x.shape[1] != self.num_members:
+            raise ValueError(
+                f'input holds {x.shape[1]} members but the model has num_members={self.num_members}')
+        if x.shape[2] != self.in_chans:
+            raise ValueError(f'input has {x.shape[2]} channels, the model expects {self.in_chans}')
+        if masks is not None and (masks.ndim != 4 or masks.shape[:2] != x.shape[:2]):
+            raise ValueError(
+                f'mixing masks must be (B, M, h, w) = ({x.shape[0]}, {x.shape[1]}, h, w), '
+                f'got {list(masks.shape)}')
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        out = self.forward_member_head(x, pre_logits=pre_logits)
+        if pre_logits or out.ndim != 3:
+            return out
+        return ensemble_logits(out, self.ensemble)
+
+    def forward_members(self, x: torch.Tensor, masks: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if x.ndim == 5:
+            self.check_member_input(x, masks)
+            return self.forward_member_head(self.forward_mixed_features(x, masks))
+        return self.forward_member_head(self.forward_features(x))
+
+    def forward(self, x: torch.Tensor, masks: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if x.ndim == 5:
+            return self.forward_members(x, masks)
+        return self.forward_head(self.forward_features(x))

@@ -1,0 +1,2 @@
+"""Importing this package registers every timm_mimo model in timm's registry."""
+from .mixmo_resnets import *

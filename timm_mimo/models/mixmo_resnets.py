@@ -1,0 +1,377 @@
+"""MixMo CNNs: CIFAR WideResNet and 64 px PreActResNet-18 with M member encoders and M heads.
+
+Paper: `MixMo: Mixing Multiple Inputs for Multiple Outputs via Deep Subnetworks`
+    - https://arxiv.org/abs/2103.06132 (Rame, Sun, Cord, ICCV 2021)
+
+Architectures as in the official MixMo code (spec mixmo.md §4): the WideResNet is the TF/edward2 variant
+(stride on the second conv of a block, asymmetric zero padding before it, BN-ReLU before pooling);
+PreActResNet-18 has a stride-2 3x3 stem for 64 px inputs and no final BN-ReLU.
+
+``num_members=1`` is exactly the vanilla network: one stem conv, one linear head, same state-dict keys.
+"""
+import math
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from timm.layers import create_conv2d
+from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+
+from ..constants import CIFAR_DEFAULT_MEAN, CIFAR_DEFAULT_STD, TINY_IMAGENET_MEAN, TINY_IMAGENET_STD
+from ..mimo import (
+    MemberClassifierHead, MemberConv2d, MimoClassifierMixin, check_ensemble_rule, check_num_members,
+    mix_members)
+
+__all__ = ['MixMoResNet']
+
+
+class WideBasicBlock(nn.Module):
+    """BN-ReLU-conv3x3, BN-ReLU-conv3x3(stride); 1x1 projection of the raw input when the shape changes."""
+
+    def __init__(self, in_chs: int, out_chs: int, stride: int = 1):
+        super().__init__()
+        self.norm1 = nn.BatchNorm2d(in_chs)
+        self.conv1 = nn.Conv2d(in_chs, out_chs, 3, padding=1, bias=False)
+        self.norm2 = nn.BatchNorm2d(out_chs)
+        # 'same' padding with stride 2 pads right/bottom only, as TF does (spec mixmo.md §4.1)
+        self.conv2 = create_conv2d(out_chs, out_chs, 3, stride=stride, padding='same', bias=False)
+        self.shortcut = nn.Identity()
+        if stride != 1 or in_chs != out_chs:
+            self.shortcut = nn.Conv2d(in_chs, out_chs, 1, stride=stride, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv1(F.relu(self.norm1(x)))
+        out = self.conv2(F.relu(self.norm2(out)))
+        return out + self.shortcut(x)
+
+
+class PreActBasicBlock(nn.Module):
+    """Pre-activation basic block; the projection shortcut reads the activated input."""
+
+    def __init__(self, in_chs: int, out_chs: int, stride: int = 1):
+        super().__init__()
+        self.norm1 = nn.BatchNorm2d(in_chs)
+        self.conv1 = nn.Conv2d(in_chs, out_chs, 3, stride=stride, padding=1, bias=False)
+        self.norm2 = nn.BatchNorm2d(out_chs)
+        self.conv2 = nn.Conv2d(out_chs, out_chs, 3, padding=1, bias=False)
+        self.has_projection = stride != 1 or in_chs != out_chs
+        self.shortcut = nn.Conv2d(in_chs, out_chs, 1, stride=stride, bias=False) if self.has_projection \
+            else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        act = F.relu(self.norm1(x))
+        shortcut = self.shortcut(act) if self.has_projection else x
+        out = self.conv2(F.relu(self.norm2(self.conv1(act))))
+        return out + shortcut
+
+
+_BLOCKS = {'wide': WideBasicBlock, 'preact': PreActBasicBlock}
+
+
+def _trunc_he_normal_(weight: torch.Tensor):
+    """TF 'variance_scaling' truncated normal, fan_in, ReLU gain (spec mixmo.md §4.3)."""
+    fan_in = weight[0].numel()
+    # 0.87962566 is the std of a unit normal truncated at +-2 sigma; dividing restores the He variance
+    std = math.sqrt(2.0 / fan_in) / 0.87962566103423978
+    nn.init.trunc_normal_(weight, 0.0, std, -2 * std, 2 * std)
+
+
+class MixMoResNet(MimoClassifierMixin, nn.Module):
+    """Residual CNN with M member stem convolutions, a shared core and M linear heads.
+
+    Args:
+        block: 'wide' (WideResNet basic block) or 'preact' (PreActResNet basic block).
+        layers: blocks per stage.
+        channels: output channels per stage.
+        strides: stride of the first block of each stage.
+        stem_chs: stem (member encoder) output channels.
+        stem_stride: stem stride (2 for 64 px Tiny ImageNet inputs).
+        final_norm: BN-ReLU after the last stage (WideResNet) or not (PreActResNet).
+        num_members: M, the number of subnetworks; 1 is the vanilla network.
+        ensemble: 'logits' (mean of member logits, MixMo) or 'probs' (mean of member probabilities).
+        head_init: 'he' (truncated He normal, WRN) or 'normal' (N(0, 0.01), PreActResNet) for the heads.
+    """
+
+    def __init__(
+            self,
+            block: str = 'wide',
+            layers: Sequence[int] = (4, 4, 4),
+            channels: Sequence[int] = (160, 320, 640),
+            strides: Sequence[int] = (1, 2, 2),
+            stem_chs: int = 16,
+            stem_stride: int = 1,
+            final_norm: bool = True,
+            num_members: int = 1,
+            num_classes: int = 10,
+            in_chans: int = 3,
+            global_pool: str = 'avg',
+            drop_rate: float = 0.,
+            ensemble: str = 'logits',
+            head_init: str = 'he',
+    ):
+        super().__init__()
+        if block not in _BLOCKS:
+            raise ValueError(f'unknown block {block!r}, expected one of {tuple(_BLOCKS)}')
+        self.num_members = check_num_members(num_members)
+        self.ensemble = check_ensemble_rule(ensemble)
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.drop_rate = drop_rate
+        self.grad_checkpointing = False
+        # the stem's stride times the stage strides: smaller inputs leave no pixel to pool
+        self.reduction = stem_stride * math.prod(strides)
+
+        self.stem = MemberConv2d(in_chans, stem_chs, 3, stride=stem_stride, padding=1, num_members=num_members)
+        block_fn = _BLOCKS[block]
+        stages: List[nn.Module] = []
+        self.feature_info = [dict(num_chs=stem_chs, reduction=stem_stride, module='stem')]
+        prev_chs, reduction = stem_chs, stem_stride
+        for i, (depth, chs, stride) in enumerate(zip(layers, channels, strides)):
+            blocks = [block_fn(prev_chs if d == 0 else chs, chs, stride if d == 0 else 1) for d in range(depth)]
+            stages.append(nn.Sequential(*blocks))
+            prev_chs, reduction = chs, reduction * stride
+            self.feature_info.append(dict(num_chs=chs, reduction=reduction, module=f'stages.{i}'))
+        self.stages = nn.Sequential(*stages)
+        self.num_features = self.head_hidden_size = prev_chs
+        self.norm = nn.Sequential(nn.BatchNorm2d(prev_chs), nn.ReLU()) if final_norm else nn.Identity()
+        self.head = MemberClassifierHead(
+            prev_chs, num_classes, num_members, pool_type=global_pool, drop_rate=drop_rate)
+        self._init_weights(head_init)
+
+    def _init_weights(self, head_init: str):
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                _trunc_he_normal_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                if head_init == 'he':
+                    _trunc_he_normal_(m.weight)
+                else:
+                    nn.init.normal_(m.weight, std=0.01)
+                nn.init.zeros_(m.bias)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False):
+        return dict(
+            stem=r'^stem',
+            blocks=r'^stages\.(\d+)' if coarse else [
+                (r'^stages\.(\d+)\.(\d+)', None),
+                (r'^norm', (99999,)),
+            ],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True):
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def no_weight_decay(self):
+        # MixMo's CIFAR recipe puts L2 on every parameter (spec mixmo.md §5.1): nothing is exempt
+        return set()
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
+        self.num_classes = num_classes
+        self.head.reset(num_classes, global_pool)
+
+    def mix_grid_size(self, img_size: Tuple[int, int]) -> Tuple[int, int]:
+        """Size (h, w) of the MixMo masks for inputs of ``img_size``: the stem's output grid."""
+        return self.stem.output_grid(img_size)
+
+    def _check_image_size(self, x: torch.Tensor):
+        if x.shape[-3] != self.in_chans:
+            raise ValueError(f'input has {x.shape[-3]} channels, the model expects {self.in_chans}')
+        if x.shape[-2] < self.reduction or x.shape[-1] < self.reduction:
+            raise ValueError(
+                f'input size {x.shape[-2]}x{x.shape[-1]} is smaller than the network reduction '
+                f'{self.reduction}: nothing would be left to pool')
+
+    def forward_core(self, x: torch.Tensor) -> torch.Tensor:
+        """The shared core: every stage and the final norm, run once per mixed sample."""
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(self.stages, x)
+        else:
+            x = self.stages(x)
+        return self.norm(x)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """One image per sample (B, C, H, W): summed member encoders, then the core."""
+        self._check_image_size(x)
+        return self.forward_core(self.stem(x))
+
+    def forward_mixed_features(self, x: torch.Tensor, masks: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Member inputs (B, M, C, H, W) mixed right after the stem with masks (B, M, h, w), times M."""
+        self._check_image_size(x)
+        features = self.stem.forward_members(x)
+        if masks is None:
+            # no masks = MIMO: kappa = 1/M, so M * mean = sum of the member features
+            return self.forward_core(features.sum(1))
+        if masks.shape[-2:] != features.shape[-2:]:
+            raise ValueError(
+                f'mixing masks are {masks.shape[-2]}x{masks.shape[-1]} but the stem output is '
+                f'{features.shape[-2]}x{features.shape[-1]}: build masks with model.mix_grid_size()')
+        return self.forward_core(mix_members(features, masks, float(self.num_members)))
+
+    def forward_member_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(x, pre_logits=pre_logits)
+
+
+def _create_mixmo_resnet(variant: str, pretrained: bool = False, **kwargs) -> MixMoResNet:
+    # features_only returns the stem (summed member encoders) and every stage
+    num_levels = len(kwargs.get('layers', (4, 4, 4))) + 1
+    return build_model_with_cfg(
+        MixMoResNet, variant, pretrained,
+        feature_cfg=dict(flatten_sequential=True, out_indices=tuple(range(num_levels))),
+        **kwargs,
+    )
+
+
+def _cfg(url: str = '', **kwargs):
+    return {
+        'url': url, 'num_classes': 10, 'input_size': (3, 32, 32), 'pool_size': (8, 8),
+        'crop_pct': 1.0, 'interpolation': 'bilinear', 'fixed_input_size': False,
+        'mean': CIFAR_DEFAULT_MEAN, 'std': CIFAR_DEFAULT_STD,
+        'first_conv': 'stem', 'classifier': 'head.fc',
+        'license': 'apache-2.0', 'paper_ids': 'arXiv:2103.06132',
+        'paper_name': 'MixMo: Mixing Multiple Inputs for Multiple Outputs via Deep Subnetworks',
+        **kwargs,
+    }
+
+
+def _tiny_cfg(**kwargs):
+    return _cfg(
+        num_classes=200, input_size=(3, 64, 64), pool_size=(4, 4),
+        mean=TINY_IMAGENET_MEAN, std=TINY_IMAGENET_STD, **kwargs)
+
+
+def _cifar_tags(name: str):
+    return {f'{name}.cifar10': _cfg(), f'{name}.cifar100': _cfg(num_classes=100)}
+
+
+# every variant's numbers in one place: (block, blocks per stage, stage channels, stem stride, final norm)
+_WRN = dict(block='wide', strides=(1, 2, 2), stem_chs=16, stem_stride=1, final_norm=True, head_init='he')
+_PREACT18 = dict(
+    block='preact', layers=(2, 2, 2, 2), strides=(1, 2, 2, 2), stem_chs=64, stem_stride=2,
+    final_norm=False, head_init='normal')
+
+
+def _wrn_args(depth: int, width: int) -> dict:
+    blocks = (depth - 4) // 6
+    return dict(_WRN, layers=(blocks,) * 3, channels=(16 * width, 32 * width, 64 * width))
+
+
+def _preact18_args(width: int) -> dict:
+    return dict(_PREACT18, channels=(64 * width, 128 * width, 256 * width, 512 * width))
+
+
+_VARIANTS = {
+    'wrn28_10': _wrn_args(28, 10),
+    'wrn16_4': _wrn_args(16, 4),
+    'wrn16_8': _wrn_args(16, 8),
+    'preactresnet18': _preact18_args(1),
+    'preactresnet18_w2': _preact18_args(2),
+    'preactresnet18_w3': _preact18_args(3),
+}
+
+
+default_cfgs = generate_default_cfgs({
+    **{tag: cfg for name in ('wrn28_10', 'wrn28_10_mixmo2', 'wrn28_10_mixmo3', 'wrn16_4', 'wrn16_4_mixmo2',
+                             'wrn16_8', 'wrn16_8_mixmo2') for tag, cfg in _cifar_tags(name).items()},
+    **{f'{name}.tiny_imagenet': _tiny_cfg() for name in (
+        'preactresnet18', 'preactresnet18_mixmo2', 'preactresnet18_w2', 'preactresnet18_w2_mixmo2',
+        'preactresnet18_w3', 'preactresnet18_w3_mixmo2')},
+})
+
+
+def _create_variant(variant: str, pretrained: bool, num_members: int, kwargs: dict) -> MixMoResNet:
+    base = variant.split('_mixmo')[0]
+    model_args = dict(_VARIANTS[base], num_members=num_members)
+    model_args.update(kwargs)
+    return _create_mixmo_resnet(variant, pretrained=pretrained, **model_args)
+
+
+@register_model
+def wrn28_10(pretrained: bool = False, **kwargs) -> MixMoResNet:
+    """WideResNet-28-10 for CIFAR (36.5M parameters with 100 classes)."""
+    return _create_variant('wrn28_10', pretrained, 1, kwargs)
+
+
+@register_model
+def wrn28_10_mixmo2(pretrained: bool = False, **kwargs) -> MixMoResNet:
+    """WideResNet-28-10 MixMo, M = 2."""
+    return _create_variant('wrn28_10_mixmo2', pretrained, 2, kwargs)
+
+
+@register_model
+def wrn28_10_mixmo3(pretrained: bool = False, **kwargs) -> MixMoResNet:
+    """WideResNet-28-10 MixMo, M = 3 (cut-in-mix masks)."""
+    return _create_variant('wrn28_10_mixmo3', pretrained, 3, kwargs)
+
+
+@register_model
+def wrn16_4(pretrained: bool = False, **kwargs) -> MixMoResNet:
+    """WideResNet-16-4 for fast CIFAR experiments."""
+    return _create_variant('wrn16_4', pretrained, 1, kwargs)
+
+
+@register_model
+def wrn16_4_mixmo2(pretrained: bool = False, **kwargs) -> MixMoResNet:
+    """WideResNet-16-4 MixMo, M = 2."""
+    return _create_variant('wrn16_4_mixmo2', pretrained, 2, kwargs)
+
+
+@register_model
+def wrn16_8(pretrained: bool = False, **kwargs) -> MixMoResNet:
+    """WideResNet-16-8 for CIFAR."""
+    return _create_variant('wrn16_8', pretrained, 1, kwargs)
+
+
+@register_model
+def wrn16_8_mixmo2(pretrained: bool = False, **kwargs) -> MixMoResNet:
+    """WideResNet-16-8 MixMo, M = 2."""
+    return _create_variant('wrn16_8_mixmo2', pretrained, 2, kwargs)
+
+
+@register_model
+def preactresnet18(pretrained: bool = False, **kwargs) -> MixMoResNet:
+    """PreActResNet-18 for 64 px inputs (Tiny ImageNet)."""
+    return _create_variant('preactresnet18', pretrained, 1, kwargs)
+
+
+@register_model
+def preactresnet18_mixmo2(pretrained: bool = False, **kwargs) -> MixMoResNet:
+    """PreActResNet-18 MixMo, M = 2."""
+    return _create_variant('preactresnet18_mixmo2', pretrained, 2, kwargs)
+
+
+@register_model
+def preactresnet18_w2(pretrained: bool = False, **kwargs) -> MixMoResNet:
+    """PreActResNet-18, width x2."""
+    return _create_variant('preactresnet18_w2', pretrained, 1, kwargs)
+
+
+@register_model
+def preactresnet18_w2_mixmo2(pretrained: bool = False, **kwargs) -> MixMoResNet:
+    """PreActResNet-18 width x2 MixMo, M = 2."""
+    return _create_variant('preactresnet18_w2_mixmo2', pretrained, 2, kwargs)
+
+
+@register_model
+def preactresnet18_w3(pretrained: bool = False, **kwargs) -> MixMoResNet:
+    """PreActResNet-18, width x3."""
+    return _create_variant('preactresnet18_w3', pretrained, 1, kwargs)
+
+
+@register_model
+def preactresnet18_w3_mixmo2(pretrained: bool = False, **kwargs) -> MixMoResNet:
+    """PreActResNet-18 width x3 MixMo, M = 2."""
+    return _create_variant('preactresnet18_w3_mixmo2', pretrained, 2, kwargs)
