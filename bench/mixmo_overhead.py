@@ -16,10 +16,12 @@ background load hits both alike; every per-model number is the median of all tim
 (c) batch building: the ``MimoBatchBuilder`` call on U = B / batch_repeat unique images (batch repetition,
     pad-4 crop + flip, member permutations, Cut-MixMo masks, weighted soft targets) on the training device,
     as a share of the median MixMo training step, target <= 2 %. Also reported, not judged: the full
-    ``MimoCollate`` on a list of U (image, label) samples on the CPU (what a DataLoader worker runs).
+    ``MimoCollate`` on a list of U (image, label) samples on the CPU with one thread (what a DataLoader
+    worker runs: workers call ``torch.set_num_threads(1)``).
 
 Usage:
-    python bench/mixmo_overhead.py --model wrn16_4                     # CPU defaults, ~3 min on 2 cores
+    python bench/mixmo_overhead.py --model wrn16_4                     # CPU defaults, ~1.5-3 min on 2 cores
+    python bench/mixmo_overhead.py --model wrn16_4 --threads 1         # steadier on a CPU shared with other jobs
     python bench/mixmo_overhead.py --model wrn28_10 --batch-size 128 --amp-dtype bfloat16 --channels-last
 """
 import argparse
@@ -57,10 +59,10 @@ def parse_args(argv=None):
     p.add_argument('--amp-dtype', default='none', choices=('none', 'bfloat16', 'float16'),
                    help='autocast dtype (both models, all three measurements); float16 adds a GradScaler')
     p.add_argument('--channels-last', action='store_true', help='channels_last models and inputs')
-    p.add_argument('--warmup', type=int, default=None, help='untimed iterations per model and round (CPU 1, CUDA 10)')
-    p.add_argument('--iters', type=int, default=None, help='timed iterations per model and round (CPU 2, CUDA 50)')
-    p.add_argument('--repeats', type=int, default=None, help='interleaved rounds (CPU 3, CUDA 5)')
-    p.add_argument('--builder-iters', type=int, default=None, help='timed builder/collate calls per round (CPU 10, CUDA 50)')
+    p.add_argument('--warmup', type=int, default=None, help='untimed iterations per model, once before the first round (CPU 2, CUDA 10)')
+    p.add_argument('--iters', type=int, default=None, help='timed iterations per model and round (CPU 1, CUDA 20)')
+    p.add_argument('--repeats', type=int, default=None, help='interleaved rounds (CPU 7, CUDA 10)')
+    p.add_argument('--builder-iters', type=int, default=None, help='timed builder/collate calls per round (CPU 5, CUDA 20)')
     p.add_argument('--num-classes', type=int, default=10)
     p.add_argument('--img-size', type=int, default=32)
     p.add_argument('--vanilla-input', default='plain', choices=('plain', 'member'),
@@ -190,17 +192,28 @@ class TrainBench:
         return loss
 
 
-def interleave(benches: Dict[str, object], args, sync) -> Dict[str, List[float]]:
-    """Run vanilla, mixmo, vanilla, mixmo, ... for ``args.repeats`` rounds; all samples per model."""
+def interleave(benches: Dict[str, object], args, sync):
+    """Run vanilla, mixmo, vanilla, mixmo, ... for ``args.repeats`` rounds.
+
+    Returns all timed samples per model, and per round the ratio of the mixmo to the vanilla median of
+    that round (a paired estimate, less sensitive to load that changes between rounds).
+    """
     samples = {k: [] for k in benches}
+    round_ratios = []
+    for b in benches.values():  # warm up once per model (allocator, oneDNN / cuDNN algorithm caches)
+        b.prepare()
+        timed(b.step, args.warmup, 0, sync)
     for r in range(args.repeats):
+        medians = {}
         for k, b in benches.items():
             b.prepare()
-            t = timed(b.step, args.warmup, args.iters, sync)
+            t = timed(b.step, 0, args.iters, sync)
             samples[k].extend(t)
+            medians[k] = statistics.median(t)
             print(f'    round {r + 1}/{args.repeats} {k:8s} ' + ' '.join(f'{s * 1e3:.1f}' for s in t) + ' ms',
                   flush=True)
-    return samples
+        round_ratios.append(medians['mixmo'] / medians['vanilla'])
+    return samples, round_ratios
 
 
 def summarize(samples: List[float]) -> Dict[str, float]:
@@ -228,7 +241,7 @@ def main(argv=None) -> int:
     if args.batch_size is None:
         args.batch_size = 128 if on_cuda else 64
     for name, cpu_default, cuda_default in (
-            ('warmup', 1, 10), ('iters', 2, 50), ('repeats', 3, 5), ('builder_iters', 10, 50)):
+            ('warmup', 2, 10), ('iters', 1, 20), ('repeats', 7, 10), ('builder_iters', 5, 20)):
         if getattr(args, name) is None:
             setattr(args, name, cuda_default if on_cuda else cpu_default)
     if args.batch_size % args.batch_repeat:
@@ -262,8 +275,12 @@ def main(argv=None) -> int:
           f'{mixmo_name} ({count_params(models["mixmo"]) / 1e6:.3f} M params), {k} classes, {img_size[0]} px')
     print(f'  setup   : device {device}, B={b} mixed samples (U={u} unique x batch_repeat {args.batch_repeat}), '
           f'amp {args.amp_dtype}, channels_last {args.channels_last}, vanilla input {args.vanilla_input}')
-    print(f'  timing  : {args.repeats} interleaved rounds x ({args.warmup} warmup + {args.iters} timed) per model, '
-          f'median of all timed iterations', flush=True)
+    print(f'  timing  : {args.warmup} warmup iterations per model, then {args.repeats} interleaved rounds x '
+          f'{args.iters} timed iterations per model; median of all timed iterations', flush=True)
+    if not on_cuda and hasattr(os, 'getloadavg'):
+        info['loadavg_start'] = os.getloadavg()
+        print(f'  load    : 1/5/15 min load average {" ".join(f"{v:.2f}" for v in os.getloadavg())} '
+              f'(other processes compete for {info["cpu_count"]} CPUs)', flush=True)
 
     gen = torch.Generator().manual_seed(args.seed)
     unique_images = torch.randn(u, 3, *img_size, generator=gen)
@@ -277,14 +294,16 @@ def main(argv=None) -> int:
         print('\n(a) inference, eval mode, model(x) on (B, 3, H, W)', flush=True)
         x = to_input_layout(torch.randn(b, 3, *img_size, generator=gen).to(device), args.channels_last)
         benches = {name: InferenceBench(m, x, autocast) for name, m in models.items()}
-        samples = interleave(benches, args, sync)
+        samples, round_ratios = interleave(benches, args, sync)
         inf = {name: summarize(s) for name, s in samples.items()}
         for name in inf:
             inf[name]['images_per_s'] = b / inf[name]['median_s']
             rows.append((models[name].default_cfg.get('architecture', name), 'inference images/s',
-                         f'{inf[name]["images_per_s"]:.1f}'))
+                         f'{inf[name]["images_per_s"]:.1f}  (best {b / inf[name]["min_s"]:.1f})'))
         results['inference'] = inf
         results['inference_ratio'] = inf['mixmo']['images_per_s'] / inf['vanilla']['images_per_s']
+        # throughput ratio = inverse time ratio, per round
+        results['inference_ratio_paired'] = statistics.median(1.0 / q for q in round_ratios)
         del x, benches
 
     # (b) training step ------------------------------------------------------------------------------
@@ -312,13 +331,14 @@ def main(argv=None) -> int:
         benches['mixmo'] = TrainBench(
             models['mixmo'], to_input_layout(mix_batch.inputs, args.channels_last), mix_batch.masks,
             mix_batch.targets, MemberSoftTargetCrossEntropy(), args, autocast, scaler)
-        samples = interleave(benches, args, sync)
+        samples, round_ratios = interleave(benches, args, sync)
         tr = {name: summarize(s) for name, s in samples.items()}
         for name in tr:
             rows.append((models[name].default_cfg.get('architecture', name), 'train step ms',
-                         f'{tr[name]["median_s"] * 1e3:.1f}'))
+                         f'{tr[name]["median_s"] * 1e3:.1f}  (best {tr[name]["min_s"] * 1e3:.1f})'))
         results['train'] = tr
         results['train_ratio'] = tr['mixmo']['median_s'] / tr['vanilla']['median_s']
+        results['train_ratio_paired'] = statistics.median(round_ratios)
         del benches
 
     # (c) batch building -----------------------------------------------------------------------------
@@ -332,16 +352,24 @@ def main(argv=None) -> int:
         collate = MimoCollate(cpu_builder)
         sample_list = [(unique_images[i], int(unique_labels[i])) for i in range(u)]
         bw = max(args.warmup, 2)
+        timed(lambda: builder(dev_images, dev_labels), bw, 0, sync)
+        timed(lambda: collate(sample_list), bw, 0, lambda: None)
         build_s, collate_s = [], []
         for r in range(args.repeats):
-            build_s += timed(lambda: builder(dev_images, dev_labels), bw, args.builder_iters, sync)
-            collate_s += timed(lambda: collate(sample_list), bw, args.builder_iters, lambda: None)
+            build_s += timed(lambda: builder(dev_images, dev_labels), 0, args.builder_iters, sync)
+            # DataLoader workers run with torch.set_num_threads(1): time the collate the same way
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                collate_s += timed(lambda: collate(sample_list), 0, args.builder_iters, lambda: None)
+            finally:
+                torch.set_num_threads(threads)
             print(f'    round {r + 1}/{args.repeats} builder median '
-                  f'{statistics.median(build_s[-args.builder_iters:]) * 1e3:.2f} ms, collate (cpu) median '
+                  f'{statistics.median(build_s[-args.builder_iters:]) * 1e3:.2f} ms, collate (cpu, 1 thread) median '
                   f'{statistics.median(collate_s[-args.builder_iters:]) * 1e3:.2f} ms', flush=True)
         bres = {'builder': summarize(build_s), 'collate_cpu': summarize(collate_s)}
         rows.append((mixmo_name, f'builder ms ({device.type})', f'{bres["builder"]["median_s"] * 1e3:.2f}'))
-        rows.append((mixmo_name, 'MimoCollate ms (cpu)', f'{bres["collate_cpu"]["median_s"] * 1e3:.2f}'))
+        rows.append((mixmo_name, 'MimoCollate ms (cpu, 1 thread)', f'{bres["collate_cpu"]["median_s"] * 1e3:.2f}'))
         results['builder'] = bres
         if 'train' in results:
             step = results['train']['mixmo']['median_s']
@@ -373,11 +401,16 @@ def main(argv=None) -> int:
         if key == 'builder_share':
             print(f'  {label:42s} {value * 100:6.2f} %  target {op} {target * 100:.0f} %   {verdicts[key]}')
         else:
-            print(f'  {label:42s} {value:6.3f}    target {op} {target:.2f}   {verdicts[key]}')
+            paired = results[key + '_paired']
+            print(f'  {label:42s} {value:6.3f}    target {op} {target:.2f}   {verdicts[key]}'
+                  f'   (median of per-round ratios {paired:.3f})')
     if 'collate_cpu_share' in results:
         print(f'  {"    MimoCollate (cpu) / mixmo train step":42s} {results["collate_cpu_share"] * 100:6.2f} %  '
-              f'(not judged: runs in DataLoader workers)')
+              f'(not judged: DataLoader workers, 1 thread)')
     results['verdicts'] = verdicts
+    if hasattr(os, 'getloadavg'):
+        results['machine']['loadavg_end'] = os.getloadavg()
+        print(f'\n  load average at end: {" ".join(f"{v:.2f}" for v in results["machine"]["loadavg_end"])}')
 
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
