@@ -150,12 +150,19 @@ class MimoBatchBuilder:
             self._generators[key] = gen
         return gen
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> MimoBatch:
+    def set_epoch(self, epoch: int, num_epochs: int):
+        """Start of an epoch: the patch-probability schedule follows training progress."""
+        self.progress = epoch / max(num_epochs, 1)
+
+    def __call__(
+            self, images: torch.Tensor, labels: torch.Tensor,
+            generator: Optional[torch.Generator] = None) -> MimoBatch:
+        """Build a batch; ``generator`` (on the images' device) overrides the builder's own draws."""
         if images.ndim != 4:
             raise ValueError(f'images must be (U, C, H, W), got shape {tuple(images.shape)}')
         if labels.shape[0] != images.shape[0]:
             raise ValueError(f'{images.shape[0]} images but {labels.shape[0]} labels')
-        gen = self.generator(images.device)
+        gen = generator if generator is not None else self.generator(images.device)
         device = images.device
         b = self.batch_repeat
         if not torch.is_floating_point(images):

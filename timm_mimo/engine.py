@@ -1,0 +1,116 @@
+"""Pieces shared by ``train.py`` and ``validate.py``: member / ensemble predictions for MIMO and plain timm
+models, and model folders in timm's Hub format written atomically."""
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+import timm
+from timm.models import load_checkpoint, save_for_hf
+
+from .mimo import ensemble_logits
+
+
+def is_mimo(model: nn.Module) -> bool:
+    return hasattr(model, 'forward_members') and hasattr(model, 'num_members')
+
+
+def training_member_logits(model: nn.Module, inputs: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Member logits (B, M, K) for a training batch; a plain timm model is the M = 1 case."""
+    if is_mimo(model):
+        return model(inputs, masks)
+    return model(inputs[:, 0]).unsqueeze(1)
+
+
+def predict(model: nn.Module, x: torch.Tensor, ensemble: str = 'logits') -> Tuple[torch.Tensor, torch.Tensor]:
+    """Ensemble logits (B, K) and member logits (B, M, K) from one forward pass."""
+    if is_mimo(model):
+        members = model.forward_members(x)
+        return ensemble_logits(members, getattr(model, 'ensemble', ensemble)), members
+    out = model(x)
+    return out, out.unsqueeze(1)
+
+
+@torch.no_grad()
+def collect_predictions(model: nn.Module, loader, accelerator=None, unwrapped: Optional[nn.Module] = None):
+    """(ensemble logits, member logits, labels) over a loader, gathered across processes."""
+    model.eval()
+    net = unwrapped if unwrapped is not None else model
+    ensembles, members, labels = [], [], []
+    for images, targets in loader:
+        ens, mem = predict(net, images)
+        ens, mem = ens.float(), mem.float()
+        if accelerator is not None:
+            ens, mem, targets = accelerator.gather_for_metrics((ens, mem, targets))
+        ensembles.append(ens.cpu())
+        members.append(mem.cpu())
+        labels.append(targets.cpu())
+    return torch.cat(ensembles), torch.cat(members), torch.cat(labels)
+
+
+def replace_dir(tmp_dir: Path, final_dir: Path):
+    """Move a fully written folder into place; an existing one is swapped out, then deleted."""
+    old = None
+    if final_dir.exists():
+        old = final_dir.with_name(final_dir.name + '.old')
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final_dir, old)
+    os.replace(tmp_dir, final_dir)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def save_model_folder(model: nn.Module, folder: Path, model_args: dict, extra: Optional[dict] = None):
+    """``model.safetensors`` + ``config.json`` (timm Hub format, loadable with ``local-dir:``), atomically."""
+    folder = Path(folder)
+    tmp = Path(tempfile.mkdtemp(prefix=f'.{folder.name}.tmp-', dir=folder.parent))
+    try:
+        save_for_hf(model, str(tmp), model_args=model_args, safe_serialization=True)
+        if extra:
+            (tmp / 'metrics.json').write_text(json.dumps(extra, indent=2))
+        replace_dir(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_model_folder(folder: Path, **kwargs) -> nn.Module:
+    """A model saved by :func:`save_model_folder` (or any timm Hub-format folder)."""
+    folder = Path(folder)
+    config_path = folder / 'config.json'
+    if not config_path.exists():
+        raise FileNotFoundError(f'no config.json in {folder}: not a model folder')
+    config = json.loads(config_path.read_text())
+    architecture = config.get('architecture')
+    if not architecture or not timm.is_model(architecture):
+        raise ValueError(f'unknown architecture {architecture!r} in {config_path} (is the plugin imported?)')
+    model_args = dict(config.get('model_args') or {})
+    model_args.update(kwargs)
+    model = timm.create_model(architecture, num_classes=config.get('num_classes'), **model_args)
+    weights = folder / 'model.safetensors'
+    if not weights.exists():
+        raise FileNotFoundError(f'no model.safetensors in {folder}')
+    load_weights(model, weights)
+    return model
+
+
+def load_weights(model: nn.Module, path: Path):
+    """Load a safetensors file or a weights-only torch checkpoint, with one-line errors for bad files."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f'checkpoint not found: {path}')
+    try:
+        load_checkpoint(model, str(path), strict=True, weights_only=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        if 'size mismatch' in str(e) or 'Missing key' in str(e) or 'Unexpected key' in str(e):
+            raise ValueError(f'checkpoint {path} does not match the model architecture / classes: {first}') from e
+        raise ValueError(f'cannot read checkpoint {path}: {first}') from e
+    except Exception as e:  # safetensors / pickle errors on truncated or foreign files
+        raise ValueError(f'cannot read checkpoint {path} (truncated or not a weights file): {e}') from e

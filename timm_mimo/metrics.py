@@ -1,0 +1,496 @@
+"""Accuracy, calibration and diversity metrics for MIMO ensembles (spec mixmo.md §6).
+
+Every function is a vectorised torch function of full (already gathered) tensors, on whichever device
+they live, and returns plain Python numbers:
+
+    ensemble logits (N, K)     mean of the member logits by default (spec §4.4); p = softmax(logits)
+    member logits   (N, M, K)  M = 1 for any plain timm model
+    labels          (N,)       integer class indices
+
+Functions that only need probabilities (ECE, Brier, AUC, the reliability diagram) also take
+probabilities directly with ``from_logits=False``.
+
+Differences from the official MixMo metric code, all deliberate:
+  * NLL uses ``log_softmax`` instead of ``log(p + 1e-12)``; the two agree unless p_y < 1e-12.
+  * Brier is the standard multi-class score, mean_n Σ_c (p_c − onehot_c)²; MixMo's code divides it by
+    K (spec §6.1: its 0.00205 on CIFAR-100 is 0.205 here).
+  * Temperature scaling solves the 1-D problem exactly instead of MixMo's LBFGS with a closure that never
+    zeroes gradients (spec §6.2); see :func:`fit_temperature`.
+"""
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+
+__all__ = [
+    'topk_accuracy', 'nll', 'calibration_bins', 'expected_calibration_error', 'brier_score',
+    'misclassification_auc', 'member_predictions', 'ratio_errors', 'disagreement', 'classification_metrics',
+    'fit_temperature', 'temperature_scaled_metrics', 'reliability_diagram',
+]
+
+TS_SEED = 31  # spec §6.2: the official split of the test set uses seed 31
+
+
+def _check(scores: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Validate (N, K) scores against (N,) labels; return float scores and long labels on one device."""
+    if scores.dim() != 2:
+        raise ValueError(f'expected (N, K) logits or probabilities, got shape {tuple(scores.shape)}')
+    if labels.dim() != 1 or labels.shape[0] != scores.shape[0]:
+        raise ValueError(f'expected ({scores.shape[0]},) labels, got shape {tuple(labels.shape)}')
+    if scores.shape[0] == 0:
+        raise ValueError('metrics need at least one sample')
+    # half precision is too coarse for NLL/ECE sums; float64 stays float64
+    scores = scores if scores.dtype == torch.float64 else scores.float()
+    return scores, labels.to(device=scores.device, dtype=torch.long)
+
+
+def _probs(scores: torch.Tensor, from_logits: bool) -> torch.Tensor:
+    return scores.softmax(dim=1) if from_logits else scores
+
+
+def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int = 1) -> float:
+    """Top-k accuracy in percent (timm style); k is clipped to the number of classes."""
+    logits, labels = _check(logits, labels)
+    if k < 1:
+        raise ValueError(f'k must be >= 1, got {k}')
+    topk = logits.topk(min(k, logits.shape[1]), dim=1).indices
+    return 100.0 * (topk == labels[:, None]).any(dim=1).float().mean().item()
+
+
+def nll(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean negative log-likelihood of the true class, −log softmax(logits)_y (spec §6.1)."""
+    logits, labels = _check(logits, labels)
+    return F.cross_entropy(logits, labels).item()  # log_softmax inside: stable for huge logits
+
+
+def calibration_bins(
+        confidences: torch.Tensor, correct: torch.Tensor, num_bins: int = 15) -> Dict[str, torch.Tensor]:
+    """Per-bin statistics of confidence vs accuracy: 15 equal-width bins on [0, 1] (spec §6.1).
+
+    Bins are (lower, upper], as in MixMo's code; edges are i / num_bins in float64 and confidences are
+    compared in float64, so a confidence exactly on an edge goes to the bin below it. A confidence of
+    exactly 0 (only possible for hand-made probabilities) is put in the first bin.
+
+    Returns float64 tensors ``edges`` (num_bins + 1,), ``count``, ``confidence`` (mean per bin) and
+    ``accuracy`` (fraction correct per bin); the last two are NaN for empty bins.
+    """
+    if num_bins < 1:
+        raise ValueError(f'num_bins must be >= 1, got {num_bins}')
+    conf = confidences.detach().reshape(-1).double()
+    correct = correct.detach().reshape(-1).to(device=conf.device, dtype=torch.float64)
+    edges = torch.arange(num_bins + 1, dtype=torch.float64, device=conf.device) / num_bins
+    # searchsorted (left) gives the first edge >= conf, so conf in (edges[i-1], edges[i]] -> bin i-1
+    index = (torch.searchsorted(edges, conf.contiguous()) - 1).clamp_(0, num_bins - 1)
+    count = torch.bincount(index, minlength=num_bins).double()
+    conf_sum = torch.zeros(num_bins, dtype=torch.float64, device=conf.device).index_add_(0, index, conf)
+    correct_sum = torch.zeros_like(conf_sum).index_add_(0, index, correct)
+    return {
+        'edges': edges,
+        'count': count,
+        'confidence': conf_sum / count,  # 0 / 0 = NaN marks empty bins
+        'accuracy': correct_sum / count,
+    }
+
+
+def _ece_from_bins(bins: Dict[str, torch.Tensor]) -> float:
+    count = bins['count']
+    gap = (bins['confidence'] - bins['accuracy']).abs().nan_to_num(0.0)  # empty bins weigh 0
+    return ((gap * count).sum() / count.sum()).item()
+
+
+def expected_calibration_error(
+        scores: torch.Tensor, labels: torch.Tensor, num_bins: int = 15, from_logits: bool = True) -> float:
+    """ECE = Σ_bins |mean confidence − accuracy| · fraction of samples, over max-prob confidence (spec §6.1).
+
+    A fraction in [0, 1] (MixMo reports it that way, e.g. 0.0229), not a percentage.
+    """
+    scores, labels = _check(scores, labels)
+    conf, pred = _probs(scores, from_logits).max(dim=1)
+    return _ece_from_bins(calibration_bins(conf, pred == labels, num_bins))
+
+
+def brier_score(scores: torch.Tensor, labels: torch.Tensor, from_logits: bool = True) -> float:
+    """Standard multi-class Brier score, mean over samples of Σ_c (p_c − onehot_c)², in [0, 2].
+
+    MixMo's code reports this divided by the number of classes K (spec §6.1).
+    """
+    scores, labels = _check(scores, labels)
+    probs = _probs(scores, from_logits)
+    p_true = probs.gather(1, labels[:, None]).squeeze(1)
+    # Σ_c (p_c − 1[c = y])² = Σ_c p_c² − 2 p_y + 1, without building the one-hot matrix
+    return (probs.square().sum(1) - 2 * p_true + 1).mean().item()
+
+
+def misclassification_auc(
+        scores: torch.Tensor, labels: torch.Tensor, from_logits: bool = True) -> Optional[float]:
+    """ROC-AUC of the confidence for telling correct from wrong predictions (spec §6.1 "AUC").
+
+    Mann-Whitney statistic with tied confidences counted as one half; None when every prediction is
+    correct or every one is wrong (the AUC is undefined then).
+    """
+    scores, labels = _check(scores, labels)
+    conf, pred = _probs(scores, from_logits).max(dim=1)
+    correct = pred == labels
+    num_pos = int(correct.sum())
+    num_neg = correct.numel() - num_pos
+    if num_pos == 0 or num_neg == 0:
+        return None
+    # average ranks (1-based) over ties: a value's rank is (#smaller) + (#equal + 1) / 2
+    _, inverse, counts = torch.unique(conf.double(), return_inverse=True, return_counts=True)
+    counts = counts.double()
+    avg_rank = torch.cumsum(counts, 0) - counts + (counts + 1) / 2
+    rank_sum = avg_rank[inverse][correct].sum().item()
+    return (rank_sum - num_pos * (num_pos + 1) / 2) / (num_pos * num_neg)
+
+
+def member_predictions(member_outputs: torch.Tensor) -> torch.Tensor:
+    """Class predictions (N, M) from member logits (N, M, K), or integer predictions (N, M) as given."""
+    if member_outputs.dim() == 3:
+        return member_outputs.argmax(dim=-1)
+    if member_outputs.dim() == 2 and not member_outputs.is_floating_point():
+        return member_outputs.long()
+    raise ValueError(
+        f'expected member logits (N, M, K) or integer member predictions (N, M), got '
+        f'{tuple(member_outputs.shape)} {member_outputs.dtype}')
+
+
+def _pair_indices(num_members: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    if num_members < 2:
+        raise ValueError(f'diversity needs at least 2 members, got {num_members}')
+    first, second = torch.triu_indices(num_members, num_members, offset=1, device=device)
+    return first, second
+
+
+def ratio_errors(member_logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Ratio-errors diversity (Aksela 2003), averaged over member pairs (spec §6.1).
+
+    For a pair, with fractions of samples N00 (both wrong) and N01 + N10 (exactly one wrong), the ratio is
+    (N01 + N10) / N00, or 2·(N01 + N10) when the pair shares no error (N00 = 0), exactly as MixMo's code.
+    Higher means the members make different mistakes. Takes (N, M, K) logits or (N, M) predictions.
+    """
+    preds = member_predictions(member_logits)
+    labels = labels.to(preds.device).long()
+    if labels.dim() != 1 or labels.shape[0] != preds.shape[0] or preds.shape[0] == 0:
+        raise ValueError(f'expected ({preds.shape[0]},) labels, got shape {tuple(labels.shape)}')
+    first, second = _pair_indices(preds.shape[1], preds.device)
+    # error counts in float64 are exact integers (N < 2^53), so the N00 = 0 branch is decided exactly
+    wrong = (preds != labels[:, None]).double()
+    both_wrong = (wrong.T @ wrong)[first, second]
+    errors = wrong.sum(0)
+    one_wrong = errors[first] + errors[second] - 2 * both_wrong
+    ratio = torch.where(
+        both_wrong > 0, one_wrong / both_wrong.clamp_min(1.0), 2 * one_wrong / preds.shape[0])
+    return ratio.mean().item()
+
+
+def disagreement(member_logits: torch.Tensor) -> float:
+    """Mean over member pairs of the fraction of samples whose predicted classes differ.
+
+    Not in MixMo's shipped code (spec §6.1) but the usual MIMO diversity measure (Havasi et al. 2021).
+    """
+    preds = member_predictions(member_logits)
+    if preds.shape[0] == 0:
+        raise ValueError('metrics need at least one sample')
+    first, second = _pair_indices(preds.shape[1], preds.device)
+    # every pair sees the same N samples, so one mean over (N, pairs) is the mean of the pair means
+    return (preds[:, first] != preds[:, second]).float().mean().item()
+
+
+def classification_metrics(
+        ensemble_logits: Optional[torch.Tensor],
+        labels: torch.Tensor,
+        member_logits: Optional[torch.Tensor] = None,
+        num_bins: int = 15,
+) -> Dict[str, Any]:
+    """All metrics of spec §6.1 for one evaluation set, from gathered tensors.
+
+    ``ensemble_logits`` may be None when ``member_logits`` are given: it is then their mean (spec §4.4).
+    Keys: ``top1``, ``top5``, ``member_top1`` (list), ``member_mean_top1`` (all in %), ``nll``, ``ece``,
+    ``brier``, ``auc`` (None if undefined), and for M >= 2 members ``best_member_top1``, ``ensemble_gain``
+    (top1 − best member top1, in points), ``disagreement``, ``ratio_errors``; those four are None when
+    there is a single member. Without ``member_logits`` the model counts as one member: member_top1 = [top1].
+    """
+    if ensemble_logits is None:
+        if member_logits is None:
+            raise ValueError('need ensemble_logits or member_logits')
+        ensemble_logits = member_logits.float().mean(dim=1)
+    logits, labels = _check(ensemble_logits, labels)
+    top1 = topk_accuracy(logits, labels, 1)
+    metrics: Dict[str, Any] = {
+        'top1': top1,
+        'top5': topk_accuracy(logits, labels, 5),
+        'nll': nll(logits, labels),
+        'ece': expected_calibration_error(logits, labels, num_bins),
+        'brier': brier_score(logits, labels),
+        'auc': misclassification_auc(logits, labels),
+    }
+    if member_logits is None:
+        member_top1 = [top1]
+    else:
+        if member_logits.dim() != 3 or member_logits.shape[0] != logits.shape[0]:
+            raise ValueError(
+                f'expected member logits ({logits.shape[0]}, M, K), got shape {tuple(member_logits.shape)}')
+        preds = member_logits.argmax(dim=-1)
+        member_top1 = (100.0 * (preds == labels.to(preds.device)[:, None]).float().mean(0)).tolist()
+    metrics['member_top1'] = member_top1
+    metrics['member_mean_top1'] = sum(member_top1) / len(member_top1)
+    diverse = member_logits is not None and member_logits.shape[1] >= 2
+    best = max(member_top1)
+    metrics['best_member_top1'] = best if diverse else None
+    metrics['ensemble_gain'] = top1 - best if diverse else None
+    metrics['disagreement'] = disagreement(member_logits) if diverse else None
+    metrics['ratio_errors'] = ratio_errors(member_logits, labels) if diverse else None
+    return metrics
+
+
+def fit_temperature(
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        t_min: float = 1e-2,
+        t_max: float = 1e2,
+        max_iter: int = 100,
+) -> float:
+    """Temperature T in [t_min, t_max] minimising the NLL of softmax(logits / T) (spec §6.2).
+
+    Instead of MixMo's LBFGS over an lr grid, this solves the 1-D problem exactly: in β = 1/T the mean NLL
+    f(β) = mean[logsumexp(β z) − β z_y] is convex, with f'(β) = mean[E_p z − z_y] and
+    f''(β) = mean[Var_p z] ≥ 0, so safeguarded Newton steps inside a shrinking bracket (bisection in
+    log T when a step leaves it) reach the minimum in a few iterations, with no learning rate to tune.
+    If the optimum lies beyond the range, the bound is returned. As in MixMo, T = 1 is returned when the
+    fitted T does not lower the NLL.
+    """
+    logits, labels = _check(logits, labels)
+    z = logits.double()  # float64: the Newton steps and the final NLL comparison need the precision
+    z_true = z.gather(1, labels[:, None]).squeeze(1)
+
+    def derivatives(beta: float) -> Tuple[float, float]:
+        p = (beta * z).softmax(dim=1)
+        mean_z = (p * z).sum(1)
+        var_z = (p * z.square()).sum(1) - mean_z.square()
+        return (mean_z - z_true).mean().item(), var_z.clamp_min(0).mean().item()
+
+    lo, hi = 1.0 / t_max, 1.0 / t_min
+    if derivatives(lo)[0] >= 0:  # NLL grows with β on the whole range: softest allowed
+        beta = lo
+    elif derivatives(hi)[0] <= 0:  # NLL still falls at the sharpest allowed β
+        beta = hi
+    else:
+        beta = min(max(1.0, lo), hi)
+        for _ in range(max_iter):
+            grad, curv = derivatives(beta)
+            if grad > 0:
+                hi = beta
+            else:
+                lo = beta
+            if grad == 0 or hi / lo - 1 < 1e-12:
+                break
+            step = beta - grad / curv if curv > 0 else math.nan
+            new_beta = step if lo < step < hi else math.sqrt(lo * hi)
+            if abs(new_beta - beta) <= 1e-12 * beta:
+                beta = new_beta
+                break
+            beta = new_beta
+    temperature = 1.0 / beta
+    if not F.cross_entropy(z / temperature, labels).item() < F.cross_entropy(z, labels).item():
+        return 1.0
+    return temperature
+
+
+def temperature_scaled_metrics(
+        logits: Optional[torch.Tensor],
+        labels: torch.Tensor,
+        member_logits: Optional[torch.Tensor] = None,
+        seed: int = TS_SEED,
+        num_bins: int = 15,
+) -> Dict[str, Any]:
+    """Calibrated NLL / ECE / Brier with the two-fold protocol of spec §6.2.
+
+    The set is split 50/50 by a permutation from ``seed`` (31, as MixMo); T is fitted on half A and the
+    metrics evaluated on half B, then the halves swap; the calibrated metrics are the mean of the two
+    halves and ``temperature`` the mean of the two fitted temperatures (both in ``temperatures``).
+    Returns everything :func:`classification_metrics` returns on the full, unscaled set (top1 and the
+    other accuracies do not depend on T) plus ``temperature``, ``temperatures``, ``nll_calibrated``,
+    ``ece_calibrated`` and ``brier_calibrated``.
+    """
+    metrics = classification_metrics(logits, labels, member_logits, num_bins)
+    if logits is None:
+        logits = member_logits.float().mean(dim=1)
+    logits, labels = _check(logits, labels)
+    num = logits.shape[0]
+    if num < 2:
+        raise ValueError('temperature scaling needs at least 2 samples to split')
+    generator = torch.Generator().manual_seed(seed)  # CPU generator: the split is device-independent
+    perm = torch.randperm(num, generator=generator).to(logits.device)
+    halves = (perm[:num // 2], perm[num // 2:])
+    temperatures, nlls, eces, briers = [], [], [], []
+    for fit_idx, eval_idx in (halves, halves[::-1]):
+        temperature = fit_temperature(logits[fit_idx], labels[fit_idx])
+        scaled, eval_labels = logits[eval_idx] / temperature, labels[eval_idx]
+        temperatures.append(temperature)
+        nlls.append(nll(scaled, eval_labels))
+        eces.append(expected_calibration_error(scaled, eval_labels, num_bins))
+        briers.append(brier_score(scaled, eval_labels))
+    metrics.update(
+        temperature=sum(temperatures) / 2,
+        temperatures=temperatures,
+        nll_calibrated=sum(nlls) / 2,
+        ece_calibrated=sum(eces) / 2,
+        brier_calibrated=sum(briers) / 2,
+    )
+    return metrics
+
+
+# --- reliability diagram (Pillow only) ---------------------------------------------------------------
+
+_ACC_FILL, _ACC_LINE = (70, 110, 190), (30, 60, 120)
+_GAP_FILL, _GAP_LINE = (220, 60, 60, 110), (190, 40, 40, 255)
+_GRID, _AXIS, _TEXT, _DIAGONAL, _HIST = (228, 228, 228), (60, 60, 60), (20, 20, 20), (120, 120, 120), (150, 150, 150)
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)  # scalable built-in font when Pillow has FreeType
+    except (TypeError, ValueError, OSError, ImportError):
+        return ImageFont.load_default()
+
+
+def _text_size(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont) -> Tuple[int, int]:
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    return right - left, bottom - top
+
+
+def _vertical_text(image: Image.Image, text: str, font: ImageFont.ImageFont, center: Tuple[int, int]) -> None:
+    """Paste ``text`` rotated 90° counter-clockwise, centred on ``center`` (y-axis labels)."""
+    width, height = _text_size(ImageDraw.Draw(image), text, font)
+    label = Image.new('RGBA', (width + 4, height + 8), (255, 255, 255, 0))
+    ImageDraw.Draw(label).text((2, 0), text, font=font, fill=_TEXT)
+    label = label.rotate(90, expand=True)
+    image.paste(label, (center[0] - label.width // 2, center[1] - label.height // 2), label)
+
+
+def reliability_diagram(
+        scores: torch.Tensor,
+        labels: torch.Tensor,
+        path: Union[str, os.PathLike],
+        num_bins: int = 15,
+        title: Optional[str] = None,
+        from_logits: bool = True,
+) -> Path:
+    """Write a reliability diagram PNG (spec §6.1 ECE bins) with Pillow only; returns the path.
+
+    Top: per-bin accuracy bars against the diagonal of perfect calibration, the gap to the bin's mean
+    confidence shaded red; bottom: the share of samples per confidence bin. The title carries the ECE.
+    The file is written to a temporary name in the same folder and moved into place, so readers never
+    see a half-written image.
+    """
+    scores, labels = _check(scores, labels)
+    conf, pred = _probs(scores, from_logits).max(dim=1)
+    bins = calibration_bins(conf, pred == labels, num_bins)
+    ece = _ece_from_bins(bins)
+    count = bins['count'].cpu().tolist()
+    accuracy = bins['accuracy'].cpu().tolist()
+    confidence = bins['confidence'].cpu().tolist()
+
+    width, height = 600, 720
+    left, right, top = 80, 24, 56
+    side = width - left - right  # square main plot
+    plot_bottom = top + side
+    hist_top, hist_bottom = plot_bottom + 22, plot_bottom + 112
+    image = Image.new('RGB', (width, height), 'white')
+    draw = ImageDraw.Draw(image)
+    font, small = _font(16), _font(13)
+
+    def x_px(value: float) -> float:
+        return left + value * side
+
+    def y_px(value: float) -> float:
+        return plot_bottom - value * side
+
+    # grid and ticks every 0.2
+    ticks = [i / 5 for i in range(6)]
+    for t in ticks:
+        draw.line([(x_px(t), top), (x_px(t), plot_bottom)], fill=_GRID)
+        draw.line([(left, y_px(t)), (left + side, y_px(t))], fill=_GRID)
+        draw.line([(left - 5, y_px(t)), (left, y_px(t))], fill=_AXIS)
+        label = f'{t:.1f}'
+        tw, th = _text_size(draw, label, small)
+        draw.text((left - 9 - tw, y_px(t) - th / 2 - 2), label, font=small, fill=_TEXT)
+        for y_axis in (plot_bottom, hist_bottom):
+            draw.line([(x_px(t), y_axis), (x_px(t), y_axis + 5)], fill=_AXIS)
+        draw.text((x_px(t) - tw / 2, hist_bottom + 8), label, font=small, fill=_TEXT)
+
+    # accuracy bars, then the translucent gap to the mean confidence on top of them
+    overlay = Image.new('RGBA', image.size, (0, 0, 0, 0))
+    gap_draw = ImageDraw.Draw(overlay)
+    for i in range(num_bins):
+        if count[i] == 0:
+            continue
+        x0, x1 = x_px(i / num_bins) + 1, x_px((i + 1) / num_bins) - 1
+        if accuracy[i] > 0:
+            draw.rectangle([x0, y_px(accuracy[i]), x1, plot_bottom], fill=_ACC_FILL, outline=_ACC_LINE)
+        low, high = sorted((accuracy[i], confidence[i]))
+        gap_draw.rectangle([x0, y_px(high), x1, y_px(low)], fill=_GAP_FILL, outline=_GAP_LINE)
+    image.paste(Image.alpha_composite(image.convert('RGBA'), overlay).convert('RGB'))
+    draw = ImageDraw.Draw(image)
+
+    # dashed diagonal of perfect calibration
+    dashes = 40
+    for i in range(0, dashes, 2):
+        a, b = i / dashes, (i + 1) / dashes
+        draw.line([(x_px(a), y_px(a)), (x_px(b), y_px(b))], fill=_DIAGONAL, width=2)
+    draw.rectangle([left, top, left + side, plot_bottom], outline=_AXIS)
+
+    # confidence histogram strip: share of samples per bin, scaled to the fullest bin
+    total, fullest = sum(count), max(count)
+    for i in range(num_bins):
+        if count[i] == 0:
+            continue
+        bar_top = hist_bottom - (hist_bottom - hist_top) * count[i] / fullest
+        draw.rectangle([x_px(i / num_bins) + 1, bar_top, x_px((i + 1) / num_bins) - 1, hist_bottom], fill=_HIST)
+    draw.rectangle([left, hist_top, left + side, hist_bottom], outline=_AXIS)
+    share = f'max {100 * fullest / total:.0f}%'
+    draw.text((left + 6, hist_top + 4), share, font=small, fill=_TEXT)
+
+    # legend in the upper-left triangle, which the bars of a sensible model leave empty
+    legend = [('Accuracy', _ACC_FILL), ('Gap |confidence - accuracy|', _GAP_FILL[:3]), ('Perfect calibration', None)]
+    lx, ly = left + 12, top + 12
+    for text, colour in legend:
+        if colour is None:
+            draw.line([(lx, ly + 8), (lx + 22, ly + 8)], fill=_DIAGONAL, width=2)
+        else:
+            draw.rectangle([lx, ly + 1, lx + 22, ly + 15], fill=colour, outline=_AXIS)
+        draw.text((lx + 30, ly), text, font=small, fill=_TEXT)
+        ly += 22
+
+    # axis labels and title (the title font shrinks until it fits)
+    xw, _ = _text_size(draw, 'Confidence', font)
+    draw.text((left + side / 2 - xw / 2, hist_bottom + 30), 'Confidence', font=font, fill=_TEXT)
+    _vertical_text(image, 'Accuracy', font, (22, (top + plot_bottom) // 2))
+    _vertical_text(image, 'Samples', small, (40, (hist_top + hist_bottom) // 2))
+    heading = f'{title + "  -  " if title else ""}ECE {ece:.4f}  (N = {int(total)}, {num_bins} bins)'
+    size = 18
+    title_font = _font(size)
+    while _text_size(draw, heading, title_font)[0] > width - 20 and size > 8:
+        size -= 1
+        title_font = _font(size)
+    tw, _ = _text_size(draw, heading, title_font)
+    draw.text(((width - tw) / 2, 16), heading, font=title_font, fill=_TEXT)
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
+    try:
+        with os.fdopen(fd, 'wb') as handle:
+            image.save(handle, format='PNG')
+        os.chmod(tmp_name, 0o644)  # mkstemp creates 0600; a plot should be readable like any other file
+        os.replace(tmp_name, path)
+    except BaseException:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+        raise
+    return path

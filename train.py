@@ -1,0 +1,519 @@
+#!/usr/bin/env python3
+"""Train MixMo / MIMO models (and any timm model, as M = 1) with Hugging Face Accelerate.
+
+    python train.py                                   # embedded digits data, wrn16_4_mixmo2, ~2 min on CPU
+    accelerate launch train.py --model wrn28_10_mixmo2 --dataset torch/cifar100 --dataset-download ...
+    python train.py -c configs/cifar100/wrn28_10_cut_mixmo.yaml
+
+Batch sizes (see README "Batch sizes and processes"): ``-b`` is the GLOBAL number of mixed samples per
+optimizer step, B. Each process draws U = B / (processes x grad_accum_steps x batch_repeat) unique images
+per micro-step and builds its own U x batch_repeat mixed samples on its device, so B, the unique images
+per step (B / batch_repeat) and the learning rate stay the same whatever the number of processes.
+
+The MIMO batch (masks, MSDA, soft targets) is built on the device from a generator seeded by
+(seed, process, epoch, step): a resumed run replays exactly the batches of an uninterrupted one.
+"""
+import argparse
+import csv
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import torch
+import yaml
+
+_logger = logging.getLogger('train')
+
+STATE_FILE = 'trainer_state.json'
+LOWER_IS_BETTER = ('nll', 'ece', 'brier', 'loss')
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('-c', '--config', default='', help='YAML file of argument defaults (keys = long flag names)')
+    g = p.add_argument_group('data')
+    g.add_argument('--data-dir', default=None, help='dataset root, image folder, tar or CIFAR-10 zip')
+    g.add_argument('--dataset', default='', help="'' = embedded digits; cifar10-zip, torch/cifar10, ...")
+    g.add_argument('--dataset-download', action='store_true', help='download torch/* datasets')
+    g.add_argument('--val-per-class', type=int, default=None, help='validation images per class carved from train')
+    g.add_argument('--img-size', type=int, default=None, help='input size (default: the model\'s)')
+    g.add_argument('-j', '--workers', type=int, default=0, help='data loader worker processes')
+    g = p.add_argument_group('model')
+    g.add_argument('--model', default='wrn16_4_mixmo2', help='any registered timm model')
+    g.add_argument('--num-classes', type=int, default=None, help='default: from the dataset')
+    g.add_argument('--num-members', type=int, default=None, help='M (MIMO models only); default the model\'s')
+    g.add_argument('--ensemble', default=None, choices=['logits', 'probs'], help='ensembling rule (MIMO)')
+    g.add_argument('--drop', type=float, default=None, help='dropout before the heads')
+    g.add_argument('--model-kwargs', nargs='*', default=[], metavar='K=V', help='extra create_model kwargs')
+    g.add_argument('--pretrained', action='store_true', help='start from the registered pretrained weights')
+    g.add_argument('--initial-checkpoint', default='', help='start from these weights (safetensors / .pth)')
+    g = p.add_argument_group('batch and MIMO mixing')
+    g.add_argument('-b', '--batch-size', type=int, default=64, help='global mixed samples per optimizer step')
+    g.add_argument('--batch-repeat', type=int, default=1, help='copies of each unique image per batch (b)')
+    g.add_argument('--grad-accum-steps', type=int, default=1)
+    g.add_argument('--mix-mode', default='cut', choices=['mimo', 'linear', 'cut'])
+    g.add_argument('--mix-prob', type=float, default=0.5, help='probability of patch mixing (cut mode)')
+    g.add_argument('--mix-alpha', type=float, default=2.0, help='Dirichlet concentration of the ratios')
+    g.add_argument('--weight-root', type=float, default=3.0, help='root r of the member loss weights')
+    g.add_argument('--msda', default='none', choices=['none', 'cutmix', 'mixup'], help='per-member pixel MSDA')
+    g.add_argument('--msda-prob', type=float, default=0.5)
+    g.add_argument('--msda-alpha', type=float, default=1.0)
+    g.add_argument('--mixup', type=float, default=0.0, help='timm alias: --msda mixup --msda-alpha A')
+    g.add_argument('--cutmix', type=float, default=0.0, help='timm alias: --msda cutmix --msda-alpha A')
+    g.add_argument('--smoothing', type=float, default=0.0, help='label smoothing')
+    g.add_argument('--aug', default='crop-flip', choices=['crop-flip', 'none'],
+                   help='batched pad-4 crop + flip per copy (CIFAR / Tiny ImageNet recipe), or none')
+    g = p.add_argument_group('optimizer and schedule (timm factories)')
+    g.add_argument('--opt', default='sgd', help="timm optimizer name ('sgd' is Nesterov SGD)")
+    g.add_argument('--lr', type=float, default=0.05)
+    g.add_argument('--weight-decay', type=float, default=5e-4)
+    g.add_argument('--wd-all', action='store_true',
+                   help='decay every parameter incl. BN and biases (MixMo\'s L2 on all parameters)')
+    g.add_argument('--momentum', type=float, default=0.9)
+    g.add_argument('--clip-grad', type=float, default=None)
+    g.add_argument('--sched', default='cosine', help='timm scheduler: cosine, multistep, step, ...')
+    g.add_argument('--epochs', type=int, default=10)
+    g.add_argument('--warmup-epochs', type=float, default=1, help='linear warmup, per optimizer step')
+    g.add_argument('--warmup-lr', type=float, default=1e-5)
+    g.add_argument('--min-lr', type=float, default=0.0)
+    g.add_argument('--decay-milestones', type=int, nargs='+', default=[90, 180, 270],
+                   help='multistep: epochs (0-based) at which the lr is multiplied by --decay-rate')
+    g.add_argument('--decay-rate', type=float, default=0.1)
+    g = p.add_argument_group('speed and precision')
+    g.add_argument('--amp', action='store_true', help='mixed precision through Accelerate')
+    g.add_argument('--amp-dtype', default='bfloat16', choices=['bfloat16', 'float16'])
+    g.add_argument('--channels-last', action='store_true')
+    g.add_argument('--torchcompile', action='store_true', help='torch.compile the model (falls back if it fails)')
+    g.add_argument('--grad-checkpointing', action='store_true')
+    g.add_argument('--limit-train-batches', type=int, default=None, help='at most this many steps per epoch')
+    g = p.add_argument_group('EMA')
+    g.add_argument('--model-ema', action='store_true', help='keep an EMA of the weights, evaluated each epoch')
+    g.add_argument('--model-ema-decay', type=float, default=0.999)
+    g = p.add_argument_group('output')
+    g.add_argument('--seed', type=int, default=42)
+    g.add_argument('--output', default='output/train', help='parent folder of the experiment folders')
+    g.add_argument('--experiment', default='', help='experiment folder name (default: date-model)')
+    g.add_argument('--resume', default='', help='experiment folder (or checkpoint) to continue from')
+    g.add_argument('--checkpoint-hist', type=int, default=1, help='complete checkpoints to keep')
+    g.add_argument('--eval-metric', default='top1', help='validation metric that selects the best epoch')
+    g.add_argument('--log-tensorboard', action='store_true')
+    g.add_argument('--debug', action='store_true', help='show tracebacks instead of one-line errors')
+    return p
+
+
+def parse_args(argv=None):
+    parser = build_parser()
+    pre, _ = parser.parse_known_args(argv)
+    if pre.config:
+        path = Path(pre.config)
+        if not path.exists():
+            raise FileNotFoundError(f'config file not found: {path}')
+        config = yaml.safe_load(path.read_text()) or {}
+        known = {a.dest for a in parser._actions}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise ValueError(f'unknown config key(s) in {path}: {", ".join(unknown)}')
+        parser.set_defaults(**config)
+    args = parser.parse_args(argv)
+    if args.mixup > 0:
+        args.msda, args.msda_alpha = 'mixup', args.mixup
+    if args.cutmix > 0:
+        args.msda, args.msda_alpha = 'cutmix', args.cutmix
+    return args
+
+
+def parse_model_kwargs(items):
+    kwargs = {}
+    for item in items:
+        if '=' not in item:
+            raise ValueError(f'--model-kwargs expects K=V, got {item!r}')
+        key, value = item.split('=', 1)
+        kwargs[key] = yaml.safe_load(value)
+    return kwargs
+
+
+# ------------------------------------------------------------------------------------------------------
+# checkpoints: complete folders only (written under a temporary name, then renamed)
+
+def checkpoint_name(epoch: int, step: int) -> str:
+    return f'checkpoint-{epoch:04d}' + (f'-step{step:06d}' if step else '')
+
+
+def complete_checkpoints(folder: Path):
+    """Checkpoint folders with a trainer state, oldest first (by the progress they record)."""
+    found = []
+    for path in folder.glob('checkpoint-*'):
+        state = path / STATE_FILE
+        if path.is_dir() and state.exists():
+            info = json.loads(state.read_text())
+            found.append(((info['epoch'], info['step']), path))
+    return [p for _, p in sorted(found)]
+
+
+def resolve_resume(resume: str):
+    path = Path(resume)
+    if not path.exists():
+        raise FileNotFoundError(f'--resume path not found: {path}')
+    if (path / STATE_FILE).exists():
+        return path.parent, path
+    checkpoints = complete_checkpoints(path)
+    if not checkpoints:
+        raise FileNotFoundError(f'no complete checkpoint in {path} to resume from')
+    return path, checkpoints[-1]
+
+
+def save_checkpoint(accelerator, unwrapped, output: Path, model_args: dict, state: dict, keep: int):
+    """Weights (timm Hub format) + Accelerate training state + trainer state, as one atomic folder."""
+    from timm.models import save_for_hf
+    final = output / checkpoint_name(state['epoch'], state['step'])
+    tmp = output / f'.{final.name}.tmp'
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp / 'state'))
+    if accelerator.is_main_process:
+        save_for_hf(unwrapped, str(tmp), model_args=model_args, safe_serialization=True)
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in complete_checkpoints(output)[:-max(keep, 1)]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def write_summary(path: Path, rows):
+    """Rewrite summary.csv (small) atomically, so a crash never leaves half a row."""
+    fields = []
+    for row in rows:
+        fields += [k for k in row if k not in fields]
+    tmp = path.with_suffix('.csv.tmp')
+    with open(tmp, 'w', newline='') as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def read_summary(path: Path):
+    if not path.exists():
+        return []
+    with open(path, newline='') as f:
+        return list(csv.DictReader(f))
+
+
+def is_better(metric: str, value: float, best) -> bool:
+    if best is None:
+        return True
+    return value < best if metric in LOWER_IS_BETTER else value > best
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+# ------------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format='%(message)s')
+    # Accelerate and timm log every saved / loaded file at INFO: keep the console to the epoch lines
+    for noisy in ('accelerate', 'timm'):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+    import timm
+    import timm.optim
+    import timm.scheduler
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, set_seed
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
+    import timm_mimo  # noqa: F401  (registers the models)
+    from timm_mimo.batch import MemberSoftTargetCrossEntropy, MimoBatchBuilder, random_crop_flip
+    from timm_mimo.data.splits import build_splits
+    from timm_mimo.engine import collect_predictions, is_mimo, load_weights, save_model_folder, \
+        training_member_logits
+    from timm_mimo.metrics import classification_metrics
+
+    if not timm.is_model(args.model):
+        raise ValueError(f'unknown model {args.model!r}: not in timm\'s registry (timm_mimo models need '
+                         f'"import timm_mimo", which train.py does)')
+
+    # output folder: a new experiment, or the one being resumed; never overwrite another run
+    resume_from = None
+    if args.resume:
+        output, resume_from = resolve_resume(args.resume)
+    else:
+        name = args.experiment or f'{datetime.now():%Y%m%d-%H%M%S}-{args.model}'
+        output = Path(args.output) / name
+        if output.exists() and any(output.iterdir()):
+            raise FileExistsError(f'output folder {output} exists and is not empty: use --resume {output} '
+                                  f'or another --experiment')
+
+    mixed_precision = ('bf16' if args.amp_dtype == 'bfloat16' else 'fp16') if args.amp else 'no'
+    accelerator = Accelerator(
+        mixed_precision=mixed_precision,
+        gradient_accumulation_steps=args.grad_accum_steps,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+        log_with='tensorboard' if args.log_tensorboard else None,
+        project_dir=str(output),
+    )
+    main_process = accelerator.is_main_process
+    if not main_process:
+        logging.getLogger().setLevel(logging.WARNING)
+    set_seed(args.seed)
+
+    # batch sizes: B global mixed samples per optimizer step -> U unique images per process micro-step
+    world, accum, repeat = accelerator.num_processes, args.grad_accum_steps, args.batch_repeat
+    if args.batch_size % (world * accum * repeat):
+        raise ValueError(f'batch size {args.batch_size} is not divisible by processes ({world}) x grad accum '
+                         f'steps ({accum}) x batch repetition ({repeat})')
+    unique_per_process = args.batch_size // (world * accum * repeat)
+
+    # model
+    model_args = parse_model_kwargs(args.model_kwargs)
+    for key, value in (('num_members', args.num_members), ('ensemble', args.ensemble),
+                       ('drop_rate', args.drop)):
+        if value is not None:
+            model_args[key] = value
+    cfg_probe = timm.models.get_pretrained_cfg(args.model)
+    default_size = cfg_probe.input_size[-1] if cfg_probe is not None else 32
+    splits = build_splits(args.dataset, args.data_dir, args.dataset_download, args.img_size or default_size,
+                          mean=cfg_probe.mean if cfg_probe is not None and args.dataset else None,
+                          std=cfg_probe.std if cfg_probe is not None and args.dataset else None,
+                          val_per_class=args.val_per_class)
+    num_classes = args.num_classes or splits.num_classes
+    if num_classes != splits.num_classes:
+        raise ValueError(f'--num-classes {num_classes} does not match the dataset\'s {splits.num_classes} classes')
+    model = timm.create_model(args.model, pretrained=args.pretrained, num_classes=num_classes, **model_args)
+    if args.initial_checkpoint:
+        load_weights(model, Path(args.initial_checkpoint))
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    num_members = getattr(model, 'num_members', 1)
+    img = splits.img_size
+    grid = model.mix_grid_size((img, img)) if is_mimo(model) else (img, img)
+
+    builder = MimoBatchBuilder(
+        num_members, num_classes, grid, batch_repeat=repeat, mix_mode=args.mix_mode, mix_prob=args.mix_prob,
+        mix_alpha=args.mix_alpha, weight_root=args.weight_root,
+        msda=None if args.msda == 'none' else args.msda, msda_prob=args.msda_prob, msda_alpha=args.msda_alpha,
+        label_smoothing=args.smoothing, augment=random_crop_flip if args.aug == 'crop-flip' else None)
+    criterion = MemberSoftTargetCrossEntropy()
+
+    train_loader = DataLoader(splits.train, batch_size=unique_per_process, shuffle=True, drop_last=True,
+                              num_workers=args.workers, pin_memory=accelerator.device.type == 'cuda')
+    eval_batch = max(unique_per_process * repeat, 64)
+    val_loader = DataLoader(splits.validation, batch_size=eval_batch, num_workers=args.workers)
+    test_loader = DataLoader(splits.test, batch_size=eval_batch, num_workers=args.workers) \
+        if splits.test is not None else None
+    steps_per_epoch = len(train_loader) // world // accum
+    if args.limit_train_batches:
+        steps_per_epoch = min(steps_per_epoch, args.limit_train_batches)
+    if steps_per_epoch < 1:
+        raise ValueError(f'the training split ({len(splits.train)} images) is smaller than one batch of '
+                         f'{unique_per_process * world * accum} unique images')
+
+    optimizer = timm.optim.create_optimizer_v2(
+        model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay, momentum=args.momentum,
+        filter_bias_and_bn=not args.wd_all)
+    scheduler, _ = timm.scheduler.create_scheduler_v2(
+        optimizer, sched=args.sched, num_epochs=args.epochs, decay_milestones=args.decay_milestones,
+        decay_rate=args.decay_rate, min_lr=args.min_lr, warmup_lr=args.warmup_lr,
+        warmup_epochs=args.warmup_epochs, step_on_epochs=False, updates_per_epoch=steps_per_epoch)
+
+    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+    if test_loader is not None:
+        test_loader = accelerator.prepare(test_loader)
+    unwrapped = accelerator.unwrap_model(model)
+    ema = None
+    if args.model_ema:
+        from timm.utils import ModelEmaV3
+        ema = ModelEmaV3(unwrapped, decay=args.model_ema_decay, device=accelerator.device)
+        accelerator.register_for_checkpointing(ema)
+    train_model = model
+    if args.torchcompile:
+        try:
+            train_model = torch.compile(model)
+        except Exception as e:  # noqa: BLE001  compilation is an optimisation, never a requirement
+            _logger.warning(f'torch.compile unavailable ({e}); training uncompiled')
+
+    # state: fresh or resumed
+    state = dict(epoch=0, step=0, num_updates=0, best_metric=None, best_epoch=None)
+    rows = []
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from / 'state'))
+        saved = json.loads((resume_from / STATE_FILE).read_text())
+        state.update(saved)
+        rows = [r for r in read_summary(output / 'summary.csv') if int(r['epoch']) < state['epoch']]
+        _logger.info(f'resumed from {resume_from} (epoch {state["epoch"]}, step {state["step"]})')
+    elif main_process:
+        output.mkdir(parents=True, exist_ok=True)
+        (output / 'args.yaml').write_text(yaml.safe_dump(vars(args), sort_keys=False))
+    accelerator.wait_for_everyone()
+    if args.log_tensorboard:
+        accelerator.init_trackers('tensorboard')
+
+    stop = {'signal': False}
+
+    def on_sigterm(signum, frame):
+        stop['signal'] = True
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+    _logger.info(f'model {args.model}: M={num_members}, {sum(p.numel() for p in unwrapped.parameters()) / 1e6:.2f}M '
+                 f'params | data {splits.description}')
+    _logger.info(f'global batch {args.batch_size} mixed samples = {args.batch_size // repeat} unique x '
+                 f'{repeat} repeats | {world} process(es) x {unique_per_process} unique images x {accum} '
+                 f'accumulation steps | {steps_per_epoch} steps/epoch | output {output}')
+
+    metric_key = args.eval_metric
+    start_epoch = state['epoch']
+    wall_start = time.time()
+    for epoch in range(start_epoch, args.epochs):
+        builder.set_epoch(epoch, args.epochs)
+        train_loader.set_epoch(epoch)
+        skip = state['step'] if epoch == start_epoch else 0
+        loader = accelerator.skip_first_batches(train_loader, skip * accum) if skip else train_loader
+        model.train()
+        epoch_start, seen, loss_sum, loss_count = time.time(), 0, 0.0, 0
+        bar = tqdm(total=steps_per_epoch, initial=skip, desc=f'epoch {epoch}', disable=not main_process,
+                   leave=False, dynamic_ncols=True)
+        step = skip
+        micro = 0
+        for images, labels in loader:
+            if step >= steps_per_epoch:
+                break
+            # draws depend only on (seed, process, epoch, step, micro-step): exact replay after a resume
+            gen = torch.Generator(device=images.device)
+            gen.manual_seed(hash((args.seed, accelerator.process_index, epoch, step, micro)) % (2 ** 63))
+            batch = builder(images, labels, generator=gen)
+            with accelerator.accumulate(model):
+                logits = training_member_logits(train_model, batch.inputs, batch.masks)
+                loss = criterion(logits.float(), batch.targets)
+                if not torch.isfinite(loss):
+                    raise NonFiniteLoss(
+                        f'loss is {loss.item()} at epoch {epoch} step {step}: stopping. Last good checkpoint: '
+                        f'{(complete_checkpoints(output) or ["none"])[-1]}')
+                accelerator.backward(loss)
+                if args.clip_grad is not None and accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), args.clip_grad)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            seen += batch.inputs.shape[0] * world
+            loss_sum += loss.item()
+            loss_count += 1
+            micro += 1
+            if not accelerator.sync_gradients:
+                continue
+            micro = 0
+            step += 1
+            state['num_updates'] += 1
+            scheduler.step_update(state['num_updates'])
+            if ema is not None:
+                ema.update(unwrapped, step=state['num_updates'])
+            elapsed = time.time() - epoch_start
+            bar.set_postfix(loss=f'{loss_sum / loss_count:.3f}', img_s=f'{seen / max(elapsed, 1e-9):.0f}')
+            bar.update()
+            stopping = torch.tensor(float(stop['signal']), device=accelerator.device)
+            if world > 1:
+                stopping = accelerator.reduce(stopping, 'max')
+            if stopping.item() and step < steps_per_epoch:
+                state.update(epoch=epoch, step=step)
+                path = save_checkpoint(accelerator, unwrapped, output, model_args, state, args.checkpoint_hist + 1)
+                _logger.info(f'SIGTERM: saved {path}; continue with --resume {output}')
+                return 0
+        bar.close()
+        epoch_time = time.time() - epoch_start
+        scheduler.step(epoch + 1)
+
+        # validation and the epoch's summary row
+        ens, members, labels = collect_predictions(model, val_loader, accelerator, unwrapped)
+        metrics = classification_metrics(ens, labels, members)
+        row = dict(epoch=epoch, lr=optimizer.param_groups[0]['lr'], train_loss=loss_sum / max(loss_count, 1),
+                   eval_loss=metrics['nll'], eval_top1=metrics['top1'], eval_top5=metrics['top5'],
+                   eval_nll=metrics['nll'], eval_ece=metrics['ece'])
+        for k, acc in enumerate(metrics['member_top1']):
+            row[f'eval_member{k}_top1'] = acc
+        if ema is not None:
+            ema_ens, ema_members, _ = collect_predictions(ema.module, val_loader, accelerator)
+            ema_metrics = classification_metrics(ema_ens, labels, ema_members)
+            row.update(ema_top1=ema_metrics['top1'], ema_nll=ema_metrics['nll'], ema_ece=ema_metrics['ece'])
+        row.update(train_img_s=seen / max(epoch_time, 1e-9), epoch_time=epoch_time)
+        rows.append(row)
+        value = metrics[metric_key]
+        _logger.info(f'epoch {epoch}: loss {row["train_loss"]:.4f} | val top1 {metrics["top1"]:.2f} '
+                     f'nll {metrics["nll"]:.4f} ece {metrics["ece"]:.4f} | members '
+                     f'{" ".join(f"{a:.2f}" for a in metrics["member_top1"])} | {row["train_img_s"]:.0f} img/s '
+                     f'{epoch_time:.1f}s')
+        if args.log_tensorboard:
+            accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=epoch)
+        state.update(epoch=epoch + 1, step=0)
+        if main_process and is_better(metric_key, value, state['best_metric']):
+            state.update(best_metric=value, best_epoch=epoch)
+            save_model_folder(unwrapped, output / 'best', model_args, dict(epoch=epoch, validation=metrics))
+        if main_process:
+            write_summary(output / 'summary.csv', rows)
+        save_checkpoint(accelerator, unwrapped, output, model_args, state, args.checkpoint_hist)
+
+    # final evaluation: last and best weights, on validation and (if there is one) the test split
+    results = dict(model=args.model, num_members=num_members, dataset=splits.description,
+                   epochs=args.epochs, selection_metric=metric_key, wall_time_s=time.time() - wall_start,
+                   device=str(accelerator.device), processes=world)
+    if state['epoch'] < args.epochs:
+        return 0
+    final_eval = {}
+    last_state = {k: v.detach().clone() for k, v in unwrapped.state_dict().items()}
+    for which in ('last', 'best'):
+        if which == 'best':
+            accelerator.wait_for_everyone()
+            load_weights(unwrapped, output / 'best' / 'model.safetensors')
+        entry = dict(epoch=args.epochs - 1 if which == 'last' else state['best_epoch'])
+        for split_name, loader in (('validation', val_loader), ('test', test_loader)):
+            if loader is None:
+                continue
+            ens, members, labels = collect_predictions(model, loader, accelerator, unwrapped)
+            entry[split_name] = classification_metrics(ens, labels, members)
+        final_eval[which] = entry
+    unwrapped.load_state_dict(last_state)
+    results.update(final_eval)
+    results['deployed'] = 'best'
+    if ema is not None:
+        ema_ens, ema_members, ema_labels = collect_predictions(ema.module, val_loader, accelerator)
+        results['ema_validation'] = classification_metrics(ema_ens, ema_labels, ema_members)
+        if main_process:
+            save_model_folder(ema.module, output / 'ema', model_args, dict(validation=results['ema_validation']))
+    if main_process:
+        tmp = output / 'results.json.tmp'
+        tmp.write_text(json.dumps(results, indent=2))
+        os.replace(tmp, output / 'results.json')
+        report_split = 'test' if 'test' in final_eval['best'] else 'validation'
+        best = final_eval['best'][report_split]
+        print(f'best epoch {state["best_epoch"]} on {report_split}: accuracy {best["top1"]:.2f} % | '
+              f'NLL {best["nll"]:.4f} | ECE {best["ece"]:.4f} | members '
+              f'{" ".join(f"{a:.2f}" for a in best["member_top1"])} % | results in {output}')
+    accelerator.end_training()
+    return 0
+
+
+if __name__ == '__main__':
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, NonFiniteLoss, ImportError) as err:
+        if '--debug' in sys.argv:
+            raise
+        print(f'error: {err}', file=sys.stderr)
+        sys.exit(1 if isinstance(err, NonFiniteLoss) else 2)
