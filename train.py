@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Train MixMo / MIMO models (and any timm model, as M = 1) with Hugging Face Accelerate.
 
-    python train.py                                   # embedded digits data, wrn16_4_mixmo2, ~2 min on CPU
+    python train.py                                   # embedded digits data, wrn16_2_mixmo2, ~2 min on CPU
     accelerate launch train.py --model wrn28_10_mixmo2 --dataset torch/cifar100 --dataset-download ...
     python train.py -c configs/cifar100/wrn28_10_cut_mixmo.yaml
 
@@ -28,9 +28,10 @@ from pathlib import Path
 import torch
 import yaml
 
+from timm_mimo.engine import STATE_FILE, checkpoint_name, complete_checkpoints, parse_model_kwargs
+
 _logger = logging.getLogger('train')
 
-STATE_FILE = 'trainer_state.json'
 LOWER_IS_BETTER = ('nll', 'ece', 'brier', 'loss')
 
 
@@ -45,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--img-size', type=int, default=None, help='input size (default: the model\'s)')
     g.add_argument('-j', '--workers', type=int, default=0, help='data loader worker processes')
     g = p.add_argument_group('model')
-    g.add_argument('--model', default='wrn16_4_mixmo2', help='any registered timm model')
+    g.add_argument('--model', default='wrn16_2_mixmo2', help='any registered timm model')
     g.add_argument('--num-classes', type=int, default=None, help='default: from the dataset')
     g.add_argument('--num-members', type=int, default=None, help='M (MIMO models only); default the model\'s')
     g.add_argument('--ensemble', default=None, choices=['logits', 'probs'], help='ensembling rule (MIMO)')
@@ -128,33 +129,8 @@ def parse_args(argv=None):
     return args
 
 
-def parse_model_kwargs(items):
-    kwargs = {}
-    for item in items:
-        if '=' not in item:
-            raise ValueError(f'--model-kwargs expects K=V, got {item!r}')
-        key, value = item.split('=', 1)
-        kwargs[key] = yaml.safe_load(value)
-    return kwargs
-
-
 # ------------------------------------------------------------------------------------------------------
 # checkpoints: complete folders only (written under a temporary name, then renamed)
-
-def checkpoint_name(epoch: int, step: int) -> str:
-    return f'checkpoint-{epoch:04d}' + (f'-step{step:06d}' if step else '')
-
-
-def complete_checkpoints(folder: Path):
-    """Checkpoint folders with a trainer state, oldest first (by the progress they record)."""
-    found = []
-    for path in folder.glob('checkpoint-*'):
-        state = path / STATE_FILE
-        if path.is_dir() and state.exists():
-            info = json.loads(state.read_text())
-            found.append(((info['epoch'], info['step']), path))
-    return [p for _, p in sorted(found)]
-
 
 def resolve_resume(resume: str):
     path = Path(resume)
@@ -168,7 +144,8 @@ def resolve_resume(resume: str):
     return path, checkpoints[-1]
 
 
-def save_checkpoint(accelerator, unwrapped, output: Path, model_args: dict, state: dict, keep: int):
+def save_checkpoint(accelerator, unwrapped, output: Path, model_args: dict, data_config: dict, state: dict,
+                    keep: int):
     """Weights (timm Hub format) + Accelerate training state + trainer state, as one atomic folder."""
     from timm.models import save_for_hf
     final = output / checkpoint_name(state['epoch'], state['step'])
@@ -179,7 +156,7 @@ def save_checkpoint(accelerator, unwrapped, output: Path, model_args: dict, stat
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp / 'state'))
     if accelerator.is_main_process:
-        save_for_hf(unwrapped, str(tmp), model_args=model_args, safe_serialization=True)
+        save_for_hf(unwrapped, str(tmp), model_args=model_args, safe_serialization=True, data_config=data_config)
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
         if final.exists():
             shutil.rmtree(final)
@@ -303,6 +280,9 @@ def main(argv=None):
         model = model.to(memory_format=torch.channels_last)
     num_members = getattr(model, 'num_members', 1)
     img = splits.img_size
+    # the preprocessing these weights are trained with, recorded in every config.json
+    data_config = dict(input_size=(3, img, img), mean=tuple(splits.mean), std=tuple(splits.std), crop_pct=1.0,
+                       interpolation='bilinear')
     grid = model.mix_grid_size((img, img)) if is_mimo(model) else (img, img)
 
     builder = MimoBatchBuilder(
@@ -388,8 +368,9 @@ def main(argv=None):
         loader = accelerator.skip_first_batches(train_loader, skip * accum) if skip else train_loader
         model.train()
         epoch_start, seen, loss_sum, loss_count = time.time(), 0, 0.0, 0
-        bar = tqdm(total=steps_per_epoch, initial=skip, desc=f'epoch {epoch}', disable=not main_process,
-                   leave=False, dynamic_ncols=True)
+        # a bar only on a terminal: in CI logs and files the per-epoch lines say it all
+        bar = tqdm(total=steps_per_epoch, initial=skip, desc=f'epoch {epoch}', leave=False, dynamic_ncols=True,
+                   disable=not (main_process and sys.stderr.isatty()))
         step = skip
         micro = 0
         for images, labels in loader:
@@ -431,7 +412,8 @@ def main(argv=None):
                 stopping = accelerator.reduce(stopping, 'max')
             if stopping.item() and step < steps_per_epoch:
                 state.update(epoch=epoch, step=step)
-                path = save_checkpoint(accelerator, unwrapped, output, model_args, state, args.checkpoint_hist + 1)
+                path = save_checkpoint(accelerator, unwrapped, output, model_args, data_config, state,
+                                       args.checkpoint_hist + 1)
                 _logger.info(f'SIGTERM: saved {path}; continue with --resume {output}')
                 return 0
         bar.close()
@@ -462,10 +444,11 @@ def main(argv=None):
         state.update(epoch=epoch + 1, step=0)
         if main_process and is_better(metric_key, value, state['best_metric']):
             state.update(best_metric=value, best_epoch=epoch)
-            save_model_folder(unwrapped, output / 'best', model_args, dict(epoch=epoch, validation=metrics))
+            save_model_folder(unwrapped, output / 'best', model_args, dict(epoch=epoch, validation=metrics),
+                              data_config)
         if main_process:
             write_summary(output / 'summary.csv', rows)
-        save_checkpoint(accelerator, unwrapped, output, model_args, state, args.checkpoint_hist)
+        save_checkpoint(accelerator, unwrapped, output, model_args, data_config, state, args.checkpoint_hist)
 
     # final evaluation: last and best weights, on validation and (if there is one) the test split
     results = dict(model=args.model, num_members=num_members, dataset=splits.description,
@@ -493,7 +476,8 @@ def main(argv=None):
         ema_ens, ema_members, ema_labels = collect_predictions(ema.module, val_loader, accelerator)
         results['ema_validation'] = classification_metrics(ema_ens, ema_labels, ema_members)
         if main_process:
-            save_model_folder(ema.module, output / 'ema', model_args, dict(validation=results['ema_validation']))
+            save_model_folder(ema.module, output / 'ema', model_args, dict(validation=results['ema_validation']),
+                              data_config)
     if main_process:
         tmp = output / 'results.json.tmp'
         tmp.write_text(json.dumps(results, indent=2))

@@ -2,8 +2,11 @@
 """MixMo (M = 2) overhead against the vanilla network of the same backbone, measured in one process.
 
 Three measurements, each on the vanilla ``<model>`` and the MixMo ``<model>_mixmo2`` built with the same
-seed and init scheme, interleaved (vanilla, mixmo, vanilla, mixmo, ... for ``--repeats`` rounds) so that
-background load hits both alike; every per-model number is the median of all timed iterations:
+seed and init scheme. Each model is warmed up once (``--warmup``), then the two are interleaved (vanilla,
+mixmo, vanilla, mixmo, ... for ``--repeats`` rounds of ``--iters`` timed iterations each, synchronised on
+CUDA) so that background load hits both alike. Every per-model number is the median of all its timed
+iterations and the judged ratio is the ratio of these medians; the median of the per-round ratios (a
+paired estimate) is printed next to it:
 
 (a) inference throughput, eval mode, ``model(x)`` on (B, 3, H, W) under ``torch.inference_mode``:
     ratio mixmo / vanilla images/s, target >= 0.97.

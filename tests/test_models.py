@@ -11,7 +11,7 @@ import timm_mimo
 from timm_mimo.mimo import ensemble_logits
 
 CNN_MODELS = [
-    'wrn28_10', 'wrn28_10_mixmo2', 'wrn28_10_mixmo3', 'wrn16_4', 'wrn16_4_mixmo2', 'wrn16_8', 'wrn16_8_mixmo2',
+    'wrn28_10', 'wrn28_10_mixmo2', 'wrn28_10_mixmo3', 'wrn16_2', 'wrn16_2_mixmo2', 'wrn16_4', 'wrn16_4_mixmo2', 'wrn16_8', 'wrn16_8_mixmo2',
     'preactresnet18', 'preactresnet18_mixmo2', 'preactresnet18_w2', 'preactresnet18_w2_mixmo2',
     'preactresnet18_w3', 'preactresnet18_w3_mixmo2',
 ]

@@ -15,6 +15,8 @@ from timm.models import load_checkpoint, save_for_hf
 
 from .mimo import ensemble_logits
 
+STATE_FILE = 'trainer_state.json'
+
 
 def is_mimo(model: nn.Module) -> bool:
     return hasattr(model, 'forward_members') and hasattr(model, 'num_members')
@@ -66,12 +68,17 @@ def replace_dir(tmp_dir: Path, final_dir: Path):
         shutil.rmtree(old)
 
 
-def save_model_folder(model: nn.Module, folder: Path, model_args: dict, extra: Optional[dict] = None):
-    """``model.safetensors`` + ``config.json`` (timm Hub format, loadable with ``local-dir:``), atomically."""
+def save_model_folder(
+        model: nn.Module, folder: Path, model_args: dict, extra: Optional[dict] = None,
+        data_config: Optional[dict] = None):
+    """``model.safetensors`` + ``config.json`` (timm Hub format, loadable with ``local-dir:``), atomically.
+
+    ``data_config`` (mean, std, input_size, ...) records the preprocessing the weights were trained with.
+    """
     folder = Path(folder)
     tmp = Path(tempfile.mkdtemp(prefix=f'.{folder.name}.tmp-', dir=folder.parent))
     try:
-        save_for_hf(model, str(tmp), model_args=model_args, safe_serialization=True)
+        save_for_hf(model, str(tmp), model_args=model_args, safe_serialization=True, data_config=data_config)
         if extra:
             (tmp / 'metrics.json').write_text(json.dumps(extra, indent=2))
         replace_dir(tmp, folder)
@@ -91,8 +98,9 @@ def load_model_folder(folder: Path, **kwargs) -> nn.Module:
     if not architecture or not timm.is_model(architecture):
         raise ValueError(f'unknown architecture {architecture!r} in {config_path} (is the plugin imported?)')
     model_args = dict(config.get('model_args') or {})
+    model_args.setdefault('num_classes', config.get('num_classes'))
     model_args.update(kwargs)
-    model = timm.create_model(architecture, num_classes=config.get('num_classes'), **model_args)
+    model = timm.create_model(architecture, **model_args)
     weights = folder / 'model.safetensors'
     if not weights.exists():
         raise FileNotFoundError(f'no model.safetensors in {folder}')
@@ -114,3 +122,30 @@ def load_weights(model: nn.Module, path: Path):
         raise ValueError(f'cannot read checkpoint {path}: {first}') from e
     except Exception as e:  # safetensors / pickle errors on truncated or foreign files
         raise ValueError(f'cannot read checkpoint {path} (truncated or not a weights file): {e}') from e
+
+
+def parse_model_kwargs(items) -> dict:
+    """``['k=v', ...]`` from the command line into create_model kwargs (values parsed as YAML)."""
+    import yaml
+    kwargs = {}
+    for item in items:
+        if '=' not in item:
+            raise ValueError(f'--model-kwargs expects K=V, got {item!r}')
+        key, value = item.split('=', 1)
+        kwargs[key] = yaml.safe_load(value)
+    return kwargs
+
+
+def checkpoint_name(epoch: int, step: int) -> str:
+    return f'checkpoint-{epoch:04d}' + (f'-step{step:06d}' if step else '')
+
+
+def complete_checkpoints(folder: Path):
+    """Checkpoint folders of a training run that hold a trainer state, oldest first by progress."""
+    found = []
+    for path in Path(folder).glob('checkpoint-*'):
+        state = path / STATE_FILE
+        if path.is_dir() and state.exists():
+            info = json.loads(state.read_text())
+            found.append(((info['epoch'], info['step']), path))
+    return [p for _, p in sorted(found)]

@@ -287,14 +287,12 @@ def fit_temperature(
                 hi = beta
             else:
                 lo = beta
-            if grad == 0 or hi / lo - 1 < 1e-12:
-                break
             step = beta - grad / curv if curv > 0 else math.nan
-            new_beta = step if lo < step < hi else math.sqrt(lo * hi)
-            if abs(new_beta - beta) <= 1e-12 * beta:
-                beta = new_beta
+            if abs(step - beta) <= 1e-10 * beta:  # Newton has converged (also when grad == 0)
                 break
-            beta = new_beta
+            if hi / lo - 1 < 1e-12:
+                break
+            beta = step if lo < step < hi else math.sqrt(lo * hi)  # bisect in log T outside the bracket
     temperature = 1.0 / beta
     if not F.cross_entropy(z / temperature, labels).item() < F.cross_entropy(z, labels).item():
         return 1.0

@@ -275,6 +275,7 @@ def _preact18_args(width: int) -> dict:
 
 _VARIANTS = {
     'wrn28_10': _wrn_args(28, 10),
+    'wrn16_2': _wrn_args(16, 2),
     'wrn16_4': _wrn_args(16, 4),
     'wrn16_8': _wrn_args(16, 8),
     'preactresnet18': _preact18_args(1),
@@ -284,7 +285,7 @@ _VARIANTS = {
 
 
 default_cfgs = generate_default_cfgs({
-    **{tag: cfg for name in ('wrn28_10', 'wrn28_10_mixmo2', 'wrn28_10_mixmo3', 'wrn16_4', 'wrn16_4_mixmo2',
+    **{tag: cfg for name in ('wrn28_10', 'wrn28_10_mixmo2', 'wrn28_10_mixmo3', 'wrn16_2', 'wrn16_2_mixmo2', 'wrn16_4', 'wrn16_4_mixmo2',
                              'wrn16_8', 'wrn16_8_mixmo2') for tag, cfg in _cifar_tags(name).items()},
     **{f'{name}.tiny_imagenet': _tiny_cfg() for name in (
         'preactresnet18', 'preactresnet18_mixmo2', 'preactresnet18_w2', 'preactresnet18_w2_mixmo2',
@@ -315,6 +316,18 @@ def wrn28_10_mixmo2(pretrained: bool = False, **kwargs) -> MixMoResNet:
 def wrn28_10_mixmo3(pretrained: bool = False, **kwargs) -> MixMoResNet:
     """WideResNet-28-10 MixMo, M = 3 (cut-in-mix masks)."""
     return _create_variant('wrn28_10_mixmo3', pretrained, 3, kwargs)
+
+
+@register_model
+def wrn16_2(pretrained: bool = False, **kwargs) -> MixMoResNet:
+    """WideResNet-16-2 (0.7M parameters): CPU-sized runs, the default of train.py on embedded data."""
+    return _create_variant('wrn16_2', pretrained, 1, kwargs)
+
+
+@register_model
+def wrn16_2_mixmo2(pretrained: bool = False, **kwargs) -> MixMoResNet:
+    """WideResNet-16-2 MixMo, M = 2."""
+    return _create_variant('wrn16_2_mixmo2', pretrained, 2, kwargs)
 
 
 @register_model

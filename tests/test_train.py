@@ -1,0 +1,188 @@
+"""train.py and validate.py end to end on the embedded digits data: outputs, faults, bad input."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import timm
+import timm_mimo  # noqa: F401
+
+REPO = Path(__file__).resolve().parents[1]
+# a small, fast run: WRN-16-2 with M = 2, 16 mixed samples per step (8 unique images x 2 repeats)
+FAST = ['--model', 'wrn16_2_mixmo2', '-b', '16', '--batch-repeat', '2', '--lr', '0.05', '--seed', '7']
+
+
+def run(script, *args, timeout=300, check=True):
+    env = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS='2')
+    proc = subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f'{script} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}')
+    return proc
+
+
+def start(script, *args):
+    env = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS='2')
+    return subprocess.Popen([sys.executable, str(REPO / script), *map(str, args)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def final_weights(folder: Path):
+    checkpoints = sorted(folder.glob('checkpoint-*'))
+    return load_file(str(checkpoints[-1] / 'model.safetensors'))
+
+
+def wait_for(path_glob, folder: Path, proc, timeout=180):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if list(folder.glob(path_glob)):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f'training ended before {path_glob} appeared:\n{proc.stdout.read()[-3000:]}')
+        time.sleep(0.05)
+    raise AssertionError(f'{path_glob} did not appear')
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory):
+    """The reference run: 3 epochs of 12 steps, never interrupted."""
+    out = tmp_path_factory.mktemp('runs')
+    proc = run('train.py', *FAST, '--epochs', 3, '--limit-train-batches', 12, '--output', out, '--experiment', 'ref')
+    return out / 'ref', proc
+
+
+def test_training_writes_timm_style_outputs_and_reports_metrics(uninterrupted):
+    folder, proc = uninterrupted
+    assert 'accuracy' in proc.stdout and 'NLL' in proc.stdout and 'ECE' in proc.stdout
+    for name in ('args.yaml', 'summary.csv', 'results.json', 'best/model.safetensors', 'best/config.json'):
+        assert (folder / name).exists(), name
+    header = (folder / 'summary.csv').read_text().splitlines()[0].split(',')
+    for column in ('epoch', 'lr', 'train_loss', 'eval_loss', 'eval_top1', 'eval_top5', 'eval_nll', 'eval_ece',
+                   'eval_member0_top1', 'eval_member1_top1', 'train_img_s', 'epoch_time'):
+        assert column in header
+    assert len((folder / 'summary.csv').read_text().splitlines()) == 4
+    results = json.loads((folder / 'results.json').read_text())
+    assert set(results['best']) >= {'epoch', 'validation', 'test'} and results['last']['epoch'] == 2
+    assert len(results['best']['test']['member_top1']) == 2
+    # checkpoints are complete folders in timm's Hub format, only the newest kept (--checkpoint-hist 1)
+    assert [p.name for p in folder.glob('checkpoint-*')] == ['checkpoint-0003']
+    assert not list(folder.glob('.*tmp*'))
+    config = json.loads((folder / 'best' / 'config.json').read_text())
+    assert config['architecture'] == 'wrn16_2_mixmo2' and config['num_classes'] == 10
+
+
+def test_saved_model_loads_with_timm_local_dir_and_validate(uninterrupted, tmp_path):
+    folder, _ = uninterrupted
+    model = timm.create_model(f'local-dir:{folder / "best"}', pretrained=True).eval()
+    assert model.num_members == 2
+    out = tmp_path / 'val.json'
+    proc = run('validate.py', folder, '--results-file', out, '--reliability-png', tmp_path / 'rel.png',
+               '--results-csv', tmp_path / 'val.csv', '--tempscale')
+    assert 'top1' in proc.stdout
+    results = json.loads(out.read_text())
+    metrics = results['test']
+    for key in ('top1', 'top5', 'nll', 'ece', 'brier', 'member_top1', 'ensemble_gain', 'disagreement',
+                'ratio_errors', 'temperature', 'nll_calibrated', 'ece_calibrated'):
+        assert key in metrics
+    assert abs(metrics['top1'] - json.loads((folder / 'results.json').read_text())['best']['test']['top1']) < 1e-6
+    assert (tmp_path / 'rel.png').read_bytes()[:4] == b'\x89PNG'
+    # an existing result file is never overwritten without --overwrite
+    again = run('validate.py', folder, '--results-file', out, check=False)
+    assert again.returncode == 2 and 'exists' in again.stderr
+
+
+def test_validate_any_timm_model_with_m_equal_one(tmp_path):
+    from timm.models import save_for_hf
+    model = timm.create_model('resnet10t', num_classes=10)
+    save_for_hf(model, str(tmp_path / 'resnet'), safe_serialization=True)
+    proc = run('validate.py', tmp_path / 'resnet', '--dataset', '', '--split', 'validation')
+    assert 'members' in proc.stdout
+
+
+def test_sigkill_mid_epoch_then_resume_gives_the_same_weights(uninterrupted, tmp_path):
+    reference, _ = uninterrupted
+    args = [*FAST, '--epochs', 3, '--limit-train-batches', 12, '--output', tmp_path, '--experiment', 'killed']
+    proc = start('train.py', *args)
+    wait_for('checkpoint-0001', tmp_path / 'killed', proc)
+    time.sleep(1.0)  # into epoch 1
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / 'killed' / 'results.json').exists()
+    run('train.py', *FAST, '--epochs', 3, '--limit-train-batches', 12, '--resume', tmp_path / 'killed')
+    ours, theirs = final_weights(tmp_path / 'killed'), final_weights(reference)
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_sigterm_saves_mid_epoch_and_resume_matches(uninterrupted, tmp_path):
+    reference, _ = uninterrupted
+    args = [*FAST, '--epochs', 3, '--limit-train-batches', 12, '--output', tmp_path, '--experiment', 'term']
+    proc = start('train.py', *args)
+    wait_for('checkpoint-0001', tmp_path / 'term', proc)
+    time.sleep(0.8)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output
+    assert 'SIGTERM' in output
+    assert list((tmp_path / 'term').glob('checkpoint-0001-step*')), 'a mid-epoch checkpoint is written'
+    run('train.py', *FAST, '--epochs', 3, '--limit-train-batches', 12, '--resume', tmp_path / 'term')
+    ours, theirs = final_weights(tmp_path / 'term'), final_weights(reference)
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    args = [*FAST, '--epochs', 2, '--limit-train-batches', 3, '--output', tmp_path, '--experiment', 'nan']
+    proc = start('train.py', *args)
+    wait_for('checkpoint-0001', tmp_path / 'nan', proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    good = load_file(str(tmp_path / 'nan' / 'checkpoint-0001' / 'model.safetensors'))
+    # resuming with an absurd learning rate blows the weights up within a few steps
+    bad = run('train.py', *args[:-4], '--lr', '1e30', '--resume', tmp_path / 'nan', check=False)
+    assert bad.returncode == 1 and 'loss is' in bad.stderr and 'Last good checkpoint' in bad.stderr
+    kept = load_file(str(tmp_path / 'nan' / 'checkpoint-0001' / 'model.safetensors'))
+    assert all(torch.equal(good[k], kept[k]) for k in good)
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--model', 'no_such_net'], 'unknown model'),
+    (['--dataset', 'cifar10-zip', '--data-dir', '/does/not/exist.zip'], 'not found'),
+    (['-b', '30', '--batch-repeat', '4'], 'not divisible'),
+    (['--num-classes', '7'], 'does not match'),
+])
+def test_bad_training_input_gives_one_line_errors(args, message, tmp_path):
+    proc = run('train.py', *args, '--epochs', 1, '--output', tmp_path, check=False)
+    assert proc.returncode == 2
+    assert message in proc.stderr and proc.stderr.strip().count('\n') == 0, proc.stderr
+
+
+def test_unknown_config_key_and_existing_output(tmp_path):
+    config = tmp_path / 'bad.yaml'
+    config.write_text('model: wrn16_2_mixmo2\nlearning_rate: 0.1\n')
+    proc = run('train.py', '-c', config, check=False)
+    assert proc.returncode == 2 and 'unknown config key(s)' in proc.stderr and 'learning_rate' in proc.stderr
+    (tmp_path / 'exp').mkdir()
+    (tmp_path / 'exp' / 'summary.csv').write_text('keep me')
+    proc = run('train.py', '--output', tmp_path, '--experiment', 'exp', check=False)
+    assert proc.returncode == 2 and 'exists' in proc.stderr
+    assert (tmp_path / 'exp' / 'summary.csv').read_text() == 'keep me'
+
+
+def test_validate_rejects_truncated_and_mismatched_checkpoints(uninterrupted, tmp_path):
+    folder, _ = uninterrupted
+    weights = (folder / 'best' / 'model.safetensors').read_bytes()
+    truncated = tmp_path / 'truncated.safetensors'
+    truncated.write_bytes(weights[:len(weights) // 2])
+    proc = run('validate.py', truncated, '--model', 'wrn16_2_mixmo2', '--num-classes', '10', '--dataset', '',
+               check=False)
+    assert proc.returncode == 2 and 'cannot read checkpoint' in proc.stderr
+    proc = run('validate.py', folder / 'best' / 'model.safetensors', '--model', 'wrn16_4_mixmo2',
+               '--num-classes', '10', '--dataset', '', check=False)
+    assert proc.returncode == 2 and 'does not match' in proc.stderr
