@@ -279,11 +279,12 @@ def main(argv=None):
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     num_members = getattr(model, 'num_members', 1)
+    mimo = is_mimo(model)
     img = splits.img_size
     # the preprocessing these weights are trained with, recorded in every config.json
     data_config = dict(input_size=(3, img, img), mean=tuple(splits.mean), std=tuple(splits.std), crop_pct=1.0,
                        interpolation='bilinear')
-    grid = model.mix_grid_size((img, img)) if is_mimo(model) else (img, img)
+    grid = model.mix_grid_size((img, img)) if mimo else (img, img)
 
     builder = MimoBatchBuilder(
         num_members, num_classes, grid, batch_repeat=repeat, mix_mode=args.mix_mode, mix_prob=args.mix_prob,
@@ -381,7 +382,7 @@ def main(argv=None):
             gen.manual_seed(hash((args.seed, accelerator.process_index, epoch, step, micro)) % (2 ** 63))
             batch = builder(images, labels, generator=gen)
             with accelerator.accumulate(model):
-                logits = training_member_logits(train_model, batch.inputs, batch.masks)
+                logits = training_member_logits(train_model, batch.inputs, batch.masks, mimo)
                 loss = criterion(logits.float(), batch.targets)
                 if not torch.isfinite(loss):
                     raise NonFiniteLoss(

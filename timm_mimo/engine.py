@@ -22,9 +22,13 @@ def is_mimo(model: nn.Module) -> bool:
     return hasattr(model, 'forward_members') and hasattr(model, 'num_members')
 
 
-def training_member_logits(model: nn.Module, inputs: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """Member logits (B, M, K) for a training batch; a plain timm model is the M = 1 case."""
-    if is_mimo(model):
+def training_member_logits(
+        model: nn.Module, inputs: torch.Tensor, masks: torch.Tensor, mimo: bool) -> torch.Tensor:
+    """Member logits (B, M, K) for a training batch; a plain timm model is the M = 1 case.
+
+    ``mimo`` is read from the unwrapped model: DDP / compile wrappers hide ``forward_members``.
+    """
+    if mimo:
         return model(inputs, masks)
     return model(inputs[:, 0]).unsqueeze(1)
 
