@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from timm_mimo.engine import STATE_FILE, checkpoint_name, complete_checkpoints, parse_model_kwargs
+from timm_mimo.engine import STATE_FILE, checkpoint_name, complete_checkpoints, parse_model_kwargs, \
+    write_csv_atomic
 
 _logger = logging.getLogger('train')
 
@@ -165,19 +166,6 @@ def save_checkpoint(accelerator, unwrapped, output: Path, model_args: dict, data
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
-
-
-def write_summary(path: Path, rows):
-    """Rewrite summary.csv (small) atomically, so a crash never leaves half a row."""
-    fields = []
-    for row in rows:
-        fields += [k for k in row if k not in fields]
-    tmp = path.with_suffix('.csv.tmp')
-    with open(tmp, 'w', newline='') as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 def read_summary(path: Path):
@@ -448,7 +436,7 @@ def main(argv=None):
             save_model_folder(unwrapped, output / 'best', model_args, dict(epoch=epoch, validation=metrics),
                               data_config)
         if main_process:
-            write_summary(output / 'summary.csv', rows)
+            write_csv_atomic(output / 'summary.csv', rows)
         save_checkpoint(accelerator, unwrapped, output, model_args, data_config, state, args.checkpoint_hist)
 
     # final evaluation: last and best weights, on validation and (if there is one) the test split

@@ -14,7 +14,6 @@ protocol (``--tempscale``) and CIFAR-10-C / 100-C corruption sets (``--corruptio
 existing file is never overwritten unless ``--overwrite`` is given.
 """
 import argparse
-import csv
 import json
 import logging
 import os
@@ -117,7 +116,7 @@ def main(argv=None):
     import timm_mimo  # noqa: F401  (registers the models)
     from torch.utils.data import DataLoader
     from timm_mimo.data.splits import build_splits, _tensor_transform
-    from timm_mimo.engine import collect_predictions
+    from timm_mimo.engine import collect_predictions, write_csv_atomic
     from timm_mimo.metrics import classification_metrics, reliability_diagram, temperature_scaled_metrics
 
     model, run_args = resolve_model(args)
@@ -173,15 +172,7 @@ def main(argv=None):
     if args.results_file:
         write_atomic(Path(args.results_file), json.dumps(results, indent=2))
     if args.results_csv:
-        fields = []
-        for row in rows:
-            fields += [k for k in row if k not in fields]
-        tmp = Path(args.results_csv + '.tmp')
-        with open(tmp, 'w', newline='') as f:
-            writer = csv.DictWriter(f, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, args.results_csv)
+        write_csv_atomic(Path(args.results_csv), rows)
     return results
 
 

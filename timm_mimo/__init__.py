@@ -3,6 +3,7 @@
 ``import timm_mimo`` registers every model with timm, then ``timm.create_model('wrn28_10_mixmo2')`` works.
 """
 from . import models  # noqa: F401  (registration side effect)
+from .batch import MemberSoftTargetCrossEntropy, MimoBatch, MimoBatchBuilder, MimoCollate, unique_batch_size
 from .mimo import MemberClassifierHead, MemberConv2d, MemberLinear, ensemble_logits, mix_members
 
 __version__ = '0.1.0'

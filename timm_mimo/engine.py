@@ -1,5 +1,6 @@
 """Pieces shared by ``train.py`` and ``validate.py``: member / ensemble predictions for MIMO and plain timm
 models, and model folders in timm's Hub format written atomically."""
+import csv
 import json
 import os
 import shutil
@@ -153,3 +154,17 @@ def complete_checkpoints(folder: Path):
             info = json.loads(state.read_text())
             found.append(((info['epoch'], info['step']), path))
     return [p for _, p in sorted(found)]
+
+
+def write_csv_atomic(path: Path, rows):
+    """Write dict rows (header = union of their keys) to a temporary file, then rename it into place."""
+    path = Path(path)
+    fields = []
+    for row in rows:
+        fields += [k for k in row if k not in fields]
+    tmp = path.with_name(path.name + '.tmp')
+    with open(tmp, 'w', newline='') as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
