@@ -29,7 +29,7 @@ import torch
 import yaml
 
 from timm_mimo.engine import STATE_FILE, checkpoint_name, complete_checkpoints, parse_model_kwargs, \
-    write_csv_atomic
+    save_weights_and_config, write_csv_atomic
 
 _logger = logging.getLogger('train')
 
@@ -148,7 +148,6 @@ def resolve_resume(resume: str):
 def save_checkpoint(accelerator, unwrapped, output: Path, model_args: dict, data_config: dict, state: dict,
                     keep: int):
     """Weights (timm Hub format) + Accelerate training state + trainer state, as one atomic folder."""
-    from timm.models import save_for_hf
     final = output / checkpoint_name(state['epoch'], state['step'])
     tmp = output / f'.{final.name}.tmp'
     if accelerator.is_main_process:
@@ -157,7 +156,7 @@ def save_checkpoint(accelerator, unwrapped, output: Path, model_args: dict, data
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp / 'state'))
     if accelerator.is_main_process:
-        save_for_hf(unwrapped, str(tmp), model_args=model_args, safe_serialization=True, data_config=data_config)
+        save_weights_and_config(unwrapped, tmp, model_args, data_config)
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
         if final.exists():
             shutil.rmtree(final)

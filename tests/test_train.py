@@ -214,3 +214,11 @@ def test_two_processes_on_cpu_match_one_process_with_the_same_global_batch(tmp_p
     loss_one, loss_two = float(rows['one']['train_loss']), float(rows['two']['train_loss'])
     assert abs(loss_one - loss_two) / loss_one < 0.05
     assert abs(float(rows['one']['eval_nll']) - float(rows['two']['eval_nll'])) < 0.2
+
+
+def test_channels_last_run_saves_contiguous_weights(tmp_path):
+    """channels-last kernels are not contiguous; safetensors refuses them unless the save packs them."""
+    run('train.py', *FAST, '--channels-last', '--epochs', 1, '--limit-train-batches', 2, '--output', tmp_path,
+        '--experiment', 'cl')
+    model = timm.create_model(f'local-dir:{tmp_path / "cl" / "best"}', pretrained=True)
+    assert model.num_members == 2

@@ -12,7 +12,9 @@ import torch
 import torch.nn as nn
 
 import timm
-from timm.models import load_checkpoint, save_for_hf
+from safetensors.torch import save_file
+from timm.models import load_checkpoint
+from timm.models._hub import save_config_for_hf
 
 from .mimo import ensemble_logits
 
@@ -83,13 +85,23 @@ def save_model_folder(
     folder = Path(folder)
     tmp = Path(tempfile.mkdtemp(prefix=f'.{folder.name}.tmp-', dir=folder.parent))
     try:
-        save_for_hf(model, str(tmp), model_args=model_args, safe_serialization=True, data_config=data_config)
+        save_weights_and_config(model, tmp, model_args, data_config)
         if extra:
             (tmp / 'metrics.json').write_text(json.dumps(extra, indent=2))
         replace_dir(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def save_weights_and_config(model: nn.Module, folder: Path, model_args: dict, data_config: Optional[dict] = None):
+    """What timm's ``save_for_hf`` writes (model.safetensors + config.json), from contiguous copies of the
+    weights: channels-last convolution kernels are not contiguous and safetensors refuses them."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / 'model.safetensors'), metadata={'format': 'pt'})
+    save_config_for_hf(model, str(folder / 'config.json'), model_args=model_args, data_config=data_config)
 
 
 def load_model_folder(folder: Path, **kwargs) -> nn.Module:
