@@ -216,6 +216,11 @@ def main(argv=None):
     resume_from = None
     if args.resume:
         output, resume_from = resolve_resume(args.resume)
+        saved_args = yaml.safe_load((output / 'args.yaml').read_text()) if (output / 'args.yaml').exists() else {}
+        for key in ('model', 'num_members', 'num_classes'):
+            if saved_args.get(key) is not None and saved_args.get(key) != getattr(args, key):
+                raise ValueError(f'cannot resume {output}: it was trained with --{key.replace("_", "-")} '
+                                 f'{saved_args[key]}, not {getattr(args, key)}')
     else:
         name = args.experiment or f'{datetime.now():%Y%m%d-%H%M%S}-{args.model}'
         output = Path(args.output) / name
@@ -321,7 +326,11 @@ def main(argv=None):
     state = dict(epoch=0, step=0, num_updates=0, best_metric=None, best_epoch=None)
     rows = []
     if resume_from is not None:
-        accelerator.load_state(str(resume_from / 'state'))
+        try:
+            accelerator.load_state(str(resume_from / 'state'))
+        except (RuntimeError, KeyError, OSError) as e:
+            raise ValueError(f'cannot resume from {resume_from}: the training state does not match this model '
+                             f'or is damaged ({str(e).strip().splitlines()[0]})') from e
         saved = json.loads((resume_from / STATE_FILE).read_text())
         state.update(saved)
         rows = [r for r in read_summary(output / 'summary.csv') if int(r['epoch']) < state['epoch']]

@@ -222,3 +222,12 @@ def test_channels_last_run_saves_contiguous_weights(tmp_path):
         '--experiment', 'cl')
     model = timm.create_model(f'local-dir:{tmp_path / "cl" / "best"}', pretrained=True)
     assert model.num_members == 2
+
+
+def test_resume_with_another_architecture_is_refused(uninterrupted, tmp_path):
+    import shutil
+    folder, _ = uninterrupted
+    copy = tmp_path / 'copy'
+    shutil.copytree(folder, copy)
+    proc = run('train.py', '--model', 'wrn16_4_mixmo2', '--resume', copy, check=False)
+    assert proc.returncode == 2 and 'trained with --model wrn16_2_mixmo2' in proc.stderr
