@@ -231,3 +231,27 @@ def test_resume_with_another_architecture_is_refused(uninterrupted, tmp_path):
     shutil.copytree(folder, copy)
     proc = run('train.py', '--model', 'wrn16_4_mixmo2', '--resume', copy, check=False)
     assert proc.returncode == 2 and 'trained with --model wrn16_2_mixmo2' in proc.stderr
+
+
+def test_ema_amp_run_and_validate_on_a_corruption_folder(tmp_path):
+    """--model-ema and --amp (bf16 autocast on CPU) end to end, then validate.py --corruptions on a tiny
+    CIFAR-C-style folder (uint8 N x 32 x 32 x 3 per corruption, 5 severities stacked, labels.npy)."""
+    import numpy as np
+    run('train.py', *FAST, '--model-ema', '--amp', '--epochs', 1, '--limit-train-batches', 3, '--output', tmp_path,
+        '--experiment', 'ema')
+    folder = tmp_path / 'ema'
+    results = json.loads((folder / 'results.json').read_text())
+    assert 'ema_validation' in results and (folder / 'ema' / 'model.safetensors').exists()
+    assert 'ema_top1' in (folder / 'summary.csv').read_text().splitlines()[0]
+
+    corrupted = tmp_path / 'CIFAR-10-C'
+    corrupted.mkdir()
+    rng = np.random.default_rng(0)
+    per_severity = 4
+    for name in ('gaussian_noise', 'fog'):
+        np.save(corrupted / f'{name}.npy', rng.integers(0, 256, (5 * per_severity, 32, 32, 3), dtype=np.uint8))
+    np.save(corrupted / 'labels.npy', np.tile(np.arange(per_severity) % 10, 5).astype(np.int64))
+    out = tmp_path / 'c.json'
+    run('validate.py', folder, '--which', 'ema', '--corruptions', corrupted, '--results-file', out)
+    c = json.loads(out.read_text())['corruptions']
+    assert 0.0 <= c['top1'] <= 100.0 and 'nll' in c and 'ece' in c
