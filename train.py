@@ -181,7 +181,7 @@ def is_better(metric: str, value: float, best) -> bool:
 
 
 class NonFiniteLoss(RuntimeError):
-    pass
+    """The training loss became NaN or infinite: the run stops, keeping the last good checkpoint."""
 
 
 # ------------------------------------------------------------------------------------------------------
