@@ -29,11 +29,12 @@ import torch
 import yaml
 
 from timm_mimo.engine import STATE_FILE, checkpoint_name, complete_checkpoints, parse_model_kwargs, \
-    save_weights_and_config, write_csv_atomic
+    replace_dir, save_weights_and_config, write_csv_atomic
 
 _logger = logging.getLogger('train')
 
 LOWER_IS_BETTER = ('nll', 'ece', 'brier', 'loss')
+LOG_INTERVAL = 10  # optimizer steps between host syncs (loss check, progress bar, SIGTERM agreement)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -158,9 +159,7 @@ def save_checkpoint(accelerator, unwrapped, output: Path, model_args: dict, data
     if accelerator.is_main_process:
         save_weights_and_config(unwrapped, tmp, model_args, data_config)
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        replace_dir(tmp, final)
         for old in complete_checkpoints(output)[:-max(keep, 1)]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
@@ -364,12 +363,23 @@ def main(argv=None):
         skip = state['step'] if epoch == start_epoch else 0
         loader = accelerator.skip_first_batches(train_loader, skip * accum) if skip else train_loader
         model.train()
-        epoch_start, seen, loss_sum, loss_count = time.time(), 0, 0.0, 0
+        epoch_start, seen, loss_count = time.time(), 0, 0
+        loss_sum = torch.zeros((), device=accelerator.device)  # stays on the device: no sync per step
         # a bar only on a terminal: in CI logs and files the per-epoch lines say it all
         bar = tqdm(total=steps_per_epoch, initial=skip, desc=f'epoch {epoch}', leave=False, dynamic_ncols=True,
                    disable=not (main_process and sys.stderr.isatty()))
         step = skip
         micro = 0
+
+        def check_loss():
+            """Host sync, done every LOG_INTERVAL steps and before anything is saved: a non-finite loss stops
+            the run before a checkpoint could take the damaged weights."""
+            if not torch.isfinite(loss_sum):
+                raise NonFiniteLoss(
+                    f'loss is {loss_sum.item()} in epoch {epoch} before step {step}: stopping. Last good '
+                    f'checkpoint: {(complete_checkpoints(output) or ["none"])[-1]}')
+            return loss_sum.item() / max(loss_count, 1)
+
         for images, labels in loader:
             if step >= steps_per_epoch:
                 break
@@ -380,17 +390,13 @@ def main(argv=None):
             with accelerator.accumulate(model):
                 logits = training_member_logits(train_model, batch.inputs, batch.masks, mimo)
                 loss = criterion(logits.float(), batch.targets)
-                if not torch.isfinite(loss):
-                    raise NonFiniteLoss(
-                        f'loss is {loss.item()} at epoch {epoch} step {step}: stopping. Last good checkpoint: '
-                        f'{(complete_checkpoints(output) or ["none"])[-1]}')
                 accelerator.backward(loss)
                 if args.clip_grad is not None and accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(model.parameters(), args.clip_grad)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             seen += batch.inputs.shape[0] * world
-            loss_sum += loss.item()
+            loss_sum += loss.detach()
             loss_count += 1
             micro += 1
             if not accelerator.sync_gradients:
@@ -401,13 +407,17 @@ def main(argv=None):
             scheduler.step_update(state['num_updates'])
             if ema is not None:
                 ema.update(unwrapped, step=state['num_updates'])
-            elapsed = time.time() - epoch_start
-            bar.set_postfix(loss=f'{loss_sum / loss_count:.3f}', img_s=f'{seen / max(elapsed, 1e-9):.0f}')
             bar.update()
-            stopping = torch.tensor(float(stop['signal']), device=accelerator.device)
+            if step % LOG_INTERVAL and step < steps_per_epoch:
+                continue
+            mean_loss = check_loss()
+            bar.set_postfix(loss=f'{mean_loss:.3f}', img_s=f'{seen / max(time.time() - epoch_start, 1e-9):.0f}')
+            # every process must stop at the same step: agree on the flag (a collective) only when there are several
+            stopping = stop['signal']
             if world > 1:
-                stopping = accelerator.reduce(stopping, 'max')
-            if stopping.item() and step < steps_per_epoch:
+                stopping = bool(accelerator.reduce(torch.tensor(float(stopping), device=accelerator.device),
+                                                   'max').item())
+            if stopping and step < steps_per_epoch:
                 state.update(epoch=epoch, step=step)
                 path = save_checkpoint(accelerator, unwrapped, output, model_args, data_config, state,
                                        args.checkpoint_hist + 1)
@@ -420,7 +430,7 @@ def main(argv=None):
         # validation and the epoch's summary row
         ens, members, labels = collect_predictions(model, val_loader, accelerator, unwrapped)
         metrics = classification_metrics(ens, labels, members)
-        row = dict(epoch=epoch, lr=optimizer.param_groups[0]['lr'], train_loss=loss_sum / max(loss_count, 1),
+        row = dict(epoch=epoch, lr=optimizer.param_groups[0]['lr'], train_loss=check_loss(),
                    eval_loss=metrics['nll'], eval_top1=metrics['top1'], eval_top5=metrics['top5'],
                    eval_nll=metrics['nll'], eval_ece=metrics['ece'])
         for k, acc in enumerate(metrics['member_top1']):

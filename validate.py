@@ -115,7 +115,7 @@ def main(argv=None):
 
     import timm_mimo  # noqa: F401  (registers the models)
     from torch.utils.data import DataLoader
-    from timm_mimo.data.splits import build_splits, _tensor_transform
+    from timm_mimo.data.splits import build_splits, tensor_transform
     from timm_mimo.engine import collect_predictions, write_csv_atomic
     from timm_mimo.metrics import classification_metrics, reliability_diagram, temperature_scaled_metrics
 
@@ -161,7 +161,7 @@ def main(argv=None):
 
     if args.corruptions:
         from timm_mimo.data.corruptions import CorruptionDataset
-        corrupted = CorruptionDataset(args.corruptions, transform=_tensor_transform(img_size, splits.mean, splits.std))
+        corrupted = CorruptionDataset(args.corruptions, transform=tensor_transform(img_size, splits.mean, splits.std))
         results['corruptions'], _ = evaluate(corrupted)
         c = results['corruptions']
         rows.append(dict(set='corruptions', **{k: v for k, v in c.items() if not isinstance(v, list)}))

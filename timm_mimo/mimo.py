@@ -213,8 +213,6 @@ class MimoClassifierMixin:
         if x.shape[1] != self.num_members:
             raise ValueError(
                 f'input holds {x.shape[1]} members but the model has num_members={self.num_members}')
-        if x.shape[2] != self.in_chans:
-            raise ValueError(f'input has {x.shape[2]} channels, the model expects {self.in_chans}')
         if masks is not None and (masks.ndim != 4 or masks.shape[:2] != x.shape[:2]):
             raise ValueError(
                 f'mixing masks must be (B, M, h, w) = ({x.shape[0]}, {x.shape[1]}, h, w), '

@@ -59,7 +59,7 @@ def carve_validation(dataset, val_per_class: int):
     return Subset(dataset, sorted(train_idx)), Subset(dataset, sorted(val_idx))
 
 
-def _tensor_transform(img_size: int, mean, std):
+def tensor_transform(img_size: int, mean, std):
     # no random augmentation here: crop / flip run batched in the MIMO batch builder, per copy
     return timm.data.create_transform(
         img_size, is_training=False, crop_pct=1.0, interpolation='bilinear', mean=mean, std=std)
@@ -89,7 +89,7 @@ def build_splits(
     size = img_size or 32
     mean = tuple(mean or (CIFAR_DEFAULT_MEAN if is_cifar else timm.data.IMAGENET_DEFAULT_MEAN))
     std = tuple(std or (CIFAR_DEFAULT_STD if is_cifar else timm.data.IMAGENET_DEFAULT_STD))
-    transform = _tensor_transform(size, mean, std)
+    transform = tensor_transform(size, mean, std)
 
     if dataset == 'cifar10-zip' or str(dataset).endswith('.zip') or (not dataset and str(data_dir).endswith('.zip')):
         per_class = val_per_class or 500
