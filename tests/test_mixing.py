@@ -138,3 +138,41 @@ def test_bad_arguments():
         sample_mixing(4, 2, (8, 8), 'cut', mix_alpha=0.0)
     with pytest.raises(ValueError, match='weight_root'):
         member_loss_weights(torch.rand(2, 2), 0.0)
+
+
+@pytest.mark.parametrize('mode', ['box', 'token'])
+@pytest.mark.parametrize('num_members', [2, 3, 4])
+def test_binary_token_masks_have_mean_exactly_kappa(mode, num_members):
+    """MixViT's masks: every cell from exactly one member, kappa re-read as the exact share ("corrected")."""
+    masks, kappa = sample_mixing(2048, num_members, (8, 8), mode, generator=gen())
+    assert ((masks == 0) | (masks == 1)).all()
+    assert (masks.sum(1) == 1).all()
+    torch.testing.assert_close(masks.mean((2, 3)), kappa, rtol=0, atol=0)
+    # the box is placed whole, so the shares stay close to the Dirichlet draws: about 1/M on average
+    torch.testing.assert_close(kappa.mean(0), torch.full((num_members,), 1 / num_members), rtol=0, atol=0.03)
+
+
+def test_box_masks_inside_the_grid_are_whole_rectangles_of_about_the_area():
+    area = torch.tensor([0.25, 0.5, 1.0, 0.0])
+    masks = box_masks(area, (8, 8), gen(), inside=True)
+    assert masks.sum((1, 2)).tolist() == [16.0, 36.0, 64.0, 0.0]  # sides round(8 * sqrt(area)): 4, 6, 8, 0
+    rows, cols = masks[1].sum(1), masks[1].sum(0)
+    assert set(rows.unique().tolist()) == {0.0, 6.0} and set(cols.unique().tolist()) == {0.0, 6.0}
+
+
+def _is_rectangle(mask):
+    cells = mask.nonzero()
+    if len(cells) == 0:
+        return True
+    (r0, c0), (r1, c1) = cells.min(0).values, cells.max(0).values
+    return int(mask.sum()) == int((r1 - r0 + 1) * (c1 - c0 + 1))
+
+
+def test_box_roles_are_swapped_per_batch():
+    owners = []
+    g = gen()
+    for _ in range(20):
+        masks, _ = sample_mixing(16, 2, (8, 8), 'box', generator=g)
+        # the box owner is the member whose masks are all rectangles (the other one's have holes)
+        owners.append(all(_is_rectangle(m) for m in masks[:, 0]))
+    assert any(owners) and not all(owners)

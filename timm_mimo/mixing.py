@@ -10,9 +10,13 @@ from typing import Optional, Tuple
 
 import torch
 
-MIX_MODES = ('mimo', 'linear', 'cut')
+MIX_MODES = ('mimo', 'linear', 'cut', 'box', 'token')
 """'mimo': kappa = 1/M, linear sum (Havasi et al.); 'linear': Linear-MixMo; 'cut': Cut-MixMo (patch masks
-with probability ``mix_prob`` per batch, linear masks otherwise)."""
+with probability ``mix_prob`` per batch, linear masks otherwise). Binary masks, every cell from exactly one
+member (MixViT's token mixing, spec mixvit.md §3.2): 'box': a box for one member ("corrected" CutMix on the
+grid), the rest for the others; 'token': every cell drawn on its own ("patch-Mixup")."""
+
+BINARY_MIX_MODES = ('box', 'token')
 
 
 def check_mix_mode(mix_mode: str) -> str:
@@ -74,45 +78,81 @@ def sample_kappa(
 
 
 def box_masks(
-        area: torch.Tensor, grid: Tuple[int, int], generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Binary masks (N, h, w), 1 inside one box per sample of about ``area`` of the grid (spec §1.4).
+        area: torch.Tensor, grid: Tuple[int, int], generator: Optional[torch.Generator] = None,
+        inside: bool = False) -> torch.Tensor:
+    """Binary masks (N, h, w), 1 inside one box per sample of about ``area`` of the grid.
 
-    Side = floor(size * sqrt(area)); centre uniform over all cells; corners at centre -+ side // 2, clipped
-    to the grid (so border boxes shrink). The true area is the mask mean: callers re-read it.
+    MixMo's geometry (spec mixmo.md §1.4, default): side = floor(size * sqrt(area)); centre uniform over
+    all cells; corners at centre -+ side // 2, clipped to the grid (so border boxes shrink).
+    ``inside`` (MixViT's token grid, spec mixvit.md §3.2): side = round(size * sqrt(area)), the box placed
+    uniformly where it fits whole, so the area stays close to ``area`` on a grid as coarse as 8x8.
+    Either way the true area is the mask mean: callers re-read it.
     """
     h, w = grid
     n = area.shape[0]
     side = area.float().clamp(0, 1).sqrt()
+    rows = torch.arange(h, device=area.device)
+    cols = torch.arange(w, device=area.device)
+    if inside:
+        side_h = torch.round(h * side).long()
+        side_w = torch.round(w * side).long()
+        u = torch.rand(2, n, generator=generator, device=area.device)
+        top = (u[0] * (h - side_h + 1)).long()
+        left = (u[1] * (w - side_w + 1)).long()
+        in_rows = (rows >= top[:, None]) & (rows < (top + side_h)[:, None])
+        in_cols = (cols >= left[:, None]) & (cols < (left + side_w)[:, None])
+        return (in_rows[:, :, None] & in_cols[:, None, :]).float()
     half_h = torch.floor(h * side).long() // 2
     half_w = torch.floor(w * side).long() // 2
     cy = torch.randint(0, h, (n,), generator=generator, device=area.device)
     cx = torch.randint(0, w, (n,), generator=generator, device=area.device)
-    rows = torch.arange(h, device=area.device)
-    cols = torch.arange(w, device=area.device)
     in_rows = (rows >= (cy - half_h).clamp(0, h)[:, None]) & (rows < (cy + half_h).clamp(0, h)[:, None])
     in_cols = (cols >= (cx - half_w).clamp(0, w)[:, None]) & (cols < (cx + half_w).clamp(0, w)[:, None])
     return (in_rows[:, :, None] & in_cols[:, None, :]).float()
 
 
+def categorical_cells(
+        probs: torch.Tensor, grid: Tuple[int, int], generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """One-hot masks (B, K, h, w): each cell of each sample goes to one of K owners drawn with ``probs`` (B, K)."""
+    b, k = probs.shape
+    h, w = grid
+    cumulative = (probs / probs.sum(1, keepdim=True).clamp_min(1e-12)).cumsum(1)
+    u = torch.rand(b, 1, h, w, generator=generator, device=probs.device)
+    owner = (u > cumulative[:, :-1, None, None]).sum(1)                      # (B, h, w) in [0, K)
+    return (owner[:, None] == torch.arange(k, device=probs.device)[None, :, None, None]).float()
+
+
 def mixmo_masks(
         kappa: torch.Tensor, grid: Tuple[int, int], patch: bool,
-        generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        generator: Optional[torch.Generator] = None, binary: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """Member masks (B, M, h, w) summing to 1 over M, and the true ratios kappa (B, M) = mask means.
 
     Linear masks are the constant kappa. Patch masks ("cut-in-mix", spec §1.4, §1.8): member 0 gets a
-    box of area kappa_0; the complement is shared linearly by the others in proportion to their kappa
-    (for M = 2 the other member gets exactly the complement). Role order is not permuted here.
+    box of area kappa_0; the complement is shared by the others in proportion to their kappa, linearly,
+    or cell by cell when ``binary`` (for M = 2 the other member gets exactly the complement either way).
+    ``binary`` also places the box whole inside the grid (MixViT's token geometry, see :func:`box_masks`).
+    Role order is not permuted here.
     """
     b, num_members = kappa.shape
     h, w = grid
     if not patch or num_members == 1:
         masks = kappa[:, :, None, None].expand(b, num_members, h, w).contiguous()
         return masks, kappa
-    box = box_masks(kappa[:, 0], grid, generator)
+    box = box_masks(kappa[:, 0], grid, generator, inside=binary)
     rest = kappa[:, 1:]
-    shares = rest / rest.sum(1, keepdim=True).clamp_min(1e-12)
-    masks = torch.cat([box[:, None], (1 - box)[:, None] * shares[:, :, None, None]], dim=1)
+    if binary and num_members > 2:
+        rest_masks = categorical_cells(rest, grid, generator)
+    else:
+        rest_masks = (rest / rest.sum(1, keepdim=True).clamp_min(1e-12))[:, :, None, None]
+    masks = torch.cat([box[:, None], (1 - box)[:, None] * rest_masks], dim=1)
     return masks, masks.mean((2, 3))
+
+
+def check_binary_grid(num_members: int, grid: Tuple[int, int]):
+    """Binary masks give each cell to one member: more members than cells cannot all get a share."""
+    if num_members > grid[0] * grid[1]:
+        raise ValueError(f'binary masks cannot share a {grid[0]}x{grid[1]} grid among {num_members} members: '
+                         f'at most {grid[0] * grid[1]} are supported')
 
 
 def member_loss_weights(kappa: torch.Tensor, weight_root: float) -> torch.Tensor:
@@ -151,17 +191,24 @@ def sample_mixing(
 
     Per batch: patch or linear mixing (``cut`` mode, probability from :func:`patch_mix_prob`) and one
     permutation of the member roles; per sample: kappa ~ Dirichlet(mix_alpha) and the box position.
+    Binary modes ('box', 'token') re-read kappa as the exact share of cells ("corrected" CutMix).
     """
     check_mix_mode(mix_mode)
+    if mix_mode in BINARY_MIX_MODES:
+        check_binary_grid(num_members, grid)
     if num_members == 1 or mix_mode == 'mimo':
         kappa = torch.full((batch_size, num_members), 1.0 / num_members, device=device)
         return mixmo_masks(kappa, grid, patch=False)
     kappa = sample_kappa(batch_size, num_members, mix_alpha, generator, device)
-    patch = False
-    if mix_mode == 'cut':
-        p = patch_mix_prob(progress, mix_prob)
-        patch = bool(torch.rand((), generator=generator, device=device) < p)
-    masks, kappa = mixmo_masks(kappa, grid, patch, generator)
+    if mix_mode == 'token':
+        masks = categorical_cells(kappa, grid, generator)
+        kappa = masks.mean((2, 3))
+    else:
+        patch = mix_mode == 'box'
+        if mix_mode == 'cut':
+            p = patch_mix_prob(progress, mix_prob)
+            patch = bool(torch.rand((), generator=generator, device=device) < p)
+        masks, kappa = mixmo_masks(kappa, grid, patch, generator, binary=mix_mode == 'box')
     # batch-level role permutation: which member gets the box (spec §1.6)
     roles = torch.randperm(num_members, generator=generator, device=device)
     return masks[:, roles], kappa[:, roles]
