@@ -220,7 +220,7 @@ class MimoClassifierMixin:
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         out = self.forward_member_head(x, pre_logits=pre_logits)
-        if pre_logits or out.ndim != 3:
+        if pre_logits or self.num_classes == 0 or out.ndim != 3:
             return out
         return ensemble_logits(out, self.ensemble)
 

@@ -1,2 +1,3 @@
 """Importing this package registers every timm_mimo model in timm's registry."""
 from .mixmo_resnets import *
+from .mixvit import *
