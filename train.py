@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from timm_mimo.batch import random_crop_flip
 from timm_mimo.engine import STATE_FILE, checkpoint_name, complete_checkpoints, parse_model_kwargs, \
     replace_dir, save_weights_and_config, write_csv_atomic
 
@@ -53,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--num-members', type=int, default=None, help='M (MIMO models only); default the model\'s')
     g.add_argument('--ensemble', default=None, choices=['logits', 'probs'], help='ensembling rule (MIMO)')
     g.add_argument('--drop', type=float, default=None, help='dropout before the heads')
+    g.add_argument('--drop-path', type=float, default=None, help='stochastic depth rate (timm models that have it)')
     g.add_argument('--model-kwargs', nargs='*', default=[], metavar='K=V', help='extra create_model kwargs')
     g.add_argument('--pretrained', action='store_true', help='start from the registered pretrained weights')
     g.add_argument('--initial-checkpoint', default='', help='start from these weights (safetensors / .pth)')
@@ -60,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('-b', '--batch-size', type=int, default=64, help='global mixed samples per optimizer step')
     g.add_argument('--batch-repeat', type=int, default=1, help='copies of each unique image per batch (b)')
     g.add_argument('--grad-accum-steps', type=int, default=1)
-    g.add_argument('--mix-mode', default='cut', choices=['mimo', 'linear', 'cut'])
+    g.add_argument('--mix-mode', default=None, choices=['mimo', 'linear', 'cut', 'box', 'token'],
+                   help="MIMO masks; default the model's ('cut' for MixMo CNNs, binary 'box' for MixViT)")
     g.add_argument('--mix-prob', type=float, default=0.5, help='probability of patch mixing (cut mode)')
     g.add_argument('--mix-alpha', type=float, default=2.0, help='Dirichlet concentration of the ratios')
     g.add_argument('--weight-root', type=float, default=3.0, help='root r of the member loss weights')
@@ -72,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--smoothing', type=float, default=0.0, help='label smoothing')
     g.add_argument('--aug', default='crop-flip', choices=['crop-flip', 'none'],
                    help='batched pad-4 crop + flip per copy (CIFAR / Tiny ImageNet recipe), or none')
+    g.add_argument('--aa', default=None, help="timm auto-augment policy per image, e.g. 'rand-m9-mstd0.5-inc1'")
+    g.add_argument('--reprob', type=float, default=0.0, help='timm random erasing probability, per batch copy')
+    g.add_argument('--remode', default='pixel', choices=['pixel', 'rand', 'const'], help='random erasing fill')
     g = p.add_argument_group('optimizer and schedule (timm factories)')
     g.add_argument('--opt', default='sgd', help="timm optimizer name ('sgd' is Nesterov SGD)")
     g.add_argument('--lr', type=float, default=0.05)
@@ -89,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help='multistep: epochs (0-based) at which the lr is multiplied by --decay-rate')
     g.add_argument('--decay-rate', type=float, default=0.1)
     g = p.add_argument_group('speed and precision')
-    g.add_argument('--amp', action='store_true', help='mixed precision through Accelerate')
+    g.add_argument('--amp', action=argparse.BooleanOptionalAction, default=False,
+                   help='mixed precision through Accelerate (--no-amp overrides a config)')
     g.add_argument('--amp-dtype', default='bfloat16', choices=['bfloat16', 'float16'])
     g.add_argument('--channels-last', action='store_true')
     g.add_argument('--torchcompile', action='store_true', help='torch.compile the model (falls back if it fails)')
@@ -108,6 +115,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--log-tensorboard', action='store_true')
     g.add_argument('--debug', action='store_true', help='show tracebacks instead of one-line errors')
     return p
+
+
+def batch_augment(crop_flip: bool, erase_prob: float, erase_mode: str, device):
+    """The batched augmentation of every batch copy: pad-4 crop + flip, then timm's random erasing."""
+    if not 0.0 <= erase_prob <= 1.0:
+        raise ValueError(f'--reprob must be in [0, 1], got {erase_prob}')
+    if erase_prob == 0:
+        return random_crop_flip if crop_flip else None
+    from timm.data.random_erasing import RandomErasing
+    erase = RandomErasing(erase_prob, mode=erase_mode, device=device)
+
+    def augment(images, generator=None):
+        if crop_flip:
+            images = random_crop_flip(images, generator=generator)
+        return erase(images)  # draws from Python's RNG, whose state Accelerate checkpoints
+    return augment
 
 
 def parse_args(argv=None):
@@ -201,8 +224,8 @@ def main(argv=None):
     from tqdm import tqdm
 
     import timm_mimo  # noqa: F401  (registers the models)
-    from timm_mimo.batch import MemberSoftTargetCrossEntropy, MimoBatchBuilder, random_crop_flip
-    from timm_mimo.data.splits import build_splits
+    from timm_mimo.batch import MemberSoftTargetCrossEntropy, MimoBatchBuilder
+    from timm_mimo.data.splits import auto_augment_transform, build_splits
     from timm_mimo.engine import collect_predictions, is_mimo, load_weights, save_model_folder, \
         training_member_logits
     from timm_mimo.metrics import classification_metrics
@@ -250,7 +273,7 @@ def main(argv=None):
     # model
     model_args = parse_model_kwargs(args.model_kwargs)
     for key, value in (('num_members', args.num_members), ('ensemble', args.ensemble),
-                       ('drop_rate', args.drop)):
+                       ('drop_rate', args.drop), ('drop_path_rate', args.drop_path)):
         if value is not None:
             model_args[key] = value
     cfg_probe = timm.models.get_pretrained_cfg(args.model)
@@ -258,7 +281,8 @@ def main(argv=None):
     splits = build_splits(args.dataset, args.data_dir, args.dataset_download, args.img_size or default_size,
                           mean=cfg_probe.mean if cfg_probe is not None and args.dataset else None,
                           std=cfg_probe.std if cfg_probe is not None and args.dataset else None,
-                          val_per_class=args.val_per_class)
+                          val_per_class=args.val_per_class,
+                          train_transform=auto_augment_transform(args.aa) if args.aa else None)
     num_classes = args.num_classes or splits.num_classes
     if num_classes != splits.num_classes:
         raise ValueError(f'--num-classes {num_classes} does not match the dataset\'s {splits.num_classes} classes')
@@ -277,11 +301,13 @@ def main(argv=None):
                        interpolation='bilinear')
     grid = model.mix_grid_size((img, img)) if mimo else (img, img)
 
+    mix_mode = args.mix_mode or getattr(model, 'default_mix_mode', 'cut')
     builder = MimoBatchBuilder(
-        num_members, num_classes, grid, batch_repeat=repeat, mix_mode=args.mix_mode, mix_prob=args.mix_prob,
+        num_members, num_classes, grid, batch_repeat=repeat, mix_mode=mix_mode, mix_prob=args.mix_prob,
         mix_alpha=args.mix_alpha, weight_root=args.weight_root,
         msda=None if args.msda == 'none' else args.msda, msda_prob=args.msda_prob, msda_alpha=args.msda_alpha,
-        label_smoothing=args.smoothing, augment=random_crop_flip if args.aug == 'crop-flip' else None)
+        label_smoothing=args.smoothing,
+        augment=batch_augment(args.aug == 'crop-flip', args.reprob, args.remode, accelerator.device))
     criterion = MemberSoftTargetCrossEntropy()
 
     train_loader = DataLoader(splits.train, batch_size=unique_per_process, shuffle=True, drop_last=True,

@@ -45,8 +45,11 @@ def dataset_targets(dataset) -> List[int]:
     return [int(t) for t in targets]
 
 
-def carve_validation(dataset, val_per_class: int):
-    """Split a dataset into (train, validation) Subsets: the last ``val_per_class`` samples of each class."""
+def carve_validation(dataset, val_per_class: int, train_dataset=None):
+    """Split a dataset into (train, validation) Subsets: the last ``val_per_class`` samples of each class.
+
+    ``train_dataset``: the same samples with the training transform, to take the training subset from.
+    """
     by_class = {}
     for index, target in enumerate(dataset_targets(dataset)):
         by_class.setdefault(target, []).append(index)
@@ -56,13 +59,28 @@ def carve_validation(dataset, val_per_class: int):
             raise ValueError(f'class {target} has {len(indices)} samples, too few to hold out {val_per_class}')
         train_idx += indices[:-val_per_class]
         val_idx += indices[-val_per_class:]
-    return Subset(dataset, sorted(train_idx)), Subset(dataset, sorted(val_idx))
+    train_source = dataset if train_dataset is None else train_dataset
+    return Subset(train_source, sorted(train_idx)), Subset(dataset, sorted(val_idx))
 
 
 def tensor_transform(img_size: int, mean, std):
     # no random augmentation here: crop / flip run batched in the MIMO batch builder, per copy
     return timm.data.create_transform(
         img_size, is_training=False, crop_pct=1.0, interpolation='bilinear', mean=mean, std=std)
+
+
+def auto_augment_transform(auto_augment: str):
+    """Training transform factory with timm's AutoAugment / RandAugment / AugMix policy ``auto_augment``.
+
+    timm's training transform with its random-resized crop pinned to the full image and no flip: the
+    pad-4 crop and flip of the small-image recipes run later, batched, per batch copy. Returns
+    ``f(img_size, mean, std) -> transform`` for :func:`build_splits`.
+    """
+    def make(img_size: int, mean, std):
+        return timm.data.create_transform(
+            img_size, is_training=True, scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.0, color_jitter=None,
+            auto_augment=auto_augment, interpolation='bicubic', mean=mean, std=std)
+    return make
 
 
 def build_splits(
@@ -73,9 +91,17 @@ def build_splits(
         mean: Optional[Sequence[float]] = None,
         std: Optional[Sequence[float]] = None,
         val_per_class: Optional[int] = None,
+        train_transform=None,
 ) -> DataSplits:
-    """Datasets for training, model selection and final testing; images come out as normalised tensors."""
+    """Datasets for training, model selection and final testing; images come out as normalised tensors.
+
+    ``train_transform(img_size, mean, std)`` builds the training split's per-image transform (e.g. timm's
+    RandAugment); by default every split gets the plain tensor transform (crop / flip run batched later).
+    """
     if not dataset and not data_dir:
+        if train_transform is not None:
+            raise ValueError('per-image augmentation (--aa) needs a dataset of images: the embedded digits are '
+                             'tensors already; give --dataset / --data-dir')
         size = img_size or 32
         return DataSplits(
             DigitsDataset('train', size), DigitsDataset('validation', size), DigitsDataset('test', size),
@@ -90,10 +116,11 @@ def build_splits(
     mean = tuple(mean or (CIFAR_DEFAULT_MEAN if is_cifar else timm.data.IMAGENET_DEFAULT_MEAN))
     std = tuple(std or (CIFAR_DEFAULT_STD if is_cifar else timm.data.IMAGENET_DEFAULT_STD))
     transform = tensor_transform(size, mean, std)
+    train_tf = transform if train_transform is None else train_transform(size, mean, std)
 
     if dataset == 'cifar10-zip' or str(dataset).endswith('.zip') or (not dataset and str(data_dir).endswith('.zip')):
         per_class = val_per_class or 500
-        train = create_dataset(dataset, data_dir, split='train', val_per_class=per_class, transform=transform)
+        train = create_dataset(dataset, data_dir, split='train', val_per_class=per_class, transform=train_tf)
         val = create_dataset(dataset, data_dir, split='validation', val_per_class=per_class, transform=transform)
         return DataSplits(train, val, None, resolve_num_classes(train), size, mean, std,
                           f'CIFAR-10 zip {train.root}: {len(train)} train / {len(val)} validation, no test split')
@@ -103,7 +130,11 @@ def build_splits(
     full.transform = transform
     num_classes = resolve_num_classes(full)
     per_class = val_per_class or (50 if num_classes >= 100 else 500)
-    train, val = carve_validation(full, per_class)
+    full_train = None
+    if train_transform is not None:
+        full_train = create_dataset(dataset, root, split='train', is_training=True, download=download)
+        full_train.transform = train_tf
+    train, val = carve_validation(full, per_class, full_train)
     test = None
     try:
         test = create_dataset(dataset, root, split='validation' if not dataset.startswith('torch/') else 'test',
