@@ -51,6 +51,7 @@ TINY_ROWS = {
     'w3_linear_mixmo': ('preactresnet18_w3_mixmo2', 'linear', 'none'),
     'w3_cut_mixmo': ('preactresnet18_w3_mixmo2', 'cut', 'none'),
 }
+MIXVIT_FILES = [CONFIGS / 'mixvit' / 'cifar10_cait_xxs.yaml']
 PAPER_FILES = [CONFIGS / ds / f'{row}.yaml' for ds in ('cifar10', 'cifar100') for row in CIFAR_ROWS] + \
               [CONFIGS / 'tiny_imagenet' / f'{row}.yaml' for row in TINY_ROWS]
 
@@ -73,7 +74,8 @@ def test_all_expected_files_exist():
     missing = [str(p.relative_to(REPO)) for p in PAPER_FILES + [CONFIGS / 'cifar10' / 'fast_gpu.yaml',
                                                                 CONFIGS / 'digits_mixmo.yaml'] if not p.exists()]
     assert not missing, f'missing configs: {missing}'
-    extra = {p for p in ALL} - set(PAPER_FILES) - {CONFIGS / 'cifar10' / 'fast_gpu.yaml', CONFIGS / 'digits_mixmo.yaml'}
+    extra = {p for p in ALL} - set(PAPER_FILES) - set(MIXVIT_FILES) - {CONFIGS / 'cifar10' / 'fast_gpu.yaml',
+                                                                        CONFIGS / 'digits_mixmo.yaml'}
     assert not extra, f'configs not covered by tests/test_configs.py: {sorted(map(str, extra))}'
 
 
@@ -95,7 +97,7 @@ def test_keys_types_and_choices(path):
     for key, value in config.items():
         action = known[key]
         # argparse does not type-convert or choice-check defaults: the YAML must hold the final values
-        if isinstance(action, argparse._StoreTrueAction):
+        if isinstance(action, (argparse._StoreTrueAction, argparse.BooleanOptionalAction)):
             assert isinstance(value, bool), f'{path}: {key} must be true/false, got {value!r}'
         elif action.nargs in ('+', '*'):
             assert isinstance(value, list), f'{path}: {key} must be a list, got {value!r}'
@@ -121,7 +123,8 @@ def test_parse_args_and_model(path):
         assert getattr(args, key) == value, f'{path}: {key} parsed as {getattr(args, key)!r}, file has {value!r}'
     assert timm.is_model(args.model), f'{path}: model {args.model!r} is not registered'
     assert args.batch_size % args.batch_repeat == 0, f'{path}: batch_size not divisible by batch_repeat'
-    assert args.opt == 'sgd' and args.momentum == 0.9
+    if path not in MIXVIT_FILES:
+        assert args.opt == 'sgd' and args.momentum == 0.9
     assert args.eval_metric == 'top1'
     if not is_mimo_model(args.model):
         assert args.batch_repeat == 1, f'{path}: a vanilla (M = 1) row uses batch_repeat 1'
@@ -255,3 +258,15 @@ def test_readme_lists_every_config():
     for path in ALL:
         rel = path.relative_to(CONFIGS).as_posix()
         assert rel in readme, f'configs/README.md does not mention {rel}'
+
+
+@pytest.mark.parametrize('model', ['cait_xxs_mixvit2', 'cait_xxs_mixvit1'])
+def test_mixvit_recipe_is_the_same_for_the_model_and_its_baseline(model):
+    """spec mixvit.md §5: AdamW, cosine with warmup, timm augmentation, the same for M = 2 and M = 1."""
+    path = MIXVIT_FILES[0]
+    args = train.parse_args(['-c', str(path), '--model', model])
+    assert args.model == model and timm.is_model(model)
+    assert (args.opt, args.sched) == ('adamw', 'cosine') and args.warmup_epochs > 0
+    assert args.weight_decay == 0.05 and args.lr == 1.0e-3 and args.batch_size == 128
+    assert args.aa.startswith('rand-') and args.reprob > 0 and args.smoothing == 0.1
+    assert args.mix_mode == 'box' and args.weight_root == 3.0 and args.mix_alpha == 2.0
