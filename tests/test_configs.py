@@ -24,7 +24,8 @@ import timm_mimo  # noqa: E402,F401  (registers the models)
 import train  # noqa: E402
 
 CONFIGS = REPO / 'configs'
-ALL = sorted(CONFIGS.rglob('*.yaml'))
+# configs/accelerate/ holds `accelerate launch --config_file` files, checked in tests/test_accelerate_configs.py
+ALL = sorted(p for p in CONFIGS.rglob('*.yaml') if p.parent.name != 'accelerate')
 IDS = [str(p.relative_to(CONFIGS)) for p in ALL]
 
 # paper rows: file stem -> (M = 2 model?, mix_mode or None for M = 1, msda)
