@@ -69,7 +69,8 @@ def resolve_model(args):
             raise ValueError('give a checkpoint, or --model NAME --pretrained')
         if not timm.is_model(args.model):
             raise ValueError(f'unknown model {args.model!r} (timm_mimo models are registered by validate.py)')
-        return timm.create_model(args.model, pretrained=args.pretrained, **kwargs), {}
+        from timm_mimo.hub import create_model  # one-line errors naming unpublished / uncached weights
+        return create_model(args.model, pretrained=args.pretrained, **kwargs), {}
     path = Path(args.checkpoint)
     if not path.exists():
         raise FileNotFoundError(f'checkpoint not found: {path}')

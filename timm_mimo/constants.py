@@ -1,4 +1,7 @@
-"""Dataset statistics that timm does not ship (it has ImageNet, Inception, DPN and CLIP only)."""
+"""Dataset statistics that timm does not ship (it has ImageNet, Inception, DPN and CLIP only), and the
+Hugging Face Hub organisation of the pretrained weights."""
+import os
+import re
 
 # MixMo uses the same constants for CIFAR-10 and CIFAR-100 (spec mixmo.md §5.2).
 CIFAR_DEFAULT_MEAN = (0.4914, 0.4824, 0.4467)
@@ -11,3 +14,43 @@ TINY_IMAGENET_STD = (0.5, 0.5, 0.5)
 CIFAR10_CLASSES = (
     'airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck',
 )
+
+# ------------------------------------------------------------------------------------------------------
+# Hugging Face Hub: every pretrained tag of every model lives in one organisation, as '<org>/<arch>.<tag>'
+# (timm's own convention for 'timm/<arch>.<tag>'). TIMM_MIMO_HUB_ORG, read once at import, points the whole
+# registry at another organisation (a fork, a private mirror, a test cache).
+HUB_ORG_ENV = 'TIMM_MIMO_HUB_ORG'
+DEFAULT_HUB_ORG = 'timm-mimo'
+# the Hub's rule for user and organisation names: letters, digits, '-', '_', '.', not at either end
+HUB_NAME_RE = re.compile(r'[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?')
+
+
+def _read_hub_org() -> str:
+    org = os.environ.get(HUB_ORG_ENV, '').strip() or DEFAULT_HUB_ORG
+    if not HUB_NAME_RE.fullmatch(org) or '--' in org or '..' in org:
+        raise ValueError(f'{HUB_ORG_ENV}={org!r} is not a Hugging Face user or organisation name')
+    return org
+
+
+HUB_ORG = _read_hub_org()
+
+
+def hub_id(arch: str, tag: str) -> str:
+    """The Hub repository of ``arch`` pretrained as ``tag``: ``'<HUB_ORG>/<arch>.<tag>'``."""
+    return f'{HUB_ORG}/{arch}.{tag}'
+
+
+def with_hub_ids(cfgs: dict) -> dict:
+    """``{'arch.tag': cfg}`` with ``hf_hub_id`` filled in for every entry that has no weight source yet.
+
+    Use it around the dict given to ``generate_default_cfgs`` so that ``pretrained=True`` downloads
+    ``hub_id(arch, tag)`` once the weights are published.
+    """
+    out = {}
+    for name, cfg in cfgs.items():
+        arch, _, tag = name.partition('.')
+        if not tag:
+            raise ValueError(f'pretrained cfg {name!r} has no tag: Hub repositories are named <arch>.<tag>')
+        has_source = any(cfg.get(k) for k in ('url', 'file', 'hf_hub_id', 'state_dict'))
+        out[name] = cfg if has_source else {**cfg, 'hf_hub_id': hub_id(arch, tag)}
+    return out

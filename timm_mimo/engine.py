@@ -3,6 +3,8 @@ models, and model folders in timm's Hub format written atomically."""
 import csv
 import json
 import os
+import pickle
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -105,35 +107,73 @@ def save_weights_and_config(model: nn.Module, folder: Path, model_args: dict, da
 
 
 def load_model_folder(folder: Path, **kwargs) -> nn.Module:
-    """A model saved by :func:`save_model_folder` (or any timm Hub-format folder)."""
+    """A model saved by :func:`save_model_folder` (or any timm Hub-format folder).
+
+    timm reads ``config.json`` as it does for ``local-dir:`` (saved ``model_args`` and preprocessing, so
+    ``model.pretrained_cfg`` describes these weights); the weights then go through :func:`load_weights`.
+    ``kwargs`` override the saved model arguments.
+    """
     folder = Path(folder)
     config_path = folder / 'config.json'
     if not config_path.exists():
         raise FileNotFoundError(f'no config.json in {folder}: not a model folder')
-    config = json.loads(config_path.read_text())
-    architecture = config.get('architecture')
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f'{config_path} is not a valid config file: {e}') from e
+    architecture = config.get('architecture') if isinstance(config, dict) else None
     if not architecture or not timm.is_model(architecture):
-        raise ValueError(f'unknown architecture {architecture!r} in {config_path} (is the plugin imported?)')
-    model_args = dict(config.get('model_args') or {})
-    model_args.setdefault('num_classes', config.get('num_classes'))
-    model_args.update(kwargs)
-    model = timm.create_model(architecture, **model_args)
+        raise ValueError(
+            f'unknown architecture {architecture!r} in {config_path}: not in timm\'s registry (timm_mimo '
+            f'models are registered by "import timm_mimo" before timm.create_model)')
     weights = folder / 'model.safetensors'
     if not weights.exists():
         raise FileNotFoundError(f'no model.safetensors in {folder}')
+    model = timm.create_model(f'local-dir:{folder.resolve()}', pretrained=False, **kwargs)
     load_weights(model, weights)
     return model
 
 
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint that needs more than tensors and plain containers to unpickle (it could run code)."""
+
+
+def _unpickling_reason(err: BaseException, path: Path) -> str:
+    """What torch's weights-only unpickler objected to, without its advice to load the file unsafely."""
+    text = re.sub(r'\x1b\[[0-9;]*m', '', str(err))  # torch highlights its advice with terminal colours
+    if 'WeightsUnpickler error:' in text:
+        text = text.split('WeightsUnpickler error:', 1)[1]
+    skip = ('Weights only load failed', 'Check the documentation', 'Please file an issue', '(1)', '(2)')
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith(skip)]
+    reason = lines[0].split(' Please use')[0] if lines else ''
+    if not reason and hasattr(torch.serialization, 'get_unsafe_globals_in_checkpoint'):
+        try:  # reads the pickle's opcodes without running them
+            reason = 'unsupported globals: ' + ', '.join(
+                torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+        except Exception:  # noqa: BLE001  (only a better message is lost)
+            pass
+    return reason or type(err).__name__
+
+
 def load_weights(model: nn.Module, path: Path):
-    """Load a safetensors file or a weights-only torch checkpoint, with one-line errors for bad files."""
+    """Load a safetensors file or a weights-only torch checkpoint, with one-line errors for bad files.
+
+    Nothing is ever unpickled beyond tensors and plain containers (``torch.load(weights_only=True)``): a
+    checkpoint that needs other objects, which could run code, raises :class:`UnsafeCheckpointError`.
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f'checkpoint not found: {path}')
     try:
         load_checkpoint(model, str(path), strict=True, weights_only=True)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[0]
+    except (pickle.UnpicklingError, RuntimeError) as e:
+        # timm re-raises torch's UnpicklingError as a RuntimeError; older timm lets it through
+        refused = e if isinstance(e, pickle.UnpicklingError) else e.__cause__
+        if isinstance(refused, pickle.UnpicklingError):
+            raise UnsafeCheckpointError(
+                f'refusing to load {path}: it is not a plain tensor checkpoint (weights_only load failed: '
+                f'{_unpickling_reason(refused, path)})') from e
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if 'size mismatch' in str(e) or 'Missing key' in str(e) or 'Unexpected key' in str(e):
             raise ValueError(f'checkpoint {path} does not match the model architecture / classes: {first}') from e
         raise ValueError(f'cannot read checkpoint {path}: {first}') from e
