@@ -62,12 +62,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('-b', '--batch-size', type=int, default=64, help='global mixed samples per optimizer step')
     g.add_argument('--batch-repeat', type=int, default=1, help='copies of each unique image per batch (b)')
     g.add_argument('--grad-accum-steps', type=int, default=1)
-    g.add_argument('--mix-mode', default=None, choices=['mimo', 'linear', 'cut', 'box', 'token'],
-                   help="MIMO masks; default the model's ('cut' for MixMo CNNs, binary 'box' for MixViT)")
-    g.add_argument('--mix-prob', type=float, default=0.5, help='probability of patch mixing (cut mode)')
+    g.add_argument('--mix-mode', default=None, choices=['mimo', 'linear', 'cut', 'box', 'token', 'automix'],
+                   help="MIMO masks; default the model's ('cut' for MixMo CNNs, binary 'box' for MixViT); "
+                        "'automix' (M = 2, experimental): Cut-MixMo with a learned Mix Block mask in place of "
+                        "the box (--mix-prob of the batches)")
+    g.add_argument('--mix-prob', type=float, default=0.5,
+                   help='probability of patch mixing (cut mode) or of the learned mask (automix mode)')
     g.add_argument('--mix-alpha', type=float, default=2.0, help='Dirichlet concentration of the ratios')
     g.add_argument('--weight-root', type=float, default=3.0, help='root r of the member loss weights')
-    g.add_argument('--msda', default='none', choices=['none', 'cutmix', 'mixup'], help='per-member pixel MSDA')
+    g.add_argument('--msda', default='none', choices=['none', 'cutmix', 'mixup', 'automix'],
+                   help="per-member pixel MSDA; 'automix' (M = 1): AutoMix's learned Mix Block")
     g.add_argument('--msda-prob', type=float, default=0.5)
     g.add_argument('--msda-alpha', type=float, default=1.0)
     g.add_argument('--mixup', type=float, default=0.0, help='timm alias: --msda mixup --msda-alpha A')
@@ -78,6 +82,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--aa', default=None, help="timm auto-augment policy per image, e.g. 'rand-m9-mstd0.5-inc1'")
     g.add_argument('--reprob', type=float, default=0.0, help='timm random erasing probability, per batch copy')
     g.add_argument('--remode', default='pixel', choices=['pixel', 'rand', 'const'], help='random erasing fill')
+    g = p.add_argument_group('AutoMix (--msda automix for M = 1, --mix-mode automix for M = 2; docs/automix.md)')
+    g.add_argument('--automix-stage', type=int, default=-2,
+                   help="feature level (model.feature_info index; negative from the end) read by the Mix Block")
+    g.add_argument('--automix-alpha', type=float, default=2.0, help='lambda ~ Beta(alpha, alpha), two per batch')
+    g.add_argument('--automix-mask-loss', type=float, default=0.1, help='weight of the L1 mask loss')
+    g.add_argument('--automix-margin', type=float, default=0.1, help='margin of the mask loss')
+    g.add_argument('--automix-lam-margin', type=float, default=0.08,
+                   help='backbone branch falls back to Mixup when lambda is this close to 0 or 1')
+    g.add_argument('--automix-momentum', type=float, default=0.999, help='momentum encoder: initial EMA momentum')
+    g.add_argument('--automix-momentum-end', type=float, default=0.999999, help='final EMA momentum (cosine)')
+    g.add_argument('--automix-momentum-start', type=float, default=0.1,
+                   help='fraction of training before the cosine momentum schedule starts')
+    g.add_argument('--automix-lam-concat', action='store_true', help='feed lambda to the Mix Block (ImageNet / ViT)')
+    g.add_argument('--mixblock-lr', type=float, default=None, help='Mix Block learning rate (default: --lr)')
+    g.add_argument('--mix-vis-interval', type=int, default=0,
+                   help='write a PNG grid of mixed samples every N epochs (0 = off)')
     g = p.add_argument_group('optimizer and schedule (timm factories)')
     g.add_argument('--opt', default='sgd', help="timm optimizer name ('sgd' is Nesterov SGD)")
     g.add_argument('--lr', type=float, default=0.05)
@@ -202,6 +222,59 @@ def is_better(metric: str, value: float, best) -> bool:
     return value < best if metric in LOWER_IS_BETTER else value > best
 
 
+def build_automix_for(args, model, num_members: int, mix_mode: str, img_size, device=None):
+    """AutoMix for --msda automix (M = 1) or --mix-mode automix (M = 2): checks, Mix Block, feature level."""
+    from timm_mimo.automix import build_automix, check_features
+    from timm_mimo.mixing import BINARY_MIX_MODES
+    if args.msda == 'automix' and mix_mode == 'automix':
+        raise ValueError('use --msda automix (M = 1) or --mix-mode automix (M = 2), not both')
+    if args.msda == 'automix' and num_members != 1:
+        raise ValueError(f'--msda automix is AutoMix for single networks (M = 1) but {args.model} has '
+                         f'M = {num_members}: use --mix-mode automix for M = 2')
+    if mix_mode == 'automix':
+        if num_members != 2:
+            raise ValueError(f'--mix-mode automix learns MixMo masks for M = 2 but {args.model} has M = {num_members}')
+        if getattr(model, 'default_mix_mode', 'cut') in BINARY_MIX_MODES:
+            raise ValueError(f'--mix-mode automix draws soft masks; {args.model} mixes tokens with binary masks')
+    if args.model_ema:
+        raise ValueError('AutoMix keeps its own momentum encoder, evaluated and saved as the EMA model: '
+                         'drop --model-ema')
+    if args.mixblock_lr is not None and args.mixblock_lr < 0:
+        raise ValueError(f'--mixblock-lr must be >= 0, got {args.mixblock_lr}')
+    if not 0 <= args.automix_momentum <= 1 or not 0 <= args.automix_momentum_end <= 1:
+        raise ValueError('--automix-momentum and --automix-momentum-end must be in [0, 1]')
+    automix = build_automix(
+        model, args.automix_stage, num_members=num_members, lam_concat=args.automix_lam_concat,
+        alpha=args.automix_alpha, mask_loss_weight=args.automix_mask_loss, margin=args.automix_margin,
+        lam_margin=args.automix_lam_margin, weight_root=args.weight_root,
+        mix_prob=args.mix_prob if num_members == 2 else 1.0)
+    check_features(automix, model, img_size, getattr(model, 'in_chans', 3), device)
+    return automix
+
+
+def write_mix_picture(path: Path, args, batch, images, vis_samples, splits, epoch: int, mix_mode: str):
+    """PNG grid of mixed samples (--mix-vis-interval): AutoMix's backbone branch, MixMo masks, or MSDA."""
+    from timm_mimo.visualize import mimo_samples, msda_samples, save_mix_grid
+    if vis_samples is not None:
+        what = 'AutoMix (learned mask, backbone branch)' if batch.inputs.shape[1] == 1 else \
+            'AutoMix-MixMo (learned mask on the mixing grid; mixed = pixel illustration)'
+        samples = vis_samples
+    elif batch.inputs.shape[1] >= 2:
+        what, samples = f'MixMo {mix_mode} masks (members 0 and 1; mixed = pixel illustration)', \
+            mimo_samples(batch.inputs, batch.masks)
+    elif args.msda in ('mixup', 'cutmix'):
+        # fresh draws of the same MSDA on this step's images (the builder keeps its partners to itself)
+        gen = torch.Generator(device=images.device)
+        gen.manual_seed(hash((args.seed, 7919, epoch)) % (2 ** 63))  # ints only: the same in every process
+        what, samples = f'{args.msda} (alpha {args.msda_alpha}, drawn for the picture)', \
+            msda_samples(images.float(), args.msda, args.msda_alpha, gen)
+    else:
+        _logger.info('--mix-vis-interval: nothing is mixed in this run (M = 1, no MSDA): no picture')
+        return None
+    save_mix_grid(path, samples, splits.mean, splits.std, title=f'epoch {epoch}: {what}')
+    return path
+
+
 class NonFiniteLoss(RuntimeError):
     """The training loss became NaN or infinite: the run stops, keeping the last good checkpoint."""
 
@@ -224,6 +297,7 @@ def main(argv=None):
     from tqdm import tqdm
 
     import timm_mimo  # noqa: F401  (registers the models)
+    from timm_mimo.hub import create_model as hub_create_model
     from timm_mimo.batch import MemberSoftTargetCrossEntropy, MimoBatchBuilder
     from timm_mimo.data.splits import auto_augment_transform, build_splits
     from timm_mimo.engine import collect_predictions, is_mimo, load_weights, save_model_folder, \
@@ -286,7 +360,8 @@ def main(argv=None):
     num_classes = args.num_classes or splits.num_classes
     if num_classes != splits.num_classes:
         raise ValueError(f'--num-classes {num_classes} does not match the dataset\'s {splits.num_classes} classes')
-    model = timm.create_model(args.model, pretrained=args.pretrained, num_classes=num_classes, **model_args)
+    # timm.create_model, with a one-line error naming the repository when pretrained weights are missing
+    model = hub_create_model(args.model, pretrained=args.pretrained, num_classes=num_classes, **model_args)
     if args.initial_checkpoint:
         load_weights(model, Path(args.initial_checkpoint))
     if args.grad_checkpointing:
@@ -302,10 +377,17 @@ def main(argv=None):
     grid = model.mix_grid_size((img, img)) if mimo else (img, img)
 
     mix_mode = args.mix_mode or getattr(model, 'default_mix_mode', 'cut')
+    # AutoMix mixes the batch itself: the builder then draws no MixMo masks (M = 2: 'mimo', member weights 1)
+    # and no MSDA (M = 1); it still repeats, augments, pairs members and makes the soft targets
+    automix = build_automix_for(args, model, num_members, mix_mode, (img, img)) \
+        if 'automix' in (args.msda, mix_mode) else None
+    if args.mix_vis_interval < 0:
+        raise ValueError(f'--mix-vis-interval must be >= 0, got {args.mix_vis_interval}')
     builder = MimoBatchBuilder(
-        num_members, num_classes, grid, batch_repeat=repeat, mix_mode=mix_mode, mix_prob=args.mix_prob,
-        mix_alpha=args.mix_alpha, weight_root=args.weight_root,
-        msda=None if args.msda == 'none' else args.msda, msda_prob=args.msda_prob, msda_alpha=args.msda_alpha,
+        num_members, num_classes, grid, batch_repeat=repeat, mix_mode='mimo' if mix_mode == 'automix' else mix_mode,
+        mix_prob=args.mix_prob, mix_alpha=args.mix_alpha, weight_root=args.weight_root,
+        msda=None if args.msda in ('none', 'automix') else args.msda, msda_prob=args.msda_prob,
+        msda_alpha=args.msda_alpha,
         label_smoothing=args.smoothing,
         augment=batch_augment(args.aug == 'crop-flip', args.reprob, args.remode, accelerator.device))
     criterion = MemberSoftTargetCrossEntropy()
@@ -326,6 +408,14 @@ def main(argv=None):
     optimizer = timm.optim.create_optimizer_v2(
         model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay, momentum=args.momentum,
         filter_bias_and_bn=not args.wd_all)
+    mixblock = None
+    if automix is not None:
+        # the Mix Block: its own parameter group(s) and learning rate, following the same lr schedule
+        from timm_mimo.automix import mixblock_param_groups
+        mixblock = automix.mixblock.to(accelerator.device)
+        for group in mixblock_param_groups(mixblock, args.mixblock_lr if args.mixblock_lr is not None else args.lr,
+                                           args.weight_decay, decay_all=args.wd_all):
+            optimizer.add_param_group(group)
     scheduler, _ = timm.scheduler.create_scheduler_v2(
         optimizer, sched=args.sched, num_epochs=args.epochs, decay_milestones=args.decay_milestones,
         decay_rate=args.decay_rate, min_lr=args.min_lr, warmup_lr=args.warmup_lr,
@@ -340,6 +430,23 @@ def main(argv=None):
         from timm.utils import ModelEmaV3
         ema = ModelEmaV3(unwrapped, decay=args.model_ema_decay, device=accelerator.device)
         accelerator.register_for_checkpointing(ema)
+    if automix is not None:
+        # the momentum encoder: an EMA of the online model (cosine momentum schedule), frozen; it runs AutoMix's
+        # passes in train mode, so its BatchNorm statistics mostly follow its own activations (timm_mimo.automix)
+        from timm.utils import ModelEmaV3
+        from timm_mimo.automix import freeze, momentum_at
+        ema = ModelEmaV3(unwrapped, decay=args.automix_momentum, device=accelerator.device)
+        freeze(ema.module)
+        accelerator.register_for_checkpointing(ema)
+        # prepared on its own (DDP when there are several processes): saved with the training state
+        automix.mixblock = accelerator.prepare(mixblock)
+        total_updates = args.epochs * steps_per_epoch
+        _logger.info(f'AutoMix (M = {num_members}): Mix Block on feature level {automix.tap.index} '
+                     f'({automix.tap.info.get("module", "?")}, {mixblock.in_chans} ch), '
+                     f'{sum(p.numel() for p in mixblock.parameters())} params, lr '
+                     f'{args.mixblock_lr if args.mixblock_lr is not None else args.lr}; momentum encoder '
+                     f'{args.automix_momentum} -> {args.automix_momentum_end} (cosine from '
+                     f'{args.automix_momentum_start:.0%} of training)')
     train_model = model
     if args.torchcompile:
         try:
@@ -385,6 +492,8 @@ def main(argv=None):
     wall_start = time.time()
     for epoch in range(start_epoch, args.epochs):
         builder.set_epoch(epoch, args.epochs)
+        if automix is not None:
+            automix.progress = builder.progress  # M = 2: learned vs linear masks, decaying like Cut-MixMo's
         train_loader.set_epoch(epoch)
         skip = state['step'] if epoch == start_epoch else 0
         loader = accelerator.skip_first_batches(train_loader, skip * accum) if skip else train_loader
@@ -396,6 +505,9 @@ def main(argv=None):
                    disable=not (main_process and sys.stderr.isatty()))
         step = skip
         micro = 0
+        automix_sums = {}  # AutoMix loss parts, summed on the device like loss_sum
+        # a picture of this epoch's mixed samples, from its first step run here (--mix-vis-interval)
+        want_vis = main_process and args.mix_vis_interval > 0 and epoch % args.mix_vis_interval == 0
 
         def check_loss():
             """Host sync, done every LOG_INTERVAL steps and before anything is saved: a non-finite loss stops
@@ -413,14 +525,29 @@ def main(argv=None):
             gen = torch.Generator(device=images.device)
             gen.manual_seed(hash((args.seed, accelerator.process_index, epoch, step, micro)) % (2 ** 63))
             batch = builder(images, labels, generator=gen)
-            with accelerator.accumulate(model):
-                logits = training_member_logits(train_model, batch.inputs, batch.masks, mimo)
-                loss = criterion(logits.float(), batch.targets)
+            vis_samples = None
+            with accelerator.accumulate(model, *([automix.mixblock] if automix is not None else [])):
+                if automix is not None:
+                    # one iteration of AutoMix: both branches, one loss, one backward, one optimizer step
+                    with accelerator.autocast():
+                        out = automix(train_model, ema.module, batch, gen, mimo=mimo, vis=want_vis)
+                    loss, vis_samples = out.loss, out.vis
+                    for key, value in out.parts.items():
+                        automix_sums[key] = automix_sums.get(key, 0) + value
+                else:
+                    logits = training_member_logits(train_model, batch.inputs, batch.masks, mimo)
+                    loss = criterion(logits.float(), batch.targets)
                 accelerator.backward(loss)
                 if args.clip_grad is not None and accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(model.parameters(), args.clip_grad)
+                    accelerator.clip_grad_norm_(
+                        list(model.parameters()) + (list(automix.mixblock.parameters()) if automix else []),
+                        args.clip_grad)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+            if want_vis:
+                want_vis = False
+                write_mix_picture(output / 'mixed_samples' / f'epoch_{epoch:04d}.png', args, batch, images,
+                                  vis_samples, splits, epoch, mix_mode)
             seen += batch.inputs.shape[0] * world
             loss_sum += loss.detach()
             loss_count += 1
@@ -431,7 +558,12 @@ def main(argv=None):
             step += 1
             state['num_updates'] += 1
             scheduler.step_update(state['num_updates'])
-            if ema is not None:
+            if automix is not None:
+                # momentum for the update after iteration t = num_updates - 1 (spec §6), then the EMA update
+                ema.decay = momentum_at(state['num_updates'] - 1, total_updates, args.automix_momentum,
+                                        args.automix_momentum_end, args.automix_momentum_start)
+                ema.update(unwrapped)
+            elif ema is not None:
                 ema.update(unwrapped, step=state['num_updates'])
             bar.update()
             if step % LOG_INTERVAL and step < steps_per_epoch:
@@ -465,20 +597,35 @@ def main(argv=None):
             ema_ens, ema_members, _ = collect_predictions(ema.module, val_loader, accelerator)
             ema_metrics = classification_metrics(ema_ens, labels, ema_members)
             row.update(ema_top1=ema_metrics['top1'], ema_nll=ema_metrics['nll'], ema_ece=ema_metrics['ece'])
+        if automix is not None:
+            # both models are reported; the momentum encoder (EMA) is the deployed one (spec §8)
+            row.update(ema_top5=ema_metrics['top5'], ema_loss=ema_metrics['nll'], automix_momentum=ema.decay)
+            for k, acc in enumerate(ema_metrics['member_top1']):
+                row[f'ema_member{k}_top1'] = acc
+            for key, total in automix_sums.items():
+                row[f'train_{key}' if key == 'mask_mean' else f'train_loss_{key}'] = \
+                    float(total) / max(loss_count, 1)
         row.update(train_img_s=seen / max(epoch_time, 1e-9), epoch_time=epoch_time)
         rows.append(row)
-        value = metrics[metric_key]
+        value = metrics[metric_key] if automix is None else ema_metrics[metric_key]
         _logger.info(f'epoch {epoch}: loss {row["train_loss"]:.4f} | val top1 {metrics["top1"]:.2f} '
                      f'nll {metrics["nll"]:.4f} ece {metrics["ece"]:.4f} | members '
                      f'{" ".join(f"{a:.2f}" for a in metrics["member_top1"])} | {row["train_img_s"]:.0f} img/s '
-                     f'{epoch_time:.1f}s')
+                     f'{epoch_time:.1f}s' + ('' if automix is None else
+                                             f' | EMA (deployed) top1 {ema_metrics["top1"]:.2f} '
+                                             f'nll {ema_metrics["nll"]:.4f}'))
         if args.log_tensorboard:
             accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=epoch)
         state.update(epoch=epoch + 1, step=0)
         if main_process and is_better(metric_key, value, state['best_metric']):
             state.update(best_metric=value, best_epoch=epoch)
-            save_model_folder(unwrapped, output / 'best', model_args, dict(epoch=epoch, validation=metrics),
-                              data_config)
+            if automix is None:
+                save_model_folder(unwrapped, output / 'best', model_args, dict(epoch=epoch, validation=metrics),
+                                  data_config)
+            else:  # AutoMix deploys the momentum encoder: 'best' holds its weights, chosen on its metric
+                save_model_folder(ema.module, output / 'best', model_args,
+                                  dict(epoch=epoch, model='ema', validation=ema_metrics, online_validation=metrics),
+                                  data_config)
         if main_process:
             write_csv_atomic(output / 'summary.csv', rows)
         save_checkpoint(accelerator, unwrapped, output, model_args, data_config, state, args.checkpoint_hist)
@@ -511,13 +658,33 @@ def main(argv=None):
         if main_process:
             save_model_folder(ema.module, output / 'ema', model_args, dict(validation=results['ema_validation']),
                               data_config)
+    if automix is not None:
+        # 'best' holds the momentum encoder (the deployed model, spec §8); 'last' is the online model
+        results['deployed_model'] = 'ema'
+        final_eval['best']['model'], final_eval['last']['model'] = 'ema', 'online'
+        ema_last = dict(epoch=args.epochs - 1, model='ema', validation=results['ema_validation'])
+        if test_loader is not None:
+            ema_ens, ema_members, ema_labels = collect_predictions(ema.module, test_loader, accelerator)
+            ema_last['test'] = classification_metrics(ema_ens, ema_labels, ema_members)
+        results['ema_last'] = ema_last
+        mb = accelerator.unwrap_model(automix.mixblock)
+        results['automix'] = dict(
+            mode='--msda automix' if num_members == 1 else '--mix-mode automix', feature_level=automix.tap.index,
+            feature_module=automix.tap.info.get('module'), mixblock_params=sum(p.numel() for p in mb.parameters()),
+            final_momentum=ema.decay)
+        if main_process:
+            from safetensors.torch import save_file
+            save_file({k: v.detach().contiguous() for k, v in mb.state_dict().items()},
+                      str(output / 'mixblock.safetensors'), metadata={'in_chans': str(mb.in_chans),
+                                                                      'lam_concat': str(mb.lam_concat)})
     if main_process:
         tmp = output / 'results.json.tmp'
         tmp.write_text(json.dumps(results, indent=2))
         os.replace(tmp, output / 'results.json')
         report_split = 'test' if 'test' in final_eval['best'] else 'validation'
         best = final_eval['best'][report_split]
-        print(f'best epoch {state["best_epoch"]} on {report_split}: accuracy {best["top1"]:.2f} % | '
+        print(f'best epoch {state["best_epoch"]}{" (EMA model, deployed)" if automix is not None else ""} on '
+              f'{report_split}: accuracy {best["top1"]:.2f} % | '
               f'NLL {best["nll"]:.4f} | ECE {best["ece"]:.4f} | members '
               f'{" ".join(f"{a:.2f}" for a in best["member_top1"])} % | results in {output}')
     accelerator.end_training()

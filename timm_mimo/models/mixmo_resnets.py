@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from timm.layers import create_conv2d
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 
-from ..constants import CIFAR_DEFAULT_MEAN, CIFAR_DEFAULT_STD, TINY_IMAGENET_MEAN, TINY_IMAGENET_STD
+from ..constants import CIFAR_DEFAULT_MEAN, CIFAR_DEFAULT_STD, TINY_IMAGENET_MEAN, TINY_IMAGENET_STD, with_hub_ids
 from ..mimo import (
     MemberClassifierHead, MemberConv2d, MimoClassifierMixin, check_ensemble_rule, check_num_members,
     mix_members)
@@ -224,6 +224,46 @@ class MixMoResNet(MimoClassifierMixin, nn.Module):
     def forward_member_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return self.head(x, pre_logits=pre_logits)
 
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices=None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ):
+        """timm's intermediate-feature API for one image per sample (B, C, H, W).
+
+        Feature levels follow ``feature_info``: 0 is the stem output (the summed member encoders), i >= 1
+        the output of stage i. ``indices``: last n levels if an int, all if None, else the listed levels
+        (negative from the end). ``norm`` applies the final BN-ReLU to the last stage's output.
+        ``stop_early`` skips the stages after the last level taken (``intermediates_only`` implies it).
+        Returns the intermediates, or (final features, intermediates).
+        """
+        from timm.models._features import feature_take_indices
+        if output_fmt != 'NCHW':
+            raise ValueError(f'output_fmt must be NCHW, got {output_fmt!r}')
+        if x.ndim != 4:
+            raise ValueError(f'forward_intermediates takes one image per sample (B, C, H, W), got {list(x.shape)}')
+        self._check_image_size(x)
+        num_stages = len(self.stages)
+        take_indices, max_index = feature_take_indices(num_stages + 1, indices)
+        intermediates = []
+        x = self.stem(x)
+        if 0 in take_indices:
+            intermediates.append(x)
+        last = max_index if (stop_early or intermediates_only) else num_stages
+        for i in range(min(last, num_stages)):
+            x = self.stages[i](x)
+            if i + 1 in take_indices:
+                intermediates.append(self.norm(x) if norm and i + 1 == num_stages else x)
+        if intermediates_only:
+            return intermediates
+        if last < num_stages:
+            return x, intermediates
+        return self.norm(x), intermediates
+
 
 def _create_mixmo_resnet(variant: str, pretrained: bool = False, **kwargs) -> MixMoResNet:
     # features_only returns the stem (summed member encoders) and every stage
@@ -284,13 +324,14 @@ _VARIANTS = {
 }
 
 
-default_cfgs = generate_default_cfgs({
+# every tag downloads from '<HUB_ORG>/<arch>.<tag>' (constants.hub_id) with pretrained=True, once published
+default_cfgs = generate_default_cfgs(with_hub_ids({
     **{tag: cfg for name in ('wrn28_10', 'wrn28_10_mixmo2', 'wrn28_10_mixmo3', 'wrn16_2', 'wrn16_2_mixmo2', 'wrn16_4', 'wrn16_4_mixmo2',
                              'wrn16_8', 'wrn16_8_mixmo2') for tag, cfg in _cifar_tags(name).items()},
     **{f'{name}.tiny_imagenet': _tiny_cfg() for name in (
         'preactresnet18', 'preactresnet18_mixmo2', 'preactresnet18_w2', 'preactresnet18_w2_mixmo2',
         'preactresnet18_w3', 'preactresnet18_w3_mixmo2')},
-})
+}))
 
 
 def _create_variant(variant: str, pretrained: bool, num_members: int, kwargs: dict) -> MixMoResNet:

@@ -38,7 +38,7 @@ from timm.models._features import feature_take_indices
 from timm.models.cait import Cait
 from timm.models.convit import ConVit
 
-from ..constants import CIFAR_DEFAULT_MEAN, CIFAR_DEFAULT_STD, TINY_IMAGENET_MEAN, TINY_IMAGENET_STD
+from ..constants import CIFAR_DEFAULT_MEAN, CIFAR_DEFAULT_STD, TINY_IMAGENET_MEAN, TINY_IMAGENET_STD, with_hub_ids
 from ..mimo import MemberLinear, MimoClassifierMixin, check_ensemble_rule, check_num_members, mix_members
 
 __all__ = ['MixViTCait', 'MixViTConVit', 'ATTRIBUTION_PLACES', 'CLASS_STAGES', 'INFERENCE_MODES']
@@ -476,9 +476,9 @@ _VARIANTS = {
                                         locality_strength=1.0)),
 }
 
-default_cfgs = generate_default_cfgs({
+default_cfgs = generate_default_cfgs(with_hub_ids({
     tag: cfg for base in _VARIANTS for m in (1, 2) for tag, cfg in _dataset_tags(f'{base}_mixvit{m}').items()
-})
+}))
 
 
 def _create_variant(variant: str, pretrained: bool, num_members: int, kwargs: dict):
