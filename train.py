@@ -332,6 +332,12 @@ def main(argv=None):
         log_with='tensorboard' if args.log_tensorboard else None,
         project_dir=str(output),
     )
+    launched = int(os.environ.get('WORLD_SIZE', '1'))
+    if launched > accelerator.num_processes:
+        # e.g. `accelerate launch` of several processes on a machine without GPUs: each would run alone
+        # and write into the same output folder
+        raise ValueError(f'{launched} processes were launched but Accelerate sees {accelerator.num_processes}: '
+                         f'without GPUs, set ACCELERATE_USE_CPU=true for distributed CPU training')
     main_process = accelerator.is_main_process
     if not main_process:
         logging.getLogger().setLevel(logging.WARNING)

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from accelerate.commands.config.config_args import ClusterConfig, load_config_from_file
@@ -49,3 +50,17 @@ def test_cpu_config_launches_two_processes_and_only_the_main_one_writes(tmp_path
     assert out.count('best epoch') == 1
     results = json.loads((tmp_path / 'acc' / 'results.json').read_text())
     assert results['processes'] == 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='the failure mode is a machine without GPUs')
+def test_cpu_launch_without_use_cpu_is_refused_not_run_twice(tmp_path):
+    """Without ACCELERATE_USE_CPU each launched process would see no GPU and train alone into one folder."""
+    env = {k: v for k, v in os.environ.items() if k != 'ACCELERATE_USE_CPU'}
+    env.update(OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
+    proc = subprocess.run(
+        [sys.executable, '-m', 'accelerate.commands.launch', '--config_file',
+         str(REPO / 'configs' / 'accelerate' / 'cpu_2proc.yaml'), str(REPO / 'train.py'), '--output', str(tmp_path)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert 'error: 2 processes were launched but Accelerate sees 1' in proc.stderr
+    assert not any(tmp_path.iterdir())

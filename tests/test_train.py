@@ -269,3 +269,16 @@ def test_tensorboard_log_has_the_epoch_metrics(tmp_path):
     tags = set(acc.Tags()['scalars'])
     assert {'train_loss', 'eval_top1', 'eval_nll', 'eval_ece', 'lr'} <= tags
     assert [e.step for e in acc.Scalars('eval_top1')] == [0, 1]
+
+
+def test_torchcompile_trains_like_eager(tmp_path):
+    """--torchcompile (inductor on CPU): the same first-epoch loss as the eager run, to float tolerance."""
+    args = ['--epochs', 1, '--limit-train-batches', 3, '-b', 16, '--output', tmp_path]
+    eager = run('train.py', *args, '--experiment', 'eager')
+    compiled = run('train.py', *args, '--experiment', 'compiled', '--torchcompile', timeout=600)
+
+    def loss(proc):
+        line = next(l for l in (proc.stdout + proc.stderr).splitlines() if l.startswith('epoch 0: loss'))
+        return float(line.split()[3])
+    assert abs(loss(eager) - loss(compiled)) < 1e-3
+
