@@ -35,7 +35,6 @@ Usage:
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -51,6 +50,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import timm_mimo  # noqa: E402,F401
 from timm_mimo.automix import build_automix, freeze  # noqa: E402
 from timm_mimo.batch import MemberSoftTargetCrossEntropy, MimoBatchBuilder  # noqa: E402
+
+from mixmo_overhead import cpu_name  # noqa: E402  (bench/ is the script's folder, on sys.path)
 
 
 def parse_args(argv=None):
@@ -72,17 +73,6 @@ def parse_args(argv=None):
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--json', default='', help='also write the results to this file')
     return p.parse_args(argv)
-
-
-def cpu_name() -> str:
-    try:
-        with open('/proc/cpuinfo') as f:
-            for line in f:
-                if line.startswith('model name'):
-                    return line.split(':', 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def tensor_bytes(tensors) -> int:

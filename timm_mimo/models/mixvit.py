@@ -118,7 +118,6 @@ class MixViTMixin(MimoClassifierMixin):
             raise ValueError(f'unknown inference mode {inference!r}, expected one of {INFERENCE_MODES}')
         self.class_stage_mode = class_stage
         self.inference = inference
-        self.attribution = attribution
         self.trunk_depth = trunk_depth  # blocks[:trunk_depth] see patch tokens only and are shared
         self.attribution_depth = self._attribution_depth(attribution, trunk_depth)
         if inference == 'duplicate' and 0 <= self.attribution_depth < trunk_depth:
