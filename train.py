@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from timm_mimo.batch import random_crop_flip
+from timm_mimo.batch import random_crop_flip, random_erase
 from timm_mimo.engine import STATE_FILE, checkpoint_name, complete_checkpoints, parse_model_kwargs, \
     replace_dir, save_weights_and_config, write_csv_atomic
 
@@ -48,6 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--val-per-class', type=int, default=None, help='validation images per class carved from train')
     g.add_argument('--img-size', type=int, default=None, help='input size (default: the model\'s)')
     g.add_argument('-j', '--workers', type=int, default=0, help='data loader worker processes')
+    g.add_argument('--device-data', default='auto', choices=['auto', 'on', 'off'],
+                   help="keep the decoded splits on the device and batch them there (small-image sets: the CIFAR "
+                        "zip, torch/cifar10/100, digits); 'auto': whenever the data allows it (no per-image --aa); "
+                        "'off': a DataLoader with timm's per-image transforms")
+    g.add_argument('--data-cache-dir', default=None,
+                   help='where decoded uint8 splits are cached (default $TIMM_MIMO_CACHE_DIR or ~/.cache/timm_mimo)')
     g = p.add_argument_group('model')
     g.add_argument('--model', default='wrn16_2_mixmo2', help='any registered timm model')
     g.add_argument('--num-classes', type=int, default=None, help='default: from the dataset')
@@ -80,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--aug', default='crop-flip', choices=['crop-flip', 'none'],
                    help='batched pad-4 crop + flip per copy (CIFAR / Tiny ImageNet recipe), or none')
     g.add_argument('--aa', default=None, help="timm auto-augment policy per image, e.g. 'rand-m9-mstd0.5-inc1'")
-    g.add_argument('--reprob', type=float, default=0.0, help='timm random erasing probability, per batch copy')
+    g.add_argument('--reprob', type=float, default=0.0,
+                   help="random erasing probability per batch copy (timm's semantics, batched on the device)")
     g.add_argument('--remode', default='pixel', choices=['pixel', 'rand', 'const'], help='random erasing fill')
     g = p.add_argument_group('AutoMix (--msda automix for M = 1, --mix-mode automix for M = 2; docs/automix.md)')
     g.add_argument('--automix-stage', type=int, default=-2,
@@ -119,7 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help='mixed precision through Accelerate (--no-amp overrides a config)')
     g.add_argument('--amp-dtype', default='bfloat16', choices=['bfloat16', 'float16'])
     g.add_argument('--channels-last', action='store_true')
-    g.add_argument('--torchcompile', action='store_true', help='torch.compile the model (falls back if it fails)')
+    g.add_argument('--torchcompile', nargs='?', const='inductor', default=None, metavar='BACKEND',
+                   help='torch.compile the model (backend default inductor); falls back to eager if compiling fails')
+    g.add_argument('--torchcompile-mode', default=None, help="torch.compile mode, e.g. 'max-autotune'")
+    g.add_argument('--fused-opt', action=argparse.BooleanOptionalAction, default=None,
+                   help="PyTorch's fused optimizer step (SGD, Adam, AdamW); default: on for CUDA where available")
     g.add_argument('--grad-checkpointing', action='store_true')
     g.add_argument('--limit-train-batches', type=int, default=None, help='at most this many steps per epoch')
     g = p.add_argument_group('EMA')
@@ -137,19 +148,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def batch_augment(crop_flip: bool, erase_prob: float, erase_mode: str, device):
-    """The batched augmentation of every batch copy: pad-4 crop + flip, then timm's random erasing."""
+def batch_augment(crop_flip: bool, erase_prob: float, erase_mode: str):
+    """The batched augmentation of every batch copy: pad-4 crop + flip, then random erasing, all drawn from
+    the step's generator (so a resumed run replays them)."""
     if not 0.0 <= erase_prob <= 1.0:
         raise ValueError(f'--reprob must be in [0, 1], got {erase_prob}')
     if erase_prob == 0:
         return random_crop_flip if crop_flip else None
-    from timm.data.random_erasing import RandomErasing
-    erase = RandomErasing(erase_prob, mode=erase_mode, device=device)
 
     def augment(images, generator=None):
         if crop_flip:
             images = random_crop_flip(images, generator=generator)
-        return erase(images)  # draws from Python's RNG, whose state Accelerate checkpoints
+        return random_erase(images, erase_prob, erase_mode, generator=generator)
     return augment
 
 
@@ -167,6 +177,8 @@ def parse_args(argv=None):
             raise ValueError(f'unknown config key(s) in {path}: {", ".join(unknown)}')
         parser.set_defaults(**config)
     args = parser.parse_args(argv)
+    if isinstance(args.torchcompile, bool):  # a config's `torchcompile: true` (the flag's older yes/no form)
+        args.torchcompile = 'inductor' if args.torchcompile else None
     if args.mixup > 0:
         args.msda, args.msda_alpha = 'mixup', args.mixup
     if args.cutmix > 0:
@@ -252,6 +264,43 @@ def build_automix_for(args, model, num_members: int, mix_mode: str, img_size, de
     return automix
 
 
+def device_data_loaders(args, splits, unique_per_process: int, eval_batch: int, accelerator):
+    """(train, validation, test) loaders over device-resident splits (``--device-data``), or three Nones.
+
+    The training split is sharded by process (like Accelerate's sampler: the P shards of a step are the
+    1-process step's images) and shuffled by (seed, epoch); evaluation splits are whole on every process.
+    """
+    from timm_mimo.data.device_loader import default_cache_dir, device_loader_for
+    if args.device_data == 'off':
+        return None, None, None
+    why_not = '--aa transforms each image with PIL in the loader' if args.aa else ''
+    train = None
+    if not why_not:
+        cache = args.data_cache_dir or default_cache_dir()
+        with accelerator.main_process_first():  # one process decodes and caches, the others read the cache
+            train, why_not = device_loader_for(
+                splits.train, unique_per_process, accelerator.device, splits.mean, splits.std, splits.img_size,
+                cache, seed=args.seed, num_replicas=accelerator.num_processes, rank=accelerator.process_index)
+            loaders = [train]
+            for split in (splits.validation, splits.test):
+                if train is None or split is None:
+                    loaders.append(None)
+                    continue
+                loader, why_not = device_loader_for(split, eval_batch, accelerator.device, splits.mean, splits.std,
+                                                    splits.img_size, cache, shuffle=False)
+                if loader is None:
+                    train = None
+                loaders.append(loader)
+    if train is None:
+        if args.device_data == 'on':
+            raise ValueError(f'--device-data on: {splits.description} cannot be kept on the device: {why_not}')
+        _logger.info(f'data: per-image DataLoader ({why_not})')
+        return None, None, None
+    _logger.info(f'data: decoded splits on {accelerator.device} ({train.images.numel() / 2 ** 20:.0f} MiB of '
+                 f'training pixels, {train.images.dtype}), batched there')
+    return tuple(loaders)
+
+
 def write_mix_picture(path: Path, args, batch, images, vis_samples, splits, epoch: int, mix_mode: str):
     """PNG grid of mixed samples (--mix-vis-interval): AutoMix's backbone branch, MixMo masks, or MSDA."""
     from timm_mimo.visualize import mimo_samples, msda_samples, save_mix_grid
@@ -282,6 +331,14 @@ class NonFiniteLoss(RuntimeError):
 # ------------------------------------------------------------------------------------------------------
 
 def main(argv=None):
+    wall_start = time.time()  # time-to-accuracy counts from here: data decoding and compilation included
+    # SIGTERM from the start: the flag is read every LOG_INTERVAL steps, which then save a checkpoint and exit
+    stop = {'signal': False}
+
+    def on_sigterm(signum, frame):
+        stop['signal'] = True
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format='%(message)s')
     # Accelerate and timm log every saved / loaded file at INFO: keep the console to the epoch lines
@@ -303,6 +360,7 @@ def main(argv=None):
     from timm_mimo.engine import collect_predictions, is_mimo, load_weights, save_model_folder, \
         training_member_logits
     from timm_mimo.metrics import classification_metrics
+    from timm_mimo.speed import CompiledWithFallback, create_optimizer
 
     if not timm.is_model(args.model):
         raise ValueError(f'unknown model {args.model!r}: not in timm\'s registry (timm_mimo models need '
@@ -395,25 +453,31 @@ def main(argv=None):
         msda=None if args.msda in ('none', 'automix') else args.msda, msda_prob=args.msda_prob,
         msda_alpha=args.msda_alpha,
         label_smoothing=args.smoothing,
-        augment=batch_augment(args.aug == 'crop-flip', args.reprob, args.remode, accelerator.device))
+        augment=batch_augment(args.aug == 'crop-flip', args.reprob, args.remode))
     criterion = MemberSoftTargetCrossEntropy()
 
-    train_loader = DataLoader(splits.train, batch_size=unique_per_process, shuffle=True, drop_last=True,
-                              num_workers=args.workers, pin_memory=accelerator.device.type == 'cuda')
     eval_batch = max(unique_per_process * repeat, 64)
-    val_loader = DataLoader(splits.validation, batch_size=eval_batch, num_workers=args.workers)
-    test_loader = DataLoader(splits.test, batch_size=eval_batch, num_workers=args.workers) \
-        if splits.test is not None else None
-    steps_per_epoch = len(train_loader) // world // accum
+    train_loader, val_loader, test_loader = device_data_loaders(args, splits, unique_per_process, eval_batch,
+                                                                accelerator)
+    on_device = train_loader is not None
+    if not on_device:
+        train_loader = DataLoader(splits.train, batch_size=unique_per_process, shuffle=True, drop_last=True,
+                                  num_workers=args.workers, pin_memory=accelerator.device.type == 'cuda')
+        val_loader = DataLoader(splits.validation, batch_size=eval_batch, num_workers=args.workers)
+        test_loader = DataLoader(splits.test, batch_size=eval_batch, num_workers=args.workers) \
+            if splits.test is not None else None
+    # device-resident evaluation: every process scores the whole split, so there is nothing to gather
+    gather = None if on_device else accelerator
+    steps_per_epoch = len(train_loader) // accum if on_device else len(train_loader) // world // accum
     if args.limit_train_batches:
         steps_per_epoch = min(steps_per_epoch, args.limit_train_batches)
     if steps_per_epoch < 1:
         raise ValueError(f'the training split ({len(splits.train)} images) is smaller than one batch of '
                          f'{unique_per_process * world * accum} unique images')
 
-    optimizer = timm.optim.create_optimizer_v2(
-        model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay, momentum=args.momentum,
-        filter_bias_and_bn=not args.wd_all)
+    optimizer, fused = create_optimizer(
+        model, args.opt, args.fused_opt, accelerator.device, lr=args.lr, weight_decay=args.weight_decay,
+        momentum=args.momentum, filter_bias_and_bn=not args.wd_all)
     mixblock = None
     if automix is not None:
         # the Mix Block: its own parameter group(s) and learning rate, following the same lr schedule
@@ -427,9 +491,12 @@ def main(argv=None):
         decay_rate=args.decay_rate, min_lr=args.min_lr, warmup_lr=args.warmup_lr,
         warmup_epochs=args.warmup_epochs, step_on_epochs=False, updates_per_epoch=steps_per_epoch)
 
-    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
-    if test_loader is not None:
-        test_loader = accelerator.prepare(test_loader)
+    if on_device:
+        model, optimizer = accelerator.prepare(model, optimizer)
+    else:
+        model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+        if test_loader is not None:
+            test_loader = accelerator.prepare(test_loader)
     unwrapped = accelerator.unwrap_model(model)
     ema = None
     if args.model_ema:
@@ -455,13 +522,11 @@ def main(argv=None):
                      f'{args.automix_momentum_start:.0%} of training)')
     train_model = model
     if args.torchcompile:
-        try:
-            train_model = torch.compile(model)
-        except Exception as e:  # noqa: BLE001  compilation is an optimisation, never a requirement
-            _logger.warning(f'torch.compile unavailable ({e}); training uncompiled')
+        train_model = CompiledWithFallback(model, backend=args.torchcompile, mode=args.torchcompile_mode)
 
     # state: fresh or resumed
-    state = dict(epoch=0, step=0, num_updates=0, best_metric=None, best_epoch=None)
+    # elapsed_s: wall time of the run so far (training, evaluation, checkpoints), over resumes too
+    state = dict(epoch=0, step=0, num_updates=0, best_metric=None, best_epoch=None, elapsed_s=0.0)
     rows = []
     if resume_from is not None:
         try:
@@ -480,29 +545,32 @@ def main(argv=None):
     if args.log_tensorboard:
         accelerator.init_trackers('tensorboard')
 
-    stop = {'signal': False}
-
-    def on_sigterm(signum, frame):
-        stop['signal'] = True
-
-    signal.signal(signal.SIGTERM, on_sigterm)
-
     _logger.info(f'model {args.model}: M={num_members}, {sum(p.numel() for p in unwrapped.parameters()) / 1e6:.2f}M '
                  f'params | data {splits.description}')
     _logger.info(f'global batch {args.batch_size} mixed samples = {args.batch_size // repeat} unique x '
                  f'{repeat} repeats | {world} process(es) x {unique_per_process} unique images x {accum} '
                  f'accumulation steps | {steps_per_epoch} steps/epoch | output {output}')
+    speed = dict(device=str(accelerator.device), mixed_precision=mixed_precision, channels_last=args.channels_last,
+                 torchcompile=args.torchcompile, fused_optimizer=fused, device_data=on_device)
+    _logger.info('speed: ' + ', '.join(f'{k} {v}' for k, v in speed.items()))
 
     metric_key = args.eval_metric
     start_epoch = state['epoch']
-    wall_start = time.time()
+    elapsed_before = state['elapsed_s']
+
+    def elapsed():
+        return elapsed_before + time.time() - wall_start
+
     for epoch in range(start_epoch, args.epochs):
         builder.set_epoch(epoch, args.epochs)
         if automix is not None:
             automix.progress = builder.progress  # M = 2: learned vs linear masks, decaying like Cut-MixMo's
         train_loader.set_epoch(epoch)
         skip = state['step'] if epoch == start_epoch else 0
-        loader = accelerator.skip_first_batches(train_loader, skip * accum) if skip else train_loader
+        if on_device:
+            loader = train_loader.batches(start_batch=skip * accum)
+        else:
+            loader = accelerator.skip_first_batches(train_loader, skip * accum) if skip else train_loader
         model.train()
         epoch_start, seen, loss_count = time.time(), 0, 0
         loss_sum = torch.zeros((), device=accelerator.device)  # stays on the device: no sync per step
@@ -582,7 +650,7 @@ def main(argv=None):
                 stopping = bool(accelerator.reduce(torch.tensor(float(stopping), device=accelerator.device),
                                                    'max').item())
             if stopping and step < steps_per_epoch:
-                state.update(epoch=epoch, step=step)
+                state.update(epoch=epoch, step=step, elapsed_s=elapsed())
                 path = save_checkpoint(accelerator, unwrapped, output, model_args, data_config, state,
                                        args.checkpoint_hist + 1)
                 _logger.info(f'SIGTERM: saved {path}; continue with --resume {output}')
@@ -592,7 +660,7 @@ def main(argv=None):
         scheduler.step(epoch + 1)
 
         # validation and the epoch's summary row
-        ens, members, labels = collect_predictions(model, val_loader, accelerator, unwrapped)
+        ens, members, labels = collect_predictions(model, val_loader, gather, unwrapped)
         metrics = classification_metrics(ens, labels, members)
         row = dict(epoch=epoch, lr=optimizer.param_groups[0]['lr'], train_loss=check_loss(),
                    eval_loss=metrics['nll'], eval_top1=metrics['top1'], eval_top5=metrics['top5'],
@@ -600,7 +668,7 @@ def main(argv=None):
         for k, acc in enumerate(metrics['member_top1']):
             row[f'eval_member{k}_top1'] = acc
         if ema is not None:
-            ema_ens, ema_members, _ = collect_predictions(ema.module, val_loader, accelerator)
+            ema_ens, ema_members, _ = collect_predictions(ema.module, val_loader, gather)
             ema_metrics = classification_metrics(ema_ens, labels, ema_members)
             row.update(ema_top1=ema_metrics['top1'], ema_nll=ema_metrics['nll'], ema_ece=ema_metrics['ece'])
         if automix is not None:
@@ -611,7 +679,8 @@ def main(argv=None):
             for key, total in automix_sums.items():
                 row[f'train_{key}' if key == 'mask_mean' else f'train_loss_{key}'] = \
                     float(total) / max(loss_count, 1)
-        row.update(train_img_s=seen / max(epoch_time, 1e-9), epoch_time=epoch_time)
+        row.update(train_img_s=seen / max(epoch_time, 1e-9), epoch_time=epoch_time,
+                   elapsed=elapsed())
         rows.append(row)
         value = metrics[metric_key] if automix is None else ema_metrics[metric_key]
         _logger.info(f'epoch {epoch}: loss {row["train_loss"]:.4f} | val top1 {metrics["top1"]:.2f} '
@@ -622,7 +691,7 @@ def main(argv=None):
                                              f'nll {ema_metrics["nll"]:.4f}'))
         if args.log_tensorboard:
             accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=epoch)
-        state.update(epoch=epoch + 1, step=0)
+        state.update(epoch=epoch + 1, step=0, elapsed_s=elapsed())
         if main_process and is_better(metric_key, value, state['best_metric']):
             state.update(best_metric=value, best_epoch=epoch)
             if automix is None:
@@ -638,8 +707,8 @@ def main(argv=None):
 
     # final evaluation: last and best weights, on validation and (if there is one) the test split
     results = dict(model=args.model, num_members=num_members, dataset=splits.description,
-                   epochs=args.epochs, selection_metric=metric_key, wall_time_s=time.time() - wall_start,
-                   device=str(accelerator.device), processes=world)
+                   epochs=args.epochs, selection_metric=metric_key, wall_time_s=elapsed(),
+                   device=str(accelerator.device), processes=world, speed=speed)
     if state['epoch'] < args.epochs:
         return 0
     final_eval = {}
@@ -652,14 +721,14 @@ def main(argv=None):
         for split_name, loader in (('validation', val_loader), ('test', test_loader)):
             if loader is None:
                 continue
-            ens, members, labels = collect_predictions(model, loader, accelerator, unwrapped)
+            ens, members, labels = collect_predictions(model, loader, gather, unwrapped)
             entry[split_name] = classification_metrics(ens, labels, members)
         final_eval[which] = entry
     unwrapped.load_state_dict(last_state)
     results.update(final_eval)
     results['deployed'] = 'best'
     if ema is not None:
-        ema_ens, ema_members, ema_labels = collect_predictions(ema.module, val_loader, accelerator)
+        ema_ens, ema_members, ema_labels = collect_predictions(ema.module, val_loader, gather)
         results['ema_validation'] = classification_metrics(ema_ens, ema_labels, ema_members)
         if main_process:
             save_model_folder(ema.module, output / 'ema', model_args, dict(validation=results['ema_validation']),
@@ -670,7 +739,7 @@ def main(argv=None):
         final_eval['best']['model'], final_eval['last']['model'] = 'ema', 'online'
         ema_last = dict(epoch=args.epochs - 1, model='ema', validation=results['ema_validation'])
         if test_loader is not None:
-            ema_ens, ema_members, ema_labels = collect_predictions(ema.module, test_loader, accelerator)
+            ema_ens, ema_members, ema_labels = collect_predictions(ema.module, test_loader, gather)
             ema_last['test'] = classification_metrics(ema_ens, ema_labels, ema_members)
         results['ema_last'] = ema_last
         mb = accelerator.unwrap_model(automix.mixblock)

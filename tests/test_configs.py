@@ -72,11 +72,11 @@ def is_mimo_model(name: str) -> bool:
 
 
 def test_all_expected_files_exist():
-    missing = [str(p.relative_to(REPO)) for p in PAPER_FILES + [CONFIGS / 'cifar10' / 'fast_gpu.yaml',
-                                                                CONFIGS / 'digits_mixmo.yaml'] if not p.exists()]
+    others = [CONFIGS / 'cifar10' / 'fast_gpu.yaml', CONFIGS / 'cifar10' / 'time_to_accuracy.yaml',
+              CONFIGS / 'digits_mixmo.yaml']
+    missing = [str(p.relative_to(REPO)) for p in PAPER_FILES + others if not p.exists()]
     assert not missing, f'missing configs: {missing}'
-    extra = {p for p in ALL} - set(PAPER_FILES) - set(MIXVIT_FILES) - {CONFIGS / 'cifar10' / 'fast_gpu.yaml',
-                                                                        CONFIGS / 'digits_mixmo.yaml'}
+    extra = {p for p in ALL} - set(PAPER_FILES) - set(MIXVIT_FILES) - set(others)
     assert not extra, f'configs not covered by tests/test_configs.py: {sorted(map(str, extra))}'
 
 
@@ -235,6 +235,22 @@ def test_fast_gpu_recipe():
     assert args.amp and args.amp_dtype == 'bfloat16' and args.channels_last and args.workers == 8
     assert args.dataset == 'cifar10-zip' and 'data_dir' not in config and args.data_dir is None
     assert 'untested' in path.read_text().lower()
+
+
+def test_time_to_accuracy_recipe():
+    """Issue 7's recipe: Cut-MixMo with every fast setting on, the same lr rule as fast_gpu.yaml."""
+    path = CONFIGS / 'cifar10' / 'time_to_accuracy.yaml'
+    args = train.parse_args(['-c', str(path)])
+    assert args.model == 'wrn16_8_mixmo2' and args.mix_mode == 'cut' and args.batch_repeat == 2
+    assert args.lr == pytest.approx(0.1 * (args.batch_size / args.batch_repeat) / 128)
+    assert args.device_data == 'on' and args.amp and args.amp_dtype == 'bfloat16' and args.channels_last
+    assert args.torchcompile == 'inductor' and args.fused_opt is True
+    assert args.dataset == 'cifar10-zip' and args.sched == 'cosine' and args.epochs * args.batch_size <= 40 * 512
+    # the vanilla comparison of bench/time_to_accuracy.py: b = 1, the same unique images per step
+    vanilla = train.parse_args(['-c', str(path), '--model', 'wrn16_8', '--batch-repeat', '1',
+                                '-b', str(args.batch_size // args.batch_repeat)])
+    assert vanilla.batch_size // vanilla.batch_repeat == args.batch_size // args.batch_repeat
+    assert 'untested on a gpu' in path.read_text().lower()
 
 
 def test_digits_main_job():

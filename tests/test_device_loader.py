@@ -6,7 +6,7 @@ from torch.utils.data import Subset
 
 from timm_mimo.constants import CIFAR_DEFAULT_MEAN, CIFAR_DEFAULT_STD
 from timm_mimo.data import CifarZipDataset, default_cifar10_zip
-from timm_mimo.data.device_loader import DeviceTensorLoader, resident_arrays
+from timm_mimo.data.device_loader import DeviceTensorLoader, device_loader_for, resident_arrays
 from timm_mimo.data.digits import DigitsDataset
 from timm_mimo.data.splits import tensor_transform
 
@@ -67,3 +67,22 @@ def test_sharding_resume_and_epoch_order():
 def test_bad_input():
     with pytest.raises(ValueError, match='3 images but 2 labels'):
         DeviceTensorLoader(torch.zeros(3, 3, 2, 2), torch.zeros(2), 1, 'cpu')
+
+
+def test_evaluation_loader_serves_every_sample_once_in_order():
+    images = torch.arange(23, dtype=torch.uint8).view(23, 1, 1, 1).expand(-1, 3, 4, 4).contiguous()
+    loader = DeviceTensorLoader(images, torch.arange(23), 10, 'cpu', shuffle=False)
+    assert len(loader) == 3
+    labels = [y for _, y in loader]
+    assert [len(y) for y in labels] == [10, 10, 3] and torch.equal(torch.cat(labels), torch.arange(23))
+    with pytest.raises(ValueError, match='not sharded'):
+        DeviceTensorLoader(images, torch.arange(23), 10, 'cpu', shuffle=False, num_replicas=2)
+
+
+def test_device_loader_for_says_why_not():
+    loader, why = device_loader_for(DigitsDataset('validation'), 8, 'cpu', (0,) * 3, (1,) * 3, img_size=32)
+    assert loader is not None and why == '' and loader.images.shape[1:] == (3, 32, 32)
+    loader, why = device_loader_for(DigitsDataset('validation'), 8, 'cpu', (0,) * 3, (1,) * 3, img_size=64)
+    assert loader is None and 'not the 64 px' in why
+    loader, why = device_loader_for(object(), 8, 'cpu', (0,) * 3, (1,) * 3, img_size=32)
+    assert loader is None and 'no array form' in why

@@ -11,6 +11,7 @@ is linear in the target), so the loss is the sum over members of a soft-target c
 samples with batched tensor ops. It runs identically inside a DataLoader collate (CPU workers) and on
 the accelerator in the training step.
 """
+import math
 import os
 from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple
 
@@ -54,6 +55,49 @@ def random_crop_flip(
         flipped = torch.rand(n, generator=generator, device=device) < 0.5
         images = torch.where(flipped[:, None, None, None], images.flip(-1), images)
     return images
+
+
+def random_erase(
+        images: torch.Tensor, prob: float, mode: str = 'pixel', area: Tuple[float, float] = (0.02, 1 / 3),
+        min_aspect: float = 0.3, attempts: int = 10, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Random erasing (Zhong et al. 2020, timm's ``RandomErasing`` semantics) for a batch (N, C, H, W) at once.
+
+    With probability ``prob`` per sample, one box of ``area`` share of the image (uniform) and log-uniform
+    aspect ratio in [min_aspect, 1 / min_aspect] is filled with N(0, 1) noise per pixel (``'pixel'``), per
+    channel (``'rand'``), or zeros (``'const'``), in the normalised space. Of ``attempts`` candidate boxes
+    the first that fits is used; a sample none fits is left as it is. timm's class loops over the samples
+    in Python on the host RNG; here every draw is one tensor op on the images' device, from ``generator``.
+    """
+    if mode not in ('pixel', 'rand', 'const'):
+        raise ValueError(f"unknown random erasing mode {mode!r}: use 'pixel', 'rand' or 'const'")
+    n, c, h, w = images.shape
+    device = images.device
+
+    def uniform(*shape):
+        return torch.rand(*shape, generator=generator, device=device)
+
+    target = (area[0] + (area[1] - area[0]) * uniform(n, attempts)) * (h * w)
+    log_lo, log_hi = math.log(min_aspect), math.log(1 / min_aspect)
+    aspect = torch.exp(log_lo + (log_hi - log_lo) * uniform(n, attempts))
+    box_h = torch.sqrt(target * aspect).round().long()
+    box_w = torch.sqrt(target / aspect).round().long()
+    fits = (box_h < h) & (box_w < w)
+    first = fits.long().argmax(1, keepdim=True)  # index of the first candidate that fits (0 if none)
+    box_h, box_w = box_h.gather(1, first).squeeze(1), box_w.gather(1, first).squeeze(1)
+    erase = fits.any(1) & (uniform(n) < prob)
+    top = (uniform(n) * (h - box_h + 1)).long()
+    left = (uniform(n) * (w - box_w + 1)).long()
+    rows = torch.arange(h, device=device)
+    cols = torch.arange(w, device=device)
+    inside = ((rows >= top[:, None]) & (rows < (top + box_h)[:, None]))[:, :, None] \
+        & ((cols >= left[:, None]) & (cols < (left + box_w)[:, None]))[:, None, :]
+    inside = (inside & erase[:, None, None])[:, None]  # (N, 1, H, W)
+    if mode == 'const':
+        fill = torch.zeros((), dtype=images.dtype, device=device)
+    else:
+        shape = (n, c, h, w) if mode == 'pixel' else (n, c, 1, 1)
+        fill = torch.randn(shape, generator=generator, device=device, dtype=images.dtype)
+    return torch.where(inside, fill, images)
 
 
 def one_hot_smoothed(labels: torch.Tensor, num_classes: int, smoothing: float = 0.) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """Pieces shared by ``train.py`` and ``validate.py``: member / ensemble predictions for MIMO and plain timm
 models, and model folders in timm's Hub format written atomically."""
+import contextlib
 import csv
 import json
 import os
@@ -47,20 +48,52 @@ def predict(model: nn.Module, x: torch.Tensor, ensemble: str = 'logits') -> Tupl
     return out, out.unsqueeze(1)
 
 
+@contextlib.contextmanager
+def full_parameters(model: nn.Module):
+    """The whole parameters, gathered for the duration, of a model sharded with FSDP (1 or 2).
+
+    FSDP gathers a sharded module's parameters in its ``forward`` hooks only; evaluation calls
+    ``forward_members`` (and timm's ``forward_features``), which those hooks never see. Every process
+    must enter this together (it is a collective). Other models are left as they are.
+    """
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # a torch built without distributed support has no FSDP
+        yield
+        return
+    if isinstance(model, FullyShardedDataParallel):
+        with FullyShardedDataParallel.summon_full_params(model, writeback=False):
+            yield
+        return
+    fsdp2 = getattr(torch.distributed.fsdp, 'FSDPModule', None)
+    if fsdp2 is not None and isinstance(model, fsdp2):
+        model.unshard()
+        try:
+            yield
+        finally:
+            model.reshard()
+        return
+    yield
+
+
 @torch.no_grad()
 def collect_predictions(model: nn.Module, loader, accelerator=None, unwrapped: Optional[nn.Module] = None):
-    """(ensemble logits, member logits, labels) over a loader, gathered across processes."""
+    """(ensemble logits, member logits, labels) over a loader, gathered across processes.
+
+    ``model``: the (possibly DDP / FSDP-wrapped) model; ``unwrapped``: the module whose methods predict.
+    """
     model.eval()
     net = unwrapped if unwrapped is not None else model
     ensembles, members, labels = [], [], []
-    for images, targets in loader:
-        ens, mem = predict(net, images)
-        ens, mem = ens.float(), mem.float()
-        if accelerator is not None:
-            ens, mem, targets = accelerator.gather_for_metrics((ens, mem, targets))
-        ensembles.append(ens.cpu())
-        members.append(mem.cpu())
-        labels.append(targets.cpu())
+    with full_parameters(model):
+        for images, targets in loader:
+            ens, mem = predict(net, images)
+            ens, mem = ens.float(), mem.float()
+            if accelerator is not None:
+                ens, mem, targets = accelerator.gather_for_metrics((ens, mem, targets))
+            ensembles.append(ens.cpu())
+            members.append(mem.cpu())
+            labels.append(targets.cpu())
     return torch.cat(ensembles), torch.cat(members), torch.cat(labels)
 
 
@@ -79,15 +112,16 @@ def replace_dir(tmp_dir: Path, final_dir: Path):
 
 def save_model_folder(
         model: nn.Module, folder: Path, model_args: dict, extra: Optional[dict] = None,
-        data_config: Optional[dict] = None):
+        data_config: Optional[dict] = None, state_dict: Optional[dict] = None):
     """``model.safetensors`` + ``config.json`` (timm Hub format, loadable with ``local-dir:``), atomically.
 
-    ``data_config`` (mean, std, input_size, ...) records the preprocessing the weights were trained with.
+    ``data_config`` (mean, std, input_size, ...) records the preprocessing the weights were trained with;
+    ``state_dict``: the weights to write, when ``model.state_dict()`` is not them (a sharded model).
     """
     folder = Path(folder)
     tmp = Path(tempfile.mkdtemp(prefix=f'.{folder.name}.tmp-', dir=folder.parent))
     try:
-        save_weights_and_config(model, tmp, model_args, data_config)
+        save_weights_and_config(model, tmp, model_args, data_config, state_dict)
         if extra:
             (tmp / 'metrics.json').write_text(json.dumps(extra, indent=2))
         replace_dir(tmp, folder)
@@ -96,12 +130,19 @@ def save_model_folder(
         raise
 
 
-def save_weights_and_config(model: nn.Module, folder: Path, model_args: dict, data_config: Optional[dict] = None):
+def save_weights_and_config(model: nn.Module, folder: Path, model_args: dict, data_config: Optional[dict] = None,
+                            state_dict: Optional[dict] = None):
     """What timm's ``save_for_hf`` writes (model.safetensors + config.json), from contiguous copies of the
-    weights: channels-last convolution kernels are not contiguous and safetensors refuses them."""
+    weights: channels-last convolution kernels are not contiguous and safetensors refuses them.
+
+    Under FSDP / DeepSpeed ZeRO-3 pass ``state_dict=accelerator.get_state_dict(model)`` (gathered by every
+    process): the module's own ``state_dict()`` then holds shards, which safetensors would write silently.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if state_dict is None:
+        state_dict = model.state_dict()
+    state = {k: v.detach().contiguous() for k, v in state_dict.items()}
     save_file(state, str(folder / 'model.safetensors'), metadata={'format': 'pt'})
     save_config_for_hf(model, str(folder / 'config.json'), model_args=model_args, data_config=data_config)
 

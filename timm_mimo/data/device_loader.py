@@ -9,6 +9,8 @@ member permutations, MSDA and masks then run batched on the device in :class:`ti
 :func:`resident_arrays` finds the arrays of a dataset (or a ``Subset`` of one) without a per-image pass
 where it can; :class:`DeviceTensorLoader` iterates over them like a shuffled, sharded ``DataLoader``.
 """
+import os
+from pathlib import Path
 from typing import Iterator, Optional, Sequence, Tuple
 
 import numpy as np
@@ -24,6 +26,11 @@ def _channels_first(images: torch.Tensor) -> torch.Tensor:
     if images.ndim == 4 and images.shape[-1] in (1, 3) and images.shape[1] not in (1, 3):
         images = images.permute(0, 3, 1, 2)
     return images.contiguous()
+
+
+def default_cache_dir() -> Path:
+    """Where decoded splits are cached: ``$TIMM_MIMO_CACHE_DIR``, else ``~/.cache/timm_mimo``."""
+    return Path(os.environ.get('TIMM_MIMO_CACHE_DIR') or Path.home() / '.cache' / 'timm_mimo')
 
 
 def resident_arrays(dataset, cache_dir: Optional[str] = None) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
@@ -60,10 +67,12 @@ def resident_arrays(dataset, cache_dir: Optional[str] = None) -> Optional[Tuple[
 class DeviceTensorLoader:
     """Shuffled, sharded batches ``(images (U, C, H, W) float, labels (U,))`` of tensors kept on a device.
 
-    Epoch order: a permutation drawn from a generator seeded by (seed, epoch), identical on every process;
-    process r takes positions r, r + P, ... (equal shares, like ``DistributedSampler`` with drop_last),
-    then the last incomplete batch is dropped. ``start_batch`` resumes mid-epoch at the same batch a
-    ``skip_first_batches`` would. uint8 pixels are scaled to [0, 1] and normalised with ``mean`` / ``std``.
+    Epoch order (``shuffle=True``, training): a permutation drawn from a generator seeded by (seed, epoch),
+    identical on every process; process r takes positions r, r + P, ... (equal shares, like
+    ``DistributedSampler`` with drop_last), then the last incomplete batch is dropped. ``start_batch``
+    resumes mid-epoch at the same batch a ``skip_first_batches`` would. ``shuffle=False`` (evaluation):
+    every sample once, in order, the last batch possibly smaller, no sharding. uint8 pixels are scaled to
+    [0, 1] and normalised with ``mean`` / ``std``.
     """
 
     def __init__(
@@ -77,11 +86,14 @@ class DeviceTensorLoader:
             seed: int = 0,
             num_replicas: int = 1,
             rank: int = 0,
+            shuffle: bool = True,
     ):
         if images.shape[0] != labels.shape[0]:
             raise ValueError(f'{images.shape[0]} images but {labels.shape[0]} labels')
         if batch_size < 1:
             raise ValueError(f'batch_size must be >= 1, got {batch_size}')
+        if not shuffle and num_replicas != 1:
+            raise ValueError('an evaluation loader (shuffle=False) is not sharded: use num_replicas=1')
         self.device = torch.device(device)
         self.images = images.to(self.device)
         self.labels = labels.to(self.device)
@@ -92,6 +104,7 @@ class DeviceTensorLoader:
         self.seed = seed
         self.num_replicas = num_replicas
         self.rank = rank
+        self.shuffle = shuffle
         self.epoch = 0
         self.per_replica = images.shape[0] // num_replicas
 
@@ -99,9 +112,13 @@ class DeviceTensorLoader:
         self.epoch = epoch
 
     def __len__(self) -> int:
+        if not self.shuffle:
+            return -(-self.images.shape[0] // self.batch_size)
         return self.per_replica // self.batch_size
 
     def _order(self) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(self.images.shape[0], device=self.device)
         gen = torch.Generator()
         gen.manual_seed(self.seed * 1_000_003 + self.epoch)
         order = torch.randperm(self.images.shape[0], generator=gen)
@@ -118,3 +135,24 @@ class DeviceTensorLoader:
 
     def __iter__(self):
         return self.batches()
+
+
+def device_loader_for(
+        dataset,
+        batch_size: int,
+        device: torch.device,
+        mean: Sequence[float],
+        std: Sequence[float],
+        img_size: int,
+        cache_dir: Optional[str] = None,
+        **kwargs,
+) -> Tuple[Optional[DeviceTensorLoader], str]:
+    """A :class:`DeviceTensorLoader` over ``dataset``, or ``(None, why not)`` when it has no array form or
+    its images are not ``img_size`` square (the per-image path would resize them; this one does not)."""
+    arrays = resident_arrays(dataset, cache_dir)
+    if arrays is None:
+        return None, f'{type(dataset).__name__} has no array form (decoded pixels) to keep on the device'
+    images, labels = arrays
+    if tuple(images.shape[-2:]) != (img_size, img_size):
+        return None, f'its images are {tuple(images.shape[-2:])}, not the {img_size} px the model takes'
+    return DeviceTensorLoader(images, labels, batch_size, device, mean, std, **kwargs), ''

@@ -1,0 +1,50 @@
+"""bench/time_to_accuracy.py on CPU at small scale: both runs, the report, a time budget and its resume."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / 'bench' / 'time_to_accuracy.py'
+SMALL = ['--', '--epochs', '2', '--limit-train-batches', '12', '-b', '32', '--fused-opt', '--channels-last']
+
+
+def bench(*args, check=True):
+    env = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS='2')
+    proc = subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+    if check and proc.returncode not in (0, 3):
+        raise AssertionError(f'exit {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}')
+    return proc
+
+
+def test_budget_stops_with_a_checkpoint_then_the_same_command_resumes_and_reports(tmp_path):
+    common = ['-c', 'configs/digits_mixmo.yaml', '--target', 0, '--vanilla-model', 'wrn16_2',
+              '--output', tmp_path / 'runs']
+    first = bench(*common, '--budget-s', 1, *SMALL)
+    assert first.returncode == 3 and 'run the same command again to resume' in first.stdout
+    mixmo = tmp_path / 'runs' / 'wrn16_2_mixmo2'
+    assert list(mixmo.glob('checkpoint-*-step*')) and not (mixmo / 'results.json').exists()
+
+    report_path = tmp_path / 'report.json'
+    second = bench(*common, '--json', report_path, *SMALL)
+    assert second.returncode == 0, second.stdout[-2000:]
+    assert 'resumed from' in second.stdout
+    report = json.loads(report_path.read_text())
+    assert list(report['runs']) == ['wrn16_2_mixmo2', 'wrn16_2']
+    for run in report['runs'].values():
+        # target 0: reached at the first epoch, after some positive wall time that the whole run exceeds
+        assert run['target_epoch'] == 0 and 0 < run['time_to_target_s'] < run['wall_time_s']
+        assert run['speed']['fused_optimizer'] and run['speed']['channels_last'] and run['epochs'] == 2
+    assert report['time_to_target_ratio'] > 0 and report['whole_run_ratio'] > 0
+    assert '| wrn16_2 |' in second.stdout and 'MixMo / vanilla' in second.stdout
+    # vanilla under the same recipe: b = 1 and the same 16 unique images per step as MixMo's 32 / 2
+    vanilla_args = (tmp_path / 'runs' / 'wrn16_2' / 'args.yaml').read_text()
+    assert 'batch_size: 16' in vanilla_args and 'batch_repeat: 1' in vanilla_args
+
+    # finished runs are read again, not retrained; an existing report is kept
+    again = bench(*common, '--json', report_path, '--target', 101, *SMALL, check=False)
+    assert again.returncode == 2 and 'exists' in again.stderr and again.stderr.strip().count('\n') == 0
+    again = bench(*common, '--target', 101, *SMALL)
+    assert again.returncode == 0 and 'not reached' in again.stdout and 'train.py' not in again.stdout
