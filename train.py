@@ -201,9 +201,12 @@ def resolve_resume(resume: str):
     return path, checkpoints[-1]
 
 
-def save_checkpoint(accelerator, unwrapped, output: Path, model_args: dict, data_config: dict, state: dict,
+def save_checkpoint(accelerator, model, output: Path, model_args: dict, data_config: dict, state: dict,
                     keep: int):
-    """Weights (timm Hub format) + Accelerate training state + trainer state, as one atomic folder."""
+    """Weights (timm Hub format) + Accelerate training state + trainer state, as one atomic folder.
+
+    Every process calls this: the training state and, under FSDP, the whole weights are collectives.
+    """
     final = output / checkpoint_name(state['epoch'], state['step'])
     tmp = output / f'.{final.name}.tmp'
     if accelerator.is_main_process:
@@ -211,8 +214,9 @@ def save_checkpoint(accelerator, unwrapped, output: Path, model_args: dict, data
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp / 'state'))
+    weights = accelerator.get_state_dict(model)  # unsharded on the main process (FSDP: FULL_STATE_DICT)
     if accelerator.is_main_process:
-        save_weights_and_config(unwrapped, tmp, model_args, data_config)
+        save_weights_and_config(accelerator.unwrap_model(model), tmp, model_args, data_config, weights)
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
         replace_dir(tmp, final)
         for old in complete_checkpoints(output)[:-max(keep, 1)]:
@@ -357,7 +361,7 @@ def main(argv=None):
     from timm_mimo.hub import create_model as hub_create_model
     from timm_mimo.batch import MemberSoftTargetCrossEntropy, MimoBatchBuilder
     from timm_mimo.data.splits import auto_augment_transform, build_splits
-    from timm_mimo.engine import collect_predictions, is_mimo, load_weights, save_model_folder, \
+    from timm_mimo.engine import collect_predictions, is_mimo, load_model_folder, load_weights, save_model_folder, \
         training_member_logits
     from timm_mimo.metrics import classification_metrics
     from timm_mimo.speed import CompiledWithFallback, create_optimizer
@@ -397,6 +401,11 @@ def main(argv=None):
         raise ValueError(f'{launched} processes were launched but Accelerate sees {accelerator.num_processes}: '
                          f'without GPUs, set ACCELERATE_USE_CPU=true for distributed CPU training')
     main_process = accelerator.is_main_process
+    from accelerate.utils import DistributedType
+    sharded = accelerator.distributed_type == DistributedType.FSDP
+    if sharded and (args.model_ema or 'automix' in (args.msda, args.mix_mode)):
+        raise ValueError('--model-ema and AutoMix keep a whole copy of the model next to the sharded one: '
+                         'not supported with FSDP (use DDP)')
     if not main_process:
         logging.getLogger().setLevel(logging.WARNING)
     set_seed(args.seed)
@@ -550,7 +559,8 @@ def main(argv=None):
     _logger.info(f'global batch {args.batch_size} mixed samples = {args.batch_size // repeat} unique x '
                  f'{repeat} repeats | {world} process(es) x {unique_per_process} unique images x {accum} '
                  f'accumulation steps | {steps_per_epoch} steps/epoch | output {output}')
-    speed = dict(device=str(accelerator.device), mixed_precision=mixed_precision, channels_last=args.channels_last,
+    speed = dict(device=str(accelerator.device), distributed=accelerator.distributed_type.value.lower(),
+                 mixed_precision=mixed_precision, channels_last=args.channels_last,
                  torchcompile=args.torchcompile, fused_optimizer=fused, device_data=on_device)
     _logger.info('speed: ' + ', '.join(f'{k} {v}' for k, v in speed.items()))
 
@@ -651,7 +661,7 @@ def main(argv=None):
                                                    'max').item())
             if stopping and step < steps_per_epoch:
                 state.update(epoch=epoch, step=step, elapsed_s=elapsed())
-                path = save_checkpoint(accelerator, unwrapped, output, model_args, data_config, state,
+                path = save_checkpoint(accelerator, model, output, model_args, data_config, state,
                                        args.checkpoint_hist + 1)
                 _logger.info(f'SIGTERM: saved {path}; continue with --resume {output}')
                 return 0
@@ -692,18 +702,20 @@ def main(argv=None):
         if args.log_tensorboard:
             accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=epoch)
         state.update(epoch=epoch + 1, step=0, elapsed_s=elapsed())
-        if main_process and is_better(metric_key, value, state['best_metric']):
+        # the metrics are the same on every process (gathered, or each scored the whole split)
+        if is_better(metric_key, value, state['best_metric']):
             state.update(best_metric=value, best_epoch=epoch)
-            if automix is None:
+            weights = accelerator.get_state_dict(model) if automix is None else None  # a collective under FSDP
+            if main_process and automix is None:
                 save_model_folder(unwrapped, output / 'best', model_args, dict(epoch=epoch, validation=metrics),
-                                  data_config)
-            else:  # AutoMix deploys the momentum encoder: 'best' holds its weights, chosen on its metric
+                                  data_config, weights)
+            elif main_process:  # AutoMix deploys the momentum encoder: 'best' holds its weights, chosen on its metric
                 save_model_folder(ema.module, output / 'best', model_args,
                                   dict(epoch=epoch, model='ema', validation=ema_metrics, online_validation=metrics),
                                   data_config)
         if main_process:
             write_csv_atomic(output / 'summary.csv', rows)
-        save_checkpoint(accelerator, unwrapped, output, model_args, data_config, state, args.checkpoint_hist)
+        save_checkpoint(accelerator, model, output, model_args, data_config, state, args.checkpoint_hist)
 
     # final evaluation: last and best weights, on validation and (if there is one) the test split
     results = dict(model=args.model, num_members=num_members, dataset=splits.description,
@@ -712,19 +724,21 @@ def main(argv=None):
     if state['epoch'] < args.epochs:
         return 0
     final_eval = {}
-    last_state = {k: v.detach().clone() for k, v in unwrapped.state_dict().items()}
     for which in ('last', 'best'):
+        net, wrapper = unwrapped, model
         if which == 'best':
+            # the saved folder itself, as users load it (any sharding of the trained model plays no part)
             accelerator.wait_for_everyone()
-            load_weights(unwrapped, output / 'best' / 'model.safetensors')
+            net = wrapper = load_model_folder(output / 'best').to(accelerator.device)
+            if args.channels_last:
+                net = wrapper = net.to(memory_format=torch.channels_last)
         entry = dict(epoch=args.epochs - 1 if which == 'last' else state['best_epoch'])
         for split_name, loader in (('validation', val_loader), ('test', test_loader)):
             if loader is None:
                 continue
-            ens, members, labels = collect_predictions(model, loader, gather, unwrapped)
+            ens, members, labels = collect_predictions(wrapper, loader, gather, net)
             entry[split_name] = classification_metrics(ens, labels, members)
         final_eval[which] = entry
-    unwrapped.load_state_dict(last_state)
     results.update(final_eval)
     results['deployed'] = 'best'
     if ema is not None:
@@ -766,13 +780,19 @@ def main(argv=None):
     return 0
 
 
-if __name__ == '__main__':
+def cli(argv=None) -> int:
+    """``main`` with the command line's error handling: one ``error:`` line and exit code 2 for bad input,
+    1 for a non-finite loss (``--debug`` shows the traceback instead)."""
     try:
-        sys.exit(main())
+        return main(argv)
     except KeyboardInterrupt:
-        sys.exit(130)
+        return 130
     except (ValueError, TypeError, FileNotFoundError, FileExistsError, NonFiniteLoss, ImportError) as err:
-        if '--debug' in sys.argv:
+        if '--debug' in (sys.argv if argv is None else argv):
             raise
         print(f'error: {err}', file=sys.stderr)
-        sys.exit(1 if isinstance(err, NonFiniteLoss) else 2)
+        return 1 if isinstance(err, NonFiniteLoss) else 2
+
+
+if __name__ == '__main__':
+    sys.exit(cli())

@@ -30,8 +30,10 @@ def test_accelerate_parses_the_config(path):
     rel = path.relative_to(REPO).as_posix()
     assert f'--config_file {rel} train.py' in path.read_text(), f'{path.name}: the header must give its command'
     if config.distributed_type == DistributedType.FSDP:
-        # timm's optimizer factory builds weight-decay groups per parameter: FSDP must keep the originals
-        assert config.fsdp_config['fsdp_use_orig_params'] is True
+        # the setup tests/test_fsdp.py runs: FSDP2 (one DTensor per original parameter, so timm's per-parameter
+        # weight-decay groups hold), size-based wrapping, whole weights gathered for the safetensors files
+        assert config.fsdp_config['fsdp_version'] == 2
+        assert config.fsdp_config['fsdp_auto_wrap_policy'] == 'SIZE_BASED_WRAP'
         assert config.fsdp_config['fsdp_state_dict_type'] == 'FULL_STATE_DICT'
     if config.distributed_type == DistributedType.DEEPSPEED:
         assert config.deepspeed_config['zero_stage'] in (1, 2)
