@@ -8,6 +8,7 @@ model, ``get_state_dict`` gathers it, ``save_state`` / ``load_state`` write and 
 
     ACCELERATE_USE_CPU=true python -m torch.distributed.run --nproc_per_node 2 tests/fsdp_cpu_train.py <train.py args>
 """
+import os
 import sys
 from pathlib import Path
 
@@ -28,12 +29,18 @@ def _init_with_fsdp(self, *args, **kwargs):
     self.state.distributed_type = DistributedType.FSDP
     # size-based wrapping with a small threshold, so that the residual blocks are FSDP units of their own
     # (as in configs/accelerate/fsdp.yaml for the large models) and the root holds the stem and the heads
+    version = int(os.environ.get('FSDP_TEST_VERSION', '2'))
+    per_version = dict(reshard_after_forward=True) if version == 2 else \
+        dict(sharding_strategy='FULL_SHARD', use_orig_params=True, sync_module_states=False)
     self.state.fsdp_plugin = FullyShardedDataParallelPlugin(
-        fsdp_version=2, reshard_after_forward=True, state_dict_type='FULL_STATE_DICT',
-        auto_wrap_policy='size_based_wrap', min_num_params=20_000, cpu_ram_efficient_loading=False)
+        fsdp_version=version, state_dict_type='FULL_STATE_DICT', auto_wrap_policy='size_based_wrap',
+        min_num_params=20_000, cpu_ram_efficient_loading=False, **per_version)
 
 
 accelerate.Accelerator.__init__ = _init_with_fsdp
+if os.environ.get('FSDP_TEST_VERSION') == '1':
+    # FSDP1 wraps with device_id = the Accelerator's device: plain 'cpu' (not 'cpu:0', the process index)
+    os.environ['ACCELERATE_TORCH_DEVICE'] = 'cpu'
 
 import train  # noqa: E402
 

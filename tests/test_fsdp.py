@@ -1,4 +1,4 @@
-"""train.py under FSDP (FSDP2, 2 CPU processes, gloo; see tests/fsdp_cpu_train.py for why a harness is needed).
+"""train.py under FSDP (FSDP1 and FSDP2, 2 CPU processes, gloo; tests/fsdp_cpu_train.py says why a harness).
 
 The weights it saves must be the whole model, not one process's shards: they are compared with the weights of
 the same run under DDP (same data and draws per process, gradients averaged alike; BatchNorm statistics are
@@ -19,8 +19,9 @@ ARGS = ['--model', 'wrn16_2_mixmo2', '-b', '32', '--batch-repeat', '2', '--lr', 
         '--limit-train-batches', '4']
 
 
-def launch(script: str, *args, check=True):
-    env = dict(os.environ, ACCELERATE_USE_CPU='true', OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
+def launch(script: str, *args, check=True, fsdp_version=2):
+    env = dict(os.environ, ACCELERATE_USE_CPU='true', OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1',
+               FSDP_TEST_VERSION=str(fsdp_version))
     proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', script,
                            *map(str, args)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
@@ -29,15 +30,22 @@ def launch(script: str, *args, check=True):
 
 
 @pytest.fixture(scope='module')
-def runs(tmp_path_factory):
-    out = tmp_path_factory.mktemp('fsdp')
-    launch('tests/fsdp_cpu_train.py', *ARGS, '--epochs', 2, '--output', out, '--experiment', 'fsdp')
+def ddp(tmp_path_factory):
+    out = tmp_path_factory.mktemp('ddp')
     launch('train.py', *ARGS, '--epochs', 2, '--output', out, '--experiment', 'ddp')
-    return out
+    return out / 'ddp'
 
 
-def test_fsdp_saves_the_whole_weights_that_ddp_saves(runs):
-    fsdp, ddp = runs / 'fsdp', runs / 'ddp'
+@pytest.fixture(scope='module', params=[1, 2], ids=['fsdp1', 'fsdp2'])
+def fsdp(request, tmp_path_factory):
+    out = tmp_path_factory.mktemp(f'fsdp{request.param}')
+    launch('tests/fsdp_cpu_train.py', *ARGS, '--epochs', 2, '--output', out, '--experiment', 'fsdp',
+           fsdp_version=request.param)
+    return out / 'fsdp', request.param
+
+
+def test_fsdp_saves_the_whole_weights_that_ddp_saves(fsdp, ddp):
+    fsdp, _ = fsdp
     results = json.loads((fsdp / 'results.json').read_text())
     assert results['speed']['distributed'] == 'fsdp' and results['processes'] == 2
     assert json.loads((ddp / 'results.json').read_text())['speed']['distributed'] == 'multi_cpu'
@@ -54,11 +62,12 @@ def test_fsdp_saves_the_whole_weights_that_ddp_saves(runs):
     assert results['last']['validation']['nll'] == pytest.approx(ddp_results['last']['validation']['nll'], abs=1e-4)
 
 
-def test_fsdp_run_resumes_from_its_sharded_state(runs):
-    launch('tests/fsdp_cpu_train.py', *ARGS, '--epochs', 3, '--resume', runs / 'fsdp')
-    results = json.loads((runs / 'fsdp' / 'results.json').read_text())
+def test_fsdp_run_resumes_from_its_sharded_state(fsdp):
+    folder, version = fsdp
+    launch('tests/fsdp_cpu_train.py', *ARGS, '--epochs', 3, '--resume', folder, fsdp_version=version)
+    results = json.loads((folder / 'results.json').read_text())
     assert results['epochs'] == 3 and results['last']['epoch'] == 2
-    assert [p.name for p in (runs / 'fsdp').glob('checkpoint-*')] == ['checkpoint-0003']
+    assert [p.name for p in folder.glob('checkpoint-*')] == ['checkpoint-0003']
 
 
 def test_fsdp_refuses_a_second_whole_model(tmp_path):
