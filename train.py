@@ -125,9 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--amp', action=argparse.BooleanOptionalAction, default=False,
                    help='mixed precision through Accelerate (--no-amp overrides a config)')
     g.add_argument('--amp-dtype', default='bfloat16', choices=['bfloat16', 'float16'])
-    g.add_argument('--channels-last', action='store_true')
+    g.add_argument('--channels-last', action=argparse.BooleanOptionalAction, default=False,
+                   help='channels-last memory format (--no-channels-last overrides a config)')
     g.add_argument('--torchcompile', nargs='?', const='inductor', default=None, metavar='BACKEND',
-                   help='torch.compile the model (backend default inductor); falls back to eager if compiling fails')
+                   help="torch.compile the model (backend default inductor; 'none' = off, overriding a config); "
+                        "falls back to eager if compiling fails")
     g.add_argument('--torchcompile-mode', default=None, help="torch.compile mode, e.g. 'max-autotune'")
     g.add_argument('--fused-opt', action=argparse.BooleanOptionalAction, default=None,
                    help="PyTorch's fused optimizer step (SGD, Adam, AdamW); default: on for CUDA where available")
@@ -179,6 +181,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if isinstance(args.torchcompile, bool):  # a config's `torchcompile: true` (the flag's older yes/no form)
         args.torchcompile = 'inductor' if args.torchcompile else None
+    if args.torchcompile in ('none', 'off'):
+        args.torchcompile = None
     if args.mixup > 0:
         args.msda, args.msda_alpha = 'mixup', args.mixup
     if args.cutmix > 0:

@@ -272,6 +272,12 @@ def test_command_line_overrides_config():
     path = CONFIGS / 'cifar100' / 'cut_mixmo.yaml'
     args = train.parse_args(['-c', str(path), '--epochs', '3', '-b', '128'])
     assert args.epochs == 3 and args.batch_size == 128 and args.lr == pytest.approx(0.0125)
+    # every speed setting a config turns on can be turned off again on the command line
+    fast = CONFIGS / 'cifar10' / 'time_to_accuracy.yaml'
+    args = train.parse_args(['-c', str(fast), '--no-amp', '--no-channels-last', '--torchcompile', 'none',
+                             '--no-fused-opt', '--device-data', 'off'])
+    assert not args.amp and not args.channels_last and args.torchcompile is None and args.fused_opt is False
+    assert args.device_data == 'off'
 
 
 def test_readme_lists_every_config():
