@@ -281,29 +281,26 @@ def device_data_loaders(args, splits, unique_per_process: int, eval_batch: int, 
     from timm_mimo.data.device_loader import default_cache_dir, device_loader_for
     if args.device_data == 'off':
         return None, None, None
-    why_not = '--aa transforms each image with PIL in the loader' if args.aa else ''
-    train = None
+    loaders, why_not = [], '--aa transforms each image with PIL in the loader' if args.aa else ''
     if not why_not:
         cache = args.data_cache_dir or default_cache_dir()
+        common = (accelerator.device, splits.mean, splits.std, splits.img_size, cache)
         with accelerator.main_process_first():  # one process decodes and caches, the others read the cache
-            train, why_not = device_loader_for(
-                splits.train, unique_per_process, accelerator.device, splits.mean, splits.std, splits.img_size,
-                cache, seed=args.seed, num_replicas=accelerator.num_processes, rank=accelerator.process_index)
-            loaders = [train]
+            train, why_not = device_loader_for(splits.train, unique_per_process, *common, seed=args.seed,
+                                               num_replicas=accelerator.num_processes, rank=accelerator.process_index)
+            loaders.append(train)
             for split in (splits.validation, splits.test):
-                if train is None or split is None:
+                if why_not or split is None:
                     loaders.append(None)
                     continue
-                loader, why_not = device_loader_for(split, eval_batch, accelerator.device, splits.mean, splits.std,
-                                                    splits.img_size, cache, shuffle=False)
-                if loader is None:
-                    train = None
+                loader, why_not = device_loader_for(split, eval_batch, *common, shuffle=False)
                 loaders.append(loader)
-    if train is None:
+    if why_not:
         if args.device_data == 'on':
             raise ValueError(f'--device-data on: {splits.description} cannot be kept on the device: {why_not}')
         _logger.info(f'data: per-image DataLoader ({why_not})')
         return None, None, None
+    train = loaders[0]
     _logger.info(f'data: decoded splits on {accelerator.device} ({train.images.numel() / 2 ** 20:.0f} MiB of '
                  f'training pixels, {train.images.dtype}), batched there')
     return tuple(loaders)
@@ -354,7 +351,6 @@ def main(argv=None):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
     import timm
-    import timm.optim
     import timm.scheduler
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, set_seed
@@ -563,10 +559,10 @@ def main(argv=None):
     _logger.info(f'global batch {args.batch_size} mixed samples = {args.batch_size // repeat} unique x '
                  f'{repeat} repeats | {world} process(es) x {unique_per_process} unique images x {accum} '
                  f'accumulation steps | {steps_per_epoch} steps/epoch | output {output}')
-    speed = dict(device=str(accelerator.device), distributed=accelerator.distributed_type.value.lower(),
-                 mixed_precision=mixed_precision, channels_last=args.channels_last,
-                 torchcompile=args.torchcompile, fused_optimizer=fused, device_data=on_device)
-    _logger.info('speed: ' + ', '.join(f'{k} {v}' for k, v in speed.items()))
+    speed = dict(distributed=accelerator.distributed_type.value.lower(), mixed_precision=mixed_precision,
+                 channels_last=args.channels_last, torchcompile=args.torchcompile, fused_optimizer=fused,
+                 device_data=on_device)
+    _logger.info(f'speed: device {accelerator.device}, ' + ', '.join(f'{k} {v}' for k, v in speed.items()))
 
     metric_key = args.eval_metric
     start_epoch = state['epoch']
