@@ -16,7 +16,6 @@ existing file is never overwritten unless ``--overwrite`` is given.
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -57,10 +56,8 @@ def build_parser():
 def resolve_model(args):
     """(model, the run's args.yaml dict or {}) from the checkpoint argument or a registered name."""
     import timm
-    import yaml
-
-    from timm_mimo.engine import complete_checkpoints, load_model_folder, load_weights, parse_model_kwargs
-
+    from timm_mimo import rundir
+    from timm_mimo.cli import parse_model_kwargs
     kwargs = parse_model_kwargs(args.model_kwargs)
     if args.num_classes is not None:
         kwargs['num_classes'] = args.num_classes
@@ -69,42 +66,15 @@ def resolve_model(args):
             raise ValueError('give a checkpoint, or --model NAME --pretrained')
         if not timm.is_model(args.model):
             raise ValueError(f'unknown model {args.model!r} (timm_mimo models are registered by validate.py)')
-        from timm_mimo.hub import create_model  # one-line errors naming unpublished / uncached weights
+        from timm_mimo.factory import create_model  # one-line errors naming unpublished / uncached weights
         return create_model(args.model, pretrained=args.pretrained, **kwargs), {}
-    path = Path(args.checkpoint)
-    if not path.exists():
-        raise FileNotFoundError(f'checkpoint not found: {path}')
-    run_args = {}
-    if path.is_dir() and (path / 'args.yaml').exists():  # a training output folder
-        run_args = yaml.safe_load((path / 'args.yaml').read_text()) or {}
-        if args.which == 'last':
-            found = complete_checkpoints(path)
-            if not found:
-                raise FileNotFoundError(f'no complete checkpoint in {path}')
-            path = found[-1]
-        else:
-            path = path / args.which
-    if path.is_dir():
-        return load_model_folder(path, **kwargs), run_args
-    if not args.model:
-        raise ValueError(f'{path} is a weights file: name its architecture with --model')
-    if not timm.is_model(args.model):
-        raise ValueError(f'unknown model {args.model!r}')
-    model = timm.create_model(args.model, **kwargs)
-    load_weights(model, path)
-    return model, run_args
+    checkpoint = rundir.resolve(args.checkpoint, args.which)
+    return rundir.load_model(checkpoint, args.model or None, **kwargs), checkpoint.run_args
 
 
 def refuse_existing(path_str: str, overwrite: bool):
     if path_str and Path(path_str).exists() and not overwrite:
         raise FileExistsError(f'{path_str} exists: pass --overwrite to replace it')
-
-
-def write_atomic(path: Path, text: str):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + '.tmp')
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def main(argv=None):
@@ -117,7 +87,8 @@ def main(argv=None):
     import timm_mimo  # noqa: F401  (registers the models)
     from torch.utils.data import DataLoader
     from timm_mimo.data.splits import build_splits, tensor_transform
-    from timm_mimo.engine import collect_predictions, write_csv_atomic
+    from timm_mimo.engine import collect_predictions
+    from timm_mimo.rundir import write_atomic, write_csv_atomic
     from timm_mimo.metrics import classification_metrics, reliability_diagram, temperature_scaled_metrics
 
     model, run_args = resolve_model(args)
@@ -178,12 +149,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    try:
-        main()
-    except KeyboardInterrupt:
-        sys.exit(130)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, ImportError) as err:
-        if '--debug' in sys.argv:
-            raise
-        print(f'error: {err}', file=sys.stderr)
-        sys.exit(2)
+    from timm_mimo.cli import run_cli
+    sys.exit(run_cli(main))

@@ -33,8 +33,8 @@ import timm
 import timm_mimo  # noqa: F401  (registers the models)
 from timm_mimo import hub
 from timm_mimo.constants import HUB_ORG, hub_id, with_hub_ids
-from timm_mimo.engine import UnsafeCheckpointError, load_model_folder, load_weights, save_model_folder, \
-    save_weights_and_config
+from timm_mimo.rundir import load_model_folder, save_model_folder, write_model_files
+from timm_mimo.weights import UnsafeCheckpointError, load_weights
 from timm_mimo.metrics import classification_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -105,8 +105,9 @@ def make_run(root: Path, name: str = 'run', **model_kwargs) -> Path:
     model_args = dict(drop_rate=0.1, **model_kwargs)  # train.py records its constructor overrides
     best, last = _trained_looking(1, **model_args), _trained_looking(2, **model_args)
     run.mkdir(parents=True)
-    save_model_folder(best, run / 'best', model_args, dict(epoch=1), DATA_CONFIG)
-    save_weights_and_config(last, run / 'checkpoint-0003', model_args, DATA_CONFIG)
+    save_model_folder(best, run / 'best', model_args, DATA_CONFIG, metrics=dict(epoch=1))
+    write_model_files(last, run / 'checkpoint-0003', model_args, DATA_CONFIG)
+    (run / 'checkpoint-0003' / 'state').mkdir()  # a complete checkpoint also holds the training state
     (run / 'checkpoint-0003' / 'trainer_state.json').write_text(json.dumps(dict(epoch=3, step=0)))
     train_parser = runpy.run_path(str(REPO / 'train.py'), run_name='train_args')['build_parser']()
     args = train_parser.parse_args(['--model', ARCH, '--dataset', 'torch/cifar10', '--data-dir', SECRET_DIR,

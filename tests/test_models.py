@@ -90,7 +90,12 @@ def test_torchscript_and_features_only(name):
     with torch.no_grad():
         assert torch.allclose(scripted(x), model(x), atol=1e-5)
         members = _input(model, members=True)
-        assert torch.allclose(scripted(members), model(members), atol=1e-5)
+        m = model.num_members
+        uniform = torch.full((members.shape[0], m, *model.mix_grid_size(members.shape[-2:])), 1.0 / m)
+        assert torch.allclose(scripted(members, uniform), model(members, uniform), atol=1e-5)
+        assert torch.allclose(scripted(x, None, True), model(x, members=True), atol=1e-5)
+        # forward_members: the same calls, uniform masks made for member inputs without them
+        assert torch.allclose(model.forward_members(members), model(members, uniform), atol=1e-6)
     features = timm.create_model(name, features_only=True).eval()
     outs = features(x)
     assert len(outs) >= 4 and [o.shape[1] for o in outs] == features.feature_info.channels()
@@ -105,7 +110,7 @@ def test_shapes_train_and_eval(name, num_members):
     masks = torch.full((3, m, *model.mix_grid_size(members.shape[-2:])), 1.0 / m)
     model.train()
     assert model(members, masks).shape == (3, m, 7)
-    assert model(members).shape == (3, m, 7)
+    assert model.forward_members(members).shape == (3, m, 7)
     model.eval()
     x = _input(model, 3)
     assert model(x).shape == (3, 7)
@@ -152,7 +157,7 @@ def test_inference_sums_member_encoders_and_runs_the_core_once():
 
 def test_members_share_the_core_and_have_their_own_heads():
     model = timm.create_model('wrn16_4_mixmo2').train()
-    member_logits = model(torch.randn(2, 2, 3, 32, 32))
+    member_logits = model.forward_members(torch.randn(2, 2, 3, 32, 32))
     member_logits[:, 0].sum().backward()
     head_grad = model.head.fc.weight.grad.view(2, 10, -1)
     assert head_grad[0].abs().sum() > 0 and head_grad[1].abs().sum() == 0
@@ -179,7 +184,7 @@ def test_reset_classifier_resets_every_head_and_timm_interface():
     assert sum(len(g['params']) for g in groups) == len(list(model.parameters()))
     model.set_grad_checkpointing(True)
     model.train()
-    model(torch.randn(2, 2, 3, 32, 32)).sum().backward()
+    model.forward_members(torch.randn(2, 2, 3, 32, 32)).sum().backward()
 
 
 def test_pretrained_cfg_tags():
@@ -200,7 +205,9 @@ def test_bad_constructor_arguments(kwargs, error):
 def test_bad_inputs_give_clear_errors():
     model = timm.create_model('wrn16_4_mixmo2')
     with pytest.raises(ValueError, match='3 members but the model has num_members=2'):
-        model(torch.randn(2, 3, 3, 32, 32))
+        model.forward_members(torch.randn(2, 3, 3, 32, 32))
+    with pytest.raises(ValueError, match=r'one image per sample .* model\(x, masks\) or model.forward_members'):
+        model(torch.randn(2, 2, 3, 32, 32))  # member inputs need their masks
     with pytest.raises(ValueError, match='mixing masks are 16x16'):
         model(torch.randn(2, 2, 3, 32, 32), torch.rand(2, 2, 16, 16))
     with pytest.raises(ValueError, match='mixing masks must be'):

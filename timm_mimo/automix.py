@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .batch import MemberSoftTargetCrossEntropy, MimoBatch
-from .engine import is_mimo, training_member_logits
+from .engine import MemberOutputs
 from .mixing import check_alpha, member_loss_weights, patch_mix_prob, sample_beta
 
 __all__ = ['MixBlock', 'FeatureTap', 'AutoMix', 'AutoMixOutput', 'momentum_at', 'mask_loss', 'freeze']
@@ -315,21 +315,20 @@ class AutoMix:
         return torch.where(outside, (1 - lam).to(mask.dtype).expand_as(mask), mask)
 
     def __call__(self, model: nn.Module, momentum_model: nn.Module, batch: MimoBatch,
-                 generator: Optional[torch.Generator] = None, mimo: Optional[bool] = None,
-                 momentum_mimo: Optional[bool] = None, vis: bool = False) -> AutoMixOutput:
-        if mimo is None:
-            mimo = is_mimo(model)
-        if momentum_mimo is None:
-            momentum_mimo = is_mimo(momentum_model)
+                 generator: Optional[torch.Generator] = None, outputs: Optional[MemberOutputs] = None,
+                 vis: bool = False) -> AutoMixOutput:
+        """``outputs``: how both models (the online one possibly wrapped) give member logits; by default read
+        from ``momentum_model``, a bare copy of the online model."""
+        outputs = outputs or MemberOutputs(momentum_model)
         if batch.inputs.shape[1] != self.num_members:
             raise ValueError(f'AutoMix for M = {self.num_members} got a batch of {batch.inputs.shape[1]} members')
         if momentum_model.training != self.momentum_train_mode:
             momentum_model.train(self.momentum_train_mode)
         if self.num_members == 1:
-            return self._single(model, momentum_model, batch, generator, mimo, momentum_mimo, vis)
+            return self._single(model, momentum_model, batch, generator, outputs, vis)
         return self._mimo(model, momentum_model, batch, generator, vis)
 
-    def _single(self, model, k_model, batch, generator, mimo, k_mimo, vis) -> AutoMixOutput:
+    def _single(self, model, k_model, batch, generator, outputs, vis) -> AutoMixOutput:
         x, t = batch.inputs[:, 0], batch.targets[:, 0]
         ones = batch.masks
         n, _, h, w = x.shape
@@ -346,16 +345,16 @@ class AutoMix:
         t_bb = lam[1] * t + (1 - lam[1]) * t[perm_bb]
 
         # the Mix Block learns through the frozen momentum encoder (gradients reach x_mb, then s_mb)
-        logits_k = training_member_logits(k_model, x_mb[:, None], ones, k_mimo)
+        logits_k = outputs.members(k_model, x_mb[:, None], ones)
         loss_mb = self.criterion(logits_k.float(), t_mb[:, None])
         loss_mask = mask_loss(s_mb, lam[0], self.margin)
         # the online model learns on the detached mask, and on clean images
-        logits_mix = training_member_logits(model, x_bb[:, None], ones, mimo)
+        logits_mix = outputs.members(model, x_bb[:, None], ones)
         loss_mix = self.criterion(logits_mix.float(), t_bb[:, None])
         loss = loss_mix + loss_mb + self.mask_loss_weight * loss_mask
         loss_one = torch.zeros((), device=x.device)
         if self.clean_loss:
-            logits_one = training_member_logits(model, x[:, None], ones, mimo)
+            logits_one = outputs.members(model, x[:, None], ones)
             loss_one = self.criterion(logits_one.float(), t[:, None])
             loss = loss + loss_one
         terms = dict(mix=loss_mix, one=loss_one, mb=loss_mb, mask=loss_mask)

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from timm.layers import SelectAdaptivePool2d
+from timm.layers import SelectAdaptivePool2d, register_notrace_module
 
 ENSEMBLE_RULES = ('logits', 'probs')
 
@@ -36,6 +36,27 @@ def check_ensemble_rule(rule: str) -> str:
     if rule not in ENSEMBLE_RULES:
         raise ValueError(f'unknown ensemble rule {rule!r}, expected one of {ENSEMBLE_RULES}')
     return rule
+
+
+def check_image_input(x: torch.Tensor, in_chans: int, min_size: int = 1, patch: Tuple[int, int] = (1, 1),
+                      members: bool = False):
+    """Refuse images (B, C, H, W), or member inputs (B, M, C, H, W) with ``members``, of another rank or channel
+    count, smaller than ``min_size`` (the network's reduction) or not divisible by ``patch``, saying which.
+
+    A check, not a computation: the model modules that call it ``torch.fx.wrap`` it, so that tracing keeps it
+    as one call rather than failing on its conditions.
+    """
+    if x.ndim != (5 if members else 4):
+        raise ValueError(f'expected {"member inputs (B, M, C, H, W)" if members else "one image per sample (B, C, H, W)"}'
+                         f', got shape {list(x.shape)} (member inputs: model(x, masks) or model.forward_members(x))')
+    if x.shape[-3] != in_chans:
+        raise ValueError(f'input has {x.shape[-3]} channels, the model expects {in_chans}')
+    if x.shape[-2] < min_size or x.shape[-1] < min_size:
+        raise ValueError(f'input size {x.shape[-2]}x{x.shape[-1]} is smaller than the network reduction '
+                         f'{min_size}: nothing would be left to pool')
+    if x.shape[-2] % patch[0] or x.shape[-1] % patch[1]:
+        raise ValueError(f'image size {x.shape[-2]}x{x.shape[-1]} is not divisible by the patch size '
+                         f'{patch[0]}x{patch[1]}')
 
 
 def mix_members(features: torch.Tensor, masks: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
@@ -124,6 +145,7 @@ class MemberConv2d(nn.Conv2d):
         return (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
 
 
+@register_notrace_module  # its input rank picks the shared or the per-member path: a leaf for torch.fx
 class MemberLinear(nn.Linear):
     """M linear heads stored as one ``nn.Linear(in_features, M * num_classes)``.
 
@@ -191,46 +213,57 @@ class MemberClassifierHead(nn.Module):
 
 
 class MimoClassifierMixin:
-    """Forward contract shared by every MIMO model of the package.
+    """Forward contract shared by every MIMO model of the package; every call goes through ``__call__``, so
+    DDP, FSDP, torch.compile and torch.fx see it.
 
     - ``model(x)`` with x (B, C, H, W): one image for all members, returns ensemble logits (B, K), so
       timm's own training and evaluation code works unchanged (in train() and eval() alike).
-    - ``model(x, masks)`` with x (B, M, C, H, W): M inputs mixed with ``masks`` (B, M, h, w) (uniform
-      1/M when omitted, i.e. MIMO summing), returns member logits (B, M, K).
-    - ``forward_members(x)``: member logits (B, M, K) for either input form, for diversity metrics.
+    - ``model(x, members=True)``: the member logits (B, M, K) of that one pass.
+    - ``model(x, masks)`` with x (B, M, C, H, W): M inputs mixed with ``masks`` (B, M, h, w), returns member
+      logits (B, M, K) (the training call).
+    - ``forward_members(x)``: member logits for either input form (member inputs without masks are mixed
+      uniformly, 1/M each: MIMO summing); a user-facing alias of the calls above.
 
     A model provides ``forward_features`` (single image), ``forward_mixed_features`` (member inputs)
-    and ``forward_member_head`` (features -> (B, M, K) or pooled features if num_classes == 0).
+    and ``forward_member_head`` (features -> (B, M, K), or pooled features if num_classes == 0).
+    The branches depend on the arguments only, never on tensor values or shapes, so torch.fx traces them.
     """
     num_members: int
     num_classes: int
     in_chans: int
     ensemble: str
 
-    def check_member_input(self, x: torch.Tensor, masks: Optional[torch.Tensor]):
+    def check_member_input(self, x: torch.Tensor, masks: torch.Tensor):
         if x.ndim != 5:
             raise ValueError(f'member input must be (B, M, C, H, W), got shape {list(x.shape)}')
         if x.shape[1] != self.num_members:
             raise ValueError(
                 f'input holds {x.shape[1]} members but the model has num_members={self.num_members}')
-        if masks is not None and (masks.ndim != 4 or masks.shape[:2] != x.shape[:2]):
+        if masks.ndim != 4 or masks.shape[:2] != x.shape[:2]:
             raise ValueError(
                 f'mixing masks must be (B, M, h, w) = ({x.shape[0]}, {x.shape[1]}, h, w), '
                 f'got {list(masks.shape)}')
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         out = self.forward_member_head(x, pre_logits=pre_logits)
-        if pre_logits or self.num_classes == 0 or out.ndim != 3:
+        if pre_logits or self.num_classes == 0:
             return out
         return ensemble_logits(out, self.ensemble)
 
+    @torch.jit.ignore
     def forward_members(self, x: torch.Tensor, masks: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if x.ndim == 5:
+        if x.ndim == 5 and masks is None:
+            grid = self.mix_grid_size(tuple(x.shape[-2:]))
+            masks = x.new_full((x.shape[0], self.num_members, *grid), 1.0 / self.num_members)
+        return self(x, masks, members=True)
+
+    def forward(self, x: torch.Tensor, masks: Optional[torch.Tensor] = None, members: bool = False) -> torch.Tensor:
+        # torch.fx traces every argument as a Proxy, which is neither a Tensor nor a bool: a traced model
+        # (timm's FX feature extraction) follows the single-image ensemble path, timm's forward contract
+        if isinstance(masks, torch.Tensor):
             self.check_member_input(x, masks)
             return self.forward_member_head(self.forward_mixed_features(x, masks))
-        return self.forward_member_head(self.forward_features(x))
-
-    def forward(self, x: torch.Tensor, masks: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if x.ndim == 5:
-            return self.forward_members(x, masks)
-        return self.forward_head(self.forward_features(x))
+        features = self.forward_features(x)
+        if isinstance(members, bool) and members:
+            return self.forward_member_head(features)
+        return self.forward_head(features)

@@ -21,10 +21,12 @@ from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_c
 
 from ..constants import CIFAR_DEFAULT_MEAN, CIFAR_DEFAULT_STD, TINY_IMAGENET_MEAN, TINY_IMAGENET_STD, with_hub_ids
 from ..mimo import (
-    MemberClassifierHead, MemberConv2d, MimoClassifierMixin, check_ensemble_rule, check_num_members,
-    mix_members)
+    MemberClassifierHead, MemberConv2d, MimoClassifierMixin, check_ensemble_rule, check_image_input,
+    check_num_members, mix_members)
 
 __all__ = ['MixMoResNet']
+
+torch.fx.wrap('check_image_input')  # one opaque call in traced graphs (timm's FX feature extraction)
 
 
 class WideBasicBlock(nn.Module):
@@ -187,14 +189,6 @@ class MixMoResNet(MimoClassifierMixin, nn.Module):
         """Size (h, w) of the MixMo masks for inputs of ``img_size``: the stem's output grid."""
         return self.stem.output_grid(img_size)
 
-    def _check_image_size(self, x: torch.Tensor):
-        if x.shape[-3] != self.in_chans:
-            raise ValueError(f'input has {x.shape[-3]} channels, the model expects {self.in_chans}')
-        if x.shape[-2] < self.reduction or x.shape[-1] < self.reduction:
-            raise ValueError(
-                f'input size {x.shape[-2]}x{x.shape[-1]} is smaller than the network reduction '
-                f'{self.reduction}: nothing would be left to pool')
-
     def forward_core(self, x: torch.Tensor) -> torch.Tensor:
         """The shared core: every stage and the final norm, run once per mixed sample."""
         if self.grad_checkpointing and not torch.jit.is_scripting():
@@ -205,12 +199,12 @@ class MixMoResNet(MimoClassifierMixin, nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """One image per sample (B, C, H, W): summed member encoders, then the core."""
-        self._check_image_size(x)
+        check_image_input(x, self.in_chans, self.reduction)
         return self.forward_core(self.stem(x))
 
     def forward_mixed_features(self, x: torch.Tensor, masks: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Member inputs (B, M, C, H, W) mixed right after the stem with masks (B, M, h, w), times M."""
-        self._check_image_size(x)
+        check_image_input(x, self.in_chans, self.reduction, members=True)
         features = self.stem.forward_members(x)
         if masks is None:
             # no masks = MIMO: kappa = 1/M, so M * mean = sum of the member features
@@ -246,7 +240,7 @@ class MixMoResNet(MimoClassifierMixin, nn.Module):
             raise ValueError(f'output_fmt must be NCHW, got {output_fmt!r}')
         if x.ndim != 4:
             raise ValueError(f'forward_intermediates takes one image per sample (B, C, H, W), got {list(x.shape)}')
-        self._check_image_size(x)
+        check_image_input(x, self.in_chans, self.reduction)
         num_stages = len(self.stages)
         take_indices, max_index = feature_take_indices(num_stages + 1, indices)
         intermediates = []

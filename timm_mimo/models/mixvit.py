@@ -39,7 +39,8 @@ from timm.models.cait import Cait
 from timm.models.convit import ConVit
 
 from ..constants import CIFAR_DEFAULT_MEAN, CIFAR_DEFAULT_STD, TINY_IMAGENET_MEAN, TINY_IMAGENET_STD, with_hub_ids
-from ..mimo import MemberLinear, MimoClassifierMixin, check_ensemble_rule, check_num_members, mix_members
+from ..mimo import MemberLinear, MimoClassifierMixin, check_ensemble_rule, check_image_input, check_num_members, \
+    mix_members
 
 __all__ = ['MixViTCait', 'MixViTConVit', 'ATTRIBUTION_PLACES', 'CLASS_STAGES', 'INFERENCE_MODES']
 
@@ -47,6 +48,8 @@ ATTRIBUTION_PLACES = ('class', 'mid', 'input', 'none')
 CLASS_STAGES = ('member', 'tokens', 'shared')
 INFERENCE_MODES = ('passes', 'duplicate')
 DEFAULT_TOKEN_GRID = 8  # patch size defaults to img_size // 8: 64 tokens for CIFAR (p=4) and Tiny ImageNet (p=8)
+
+torch.fx.wrap('check_image_input')  # one opaque call in traced graphs (timm's FX feature extraction)
 
 
 def resolve_patch_size(img_size: Union[int, Tuple[int, int]], patch_size: Optional[int]) -> int:
@@ -191,14 +194,6 @@ class MixViTMixin(MimoClassifierMixin):
             raise ValueError(f'image size {h}x{w} is not divisible by the patch size {p[0]}x{p[1]}')
         return h // p[0], w // p[1]
 
-    def _check_image_size(self, x: torch.Tensor):
-        if x.shape[-3] != self.in_chans:
-            raise ValueError(f'input has {x.shape[-3]} channels, the model expects {self.in_chans}')
-        p = self.patch_embed.patch_size
-        if x.shape[-2] % p[0] or x.shape[-1] % p[1]:
-            raise ValueError(f'image size {x.shape[-2]}x{x.shape[-1]} is not divisible by the patch size '
-                             f'{p[0]}x{p[1]}')
-
     # --- the MixViT forward ---------------------------------------------------------------------------
 
     def _run_trunk(self, x: torch.Tensor, start: int, end: int) -> torch.Tensor:
@@ -331,13 +326,13 @@ class MixViTMixin(MimoClassifierMixin):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """One image per sample (B, C, H, W) -> (B, M + N, D): the trunk runs once."""
-        self._check_image_size(x)
+        check_image_input(x, self.in_chans, patch=self.patch_embed.patch_size)
         tokens = self.pos_drop(self.embed_tokens(x))
         return self._forward_tokens(tokens, None)
 
     def forward_mixed_features(self, x: torch.Tensor, masks: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Member inputs (B, M, C, H, W) mixed token by token with masks (B, M, h, w) on the token grid."""
-        self._check_image_size(x)
+        check_image_input(x, self.in_chans, patch=self.patch_embed.patch_size, members=True)
         b, m = x.shape[:2]
         tokens = self.embed_tokens(x.flatten(0, 1)).unflatten(0, (b, m))     # (B, M, N, D)
         n = tokens.shape[2]

@@ -1,0 +1,73 @@
+"""What every command line of the project shares: one error trap, ``K=V`` model arguments, token redaction.
+
+Bad input, a missing file, a full or read-only disk, a refused download: one ``error:`` line on stderr and exit
+code 2, never a traceback (``--debug`` prints it, with any Hugging Face token removed).
+"""
+import re
+import sys
+import traceback
+from typing import Callable, Dict, Optional, Sequence, Type
+
+# what a user can cause and mend: bad values, missing or unreadable files, a full or read-only disk
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, ImportError, OSError)
+
+
+def _token() -> Optional[str]:
+    try:
+        from huggingface_hub import get_token
+        return get_token()
+    except Exception:  # noqa: BLE001  (an unusable login is no login; its error may quote the token)
+        return None
+
+
+def redact(text) -> str:
+    """``text`` without the Hugging Face token (the current one, and anything shaped like one)."""
+    text, token = str(text), _token()
+    if token:
+        text = text.replace(token, '***')
+    return re.sub(r'hf_[A-Za-z0-9]{20,}', '***', text)
+
+
+def one_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return ' '.join(lines[:1]) or type(err).__name__
+
+
+def run_cli(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequence[str]] = None,
+            failures: Optional[Dict[Type[BaseException], int]] = None) -> int:
+    """Run ``main(argv)``; ``failures`` maps further exception types to their exit codes (default 2)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    codes = {**{e: 2 for e in USER_ERRORS}, **(failures or {})}
+    try:
+        code = main(argv)
+        return code if isinstance(code, int) else 0  # a main may return its results to callers
+    except KeyboardInterrupt:
+        print('interrupted', file=sys.stderr)
+        return 130
+    except tuple(codes) as err:
+        if '--debug' in argv:
+            print(redact(traceback.format_exc()), file=sys.stderr)
+        else:
+            print(f'error: {redact(one_line(err))}', file=sys.stderr)
+        return next(code for kind, code in reversed(list(codes.items())) if isinstance(err, kind))
+
+
+def parse_model_kwargs(items) -> dict:
+    """``['k=v', ...]`` from the command line into create_model kwargs (values parsed as YAML)."""
+    import yaml
+    kwargs = {}
+    for item in items:
+        if '=' not in item:
+            raise ValueError(f'--model-kwargs expects K=V, got {item!r}')
+        key, value = item.split('=', 1)
+        kwargs[key] = yaml.safe_load(value)
+    return kwargs
+
+
+def http_one_line(err: BaseException) -> str:
+    """An exception as one line; for an HTTP error, its status and what the server said."""
+    status = getattr(getattr(err, 'response', None), 'status_code', None)
+    server = ' '.join(str(getattr(err, 'server_message', None) or '').split())
+    if status is not None and server:
+        return f'HTTP {status}: {server}'
+    return f'{type(err).__name__}: {one_line(err)}'

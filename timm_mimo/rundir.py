@@ -1,0 +1,447 @@
+"""The run folder: everything ``train.py`` writes and ``validate.py`` and ``hub/`` read back, in one place.
+
+    <run>/args.yaml                  the arguments of the run (``train.py -c`` reads it back)
+    <run>/summary.csv                one row per epoch
+    <run>/results.json               the final evaluation (best and last epochs, validation and test)
+    <run>/best/, <run>/ema/          model folders: model.safetensors + config.json (timm's Hub format)
+    <run>/checkpoint-NNNN[-stepSSSSSS]/  a model folder + trainer_state.json + state/ (Accelerate's)
+    <run>/.lock                      held (flock) by the train.py that writes the folder
+
+Every file is written under a temporary name and renamed into place, every folder is written as a
+temporary sibling and swapped in, so what carries a final name is complete. A checkpoint counts only when
+its name is exactly ``checkpoint-NNNN[-stepSSSSSS]`` and it holds its weights, training state and a
+readable trainer state: a half-written or renamed-by-hand folder cannot meet that rule.
+"""
+import contextlib
+import csv
+import fcntl
+import io
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, List, Optional, Union
+
+import torch.nn as nn
+import yaml
+
+ARGS_FILE = 'args.yaml'
+SUMMARY_FILE = 'summary.csv'
+RESULTS_FILE = 'results.json'
+BEST_DIR = 'best'
+EMA_DIR = 'ema'
+LOCK_FILE = '.lock'
+MIXED_SAMPLES_DIR = 'mixed_samples'
+MIXBLOCK_FILE = 'mixblock.safetensors'
+# inside a checkpoint or model folder
+WEIGHTS_FILE = 'model.safetensors'
+CONFIG_FILE = 'config.json'
+METRICS_FILE = 'metrics.json'
+STATE_FILE = 'trainer_state.json'
+TRAINING_STATE_DIR = 'state'
+EXTRA_WEIGHTS_FILE = 'task.safetensors'  # the task's own models (EMA, momentum encoder): never pickled
+
+CHECKPOINT_RE = re.compile(r'checkpoint-(\d{4,})(?:-step(\d{6,}))?')
+# what an interrupted write or swap leaves behind (removed when the run resumes)
+LEFTOVER_RE = re.compile(r'\..+\.tmp(-.*)?|.+\.old')
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _apply_umask(path: Path):
+    """The permissions of a normally created file or folder (mkstemp / mkdtemp make them owner-only)."""
+    mask = _umask()
+    paths = [path] + (list(path.rglob('*')) if path.is_dir() else [])
+    for p in paths:
+        if not p.is_symlink():
+            p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
+
+
+def write_atomic(path: Union[str, Path], data: Union[str, bytes]):
+    """Write ``data`` to a temporary file next to ``path``, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.tmp-', dir=path.parent)
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        _apply_umask(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json_atomic(path: Union[str, Path], obj):
+    write_atomic(path, json.dumps(obj, indent=2))
+
+
+def write_csv_atomic(path: Union[str, Path], rows: Iterable[dict]):
+    """Dict rows (header = union of their keys) written atomically."""
+    rows = list(rows)
+    fields = []
+    for row in rows:
+        fields += [k for k in row if k not in fields]
+    text = io.StringIO(newline='')
+    writer = csv.DictWriter(text, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(path, text.getvalue())
+
+
+def read_csv(path: Path) -> List[dict]:
+    if not Path(path).exists():
+        return []
+    with open(path, newline='') as f:
+        return list(csv.DictReader(f))
+
+
+def replace_dir(tmp_dir: Path, final_dir: Path):
+    """Move a fully written folder into place; an existing one is swapped out first, then deleted."""
+    old = None
+    if final_dir.exists():
+        old = final_dir.with_name(final_dir.name + '.old')
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final_dir, old)
+    os.replace(tmp_dir, final_dir)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+@contextlib.contextmanager
+def atomic_dir(final_dir: Union[str, Path]):
+    """Yield a temporary sibling of ``final_dir`` to fill; on success it replaces ``final_dir``, on any
+    failure (a full disk included) it is removed, so nothing half-written is left under either name."""
+    final_dir = Path(final_dir)
+    final_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f'.{final_dir.name}.tmp-', dir=final_dir.parent))
+    try:
+        yield tmp
+        _apply_umask(tmp)
+        replace_dir(tmp, final_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def remove_leftovers(run_dir: Path) -> List[str]:
+    """Delete what interrupted writes and swaps left in ``run_dir`` (temporary and ``.old`` names only)."""
+    removed = []
+    for path in Path(run_dir).iterdir():
+        if LEFTOVER_RE.fullmatch(path.name) and path.name != LOCK_FILE:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            removed.append(path.name)
+    return removed
+
+
+# ------------------------------------------------------------------------------------------------------
+# model folders (timm's Hub format) and checkpoints
+
+def save_model_folder(model: nn.Module, folder: Path, model_args: dict, data_config: Optional[dict] = None,
+                      state_dict: Optional[dict] = None, metrics: Optional[dict] = None):
+    """``model.safetensors`` + ``config.json`` written by timm's ``save_for_hf``, atomically.
+
+    ``state_dict``: the weights to write when ``model.state_dict()`` is not them (FSDP: the gathered
+    weights of ``accelerator.get_state_dict``). ``data_config``: the preprocessing the weights were trained with.
+    """
+    with atomic_dir(folder) as tmp:
+        write_model_files(model, tmp, model_args, data_config, state_dict)
+        if metrics:
+            write_json_atomic(tmp / METRICS_FILE, metrics)
+
+
+def write_model_files(model: nn.Module, folder: Path, model_args: dict, data_config: Optional[dict] = None,
+                      state_dict: Optional[dict] = None):
+    from timm.models import save_for_hf
+    weights = model.state_dict() if state_dict is None else state_dict
+    # safetensors refuses non-contiguous tensors (channels-last kernels): timm's save_for_hf reads
+    # model.state_dict(), so for the duration of the call it returns contiguous copies of these weights
+    contiguous = {k: v.detach().contiguous() for k, v in weights.items()}
+    model.state_dict = lambda *args, **kwargs: contiguous
+    try:
+        save_for_hf(model, str(folder), model_args=model_args, data_config=data_config, safe_serialization=True)
+    finally:
+        del model.state_dict
+
+
+def load_model_folder(folder: Path, **kwargs) -> nn.Module:
+    """A model folder (ours or any timm Hub-format folder): built from ``config.json`` as timm's ``local-dir:``
+    does, weights read with safetensors. ``kwargs`` override the saved model arguments."""
+    import timm
+    from .weights import load_weights
+    folder = Path(folder)
+    config_path = folder / CONFIG_FILE
+    if not config_path.exists():
+        raise FileNotFoundError(f'no {CONFIG_FILE} in {folder}: not a model folder')
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f'{config_path} is not a valid config file: {e}') from e
+    architecture = config.get('architecture') if isinstance(config, dict) else None
+    if not architecture or not timm.is_model(architecture):
+        raise ValueError(
+            f'unknown architecture {architecture!r} in {config_path}: not in timm\'s registry (timm_mimo '
+            f'models are registered by "import timm_mimo" before timm.create_model)')
+    weights = folder / WEIGHTS_FILE
+    if not weights.exists():
+        raise FileNotFoundError(f'no {WEIGHTS_FILE} in {folder}')
+    try:
+        model = timm.create_model(f'local-dir:{folder.resolve()}', pretrained=False, **kwargs)
+    except RuntimeError as e:  # timm's, e.g. an architecture it cannot build from this config
+        raise ValueError(f'cannot build the model of {folder}: {str(e).strip().splitlines()[0]}') from e
+    load_weights(model, weights)
+    return model
+
+
+def checkpoint_name(epoch: int, step: int) -> str:
+    return f'checkpoint-{epoch:04d}' + (f'-step{step:06d}' if step else '')
+
+
+def read_trainer_state(checkpoint: Path) -> Optional[dict]:
+    """The trainer state of a complete checkpoint folder, else None."""
+    checkpoint = Path(checkpoint)
+    if not (CHECKPOINT_RE.fullmatch(checkpoint.name) and checkpoint.is_dir() and (checkpoint / WEIGHTS_FILE).is_file()
+            and (checkpoint / TRAINING_STATE_DIR).is_dir()):
+        return None
+    try:
+        state = json.loads((checkpoint / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) and {'epoch', 'step'} <= set(state) else None
+
+
+def complete_checkpoints(run_dir: Path) -> List[Path]:
+    """The complete checkpoints of a run, oldest first by training progress."""
+    found = []
+    for path in Path(run_dir).glob('checkpoint-*'):
+        state = read_trainer_state(path)
+        if state is not None:
+            found.append(((state['epoch'], state['step']), path))
+    return [p for _, p in sorted(found)]
+
+
+def is_run_dir(path: Path) -> bool:
+    return Path(path).is_dir() and (Path(path) / ARGS_FILE).is_file()
+
+
+def is_started(run_dir: Path) -> bool:
+    """Whether a run folder holds anything worth keeping: a checkpoint, best weights or results."""
+    run_dir = Path(run_dir)
+    return bool(complete_checkpoints(run_dir)) or (run_dir / BEST_DIR).exists() or (run_dir / RESULTS_FILE).exists()
+
+
+def read_args(run_dir: Path) -> dict:
+    path = Path(run_dir) / ARGS_FILE
+    if not path.exists():
+        return {}
+    try:
+        args = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f'{path} is not valid YAML: {str(e).splitlines()[0]}') from e
+    return args if isinstance(args, dict) else {}
+
+
+class RunLock:
+    """An exclusive lock on a run folder, held while one train.py writes it. The kernel releases a flock
+    when its process dies, however it dies, so a SIGKILLed run stays resumable."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / LOCK_FILE
+        self._file = None
+
+    def acquire(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(self.path, 'a+')
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or '?'
+            f.close()
+            raise FileExistsError(f'{self.path.parent} is in use by another train.py (pid {holder}): wait for it, '
+                                  f'or choose another --output/--experiment') from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        self._file = f
+        return self
+
+    def release(self):
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+# ------------------------------------------------------------------------------------------------------
+# reading a run back: a source (run folder, checkpoint, model folder, weights file) -> weights
+
+@dataclass
+class Checkpoint:
+    """Weights and their context. ``which``: best / last / ema (of a run), checkpoint, folder, or file."""
+    weights: Path
+    which: str
+    run_dir: Optional[Path] = None
+    epoch: Optional[int] = None  # completed epochs, for checkpoint folders at an epoch's end
+
+    @property
+    def run_args(self) -> dict:
+        return read_args(self.run_dir) if self.run_dir is not None else {}
+
+
+def resolve(source, which: str = 'best') -> Checkpoint:
+    """A training folder (its ``which`` weights: best, last, ema), a checkpoint or model folder, or a file."""
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f'checkpoint not found: {path}')
+    if is_run_dir(path):
+        if which == 'last':
+            found = complete_checkpoints(path)
+            if not found:
+                raise FileNotFoundError(f'no complete checkpoint in {path}')
+            return Checkpoint(found[-1], 'last', path)
+        if not (path / which / CONFIG_FILE).exists():
+            raise FileNotFoundError(f'{path} has no {which}/ model folder' +
+                                    (' (train with --model-ema)' if which == EMA_DIR else ''))
+        return Checkpoint(path / which, which, path)
+    if path.is_dir():
+        if not (path / CONFIG_FILE).exists():
+            raise FileNotFoundError(f'{path} is neither a training folder ({ARGS_FILE}) nor a model folder '
+                                    f'({CONFIG_FILE})')
+        run_dir = path.parent if is_run_dir(path.parent) else None
+        state = read_trainer_state(path)
+        if state is not None:
+            return Checkpoint(path, 'checkpoint', run_dir, state['epoch'] if not state['step'] else None)
+        if run_dir is not None and path.name in (BEST_DIR, EMA_DIR):
+            return Checkpoint(path, path.name, run_dir)
+        return Checkpoint(path, 'folder', run_dir)
+    return Checkpoint(path, 'file')
+
+
+def load_model(checkpoint: Checkpoint, model_name: Optional[str] = None, **kwargs) -> nn.Module:
+    """The model of ``checkpoint``, weights read safely; ``model_name`` / ``num_classes`` must agree with it."""
+    import timm
+    from timm.models import split_model_name_tag
+    from .weights import load_weights
+    num_classes = kwargs.get('num_classes')
+    if checkpoint.which == 'file':
+        if not model_name:
+            raise ValueError(f'{checkpoint.weights} is a weights file: name its architecture with --model')
+        if not timm.is_model(model_name):
+            raise ValueError(f'unknown model {model_name!r}: not in timm\'s registry')
+        model = timm.create_model(model_name, **kwargs)
+        load_weights(model, checkpoint.weights)
+        return model
+    model = load_model_folder(checkpoint.weights, **{k: v for k, v in kwargs.items() if k != 'num_classes'})
+    arch = model.pretrained_cfg.get('architecture')
+    if model_name and split_model_name_tag(model_name)[0] != arch:
+        raise ValueError(f'{checkpoint.weights} holds a {arch}, not a {split_model_name_tag(model_name)[0]}')
+    if num_classes is not None and num_classes != model.num_classes:
+        raise ValueError(f'{checkpoint.weights} predicts {model.num_classes} classes, not {num_classes}')
+    return model
+
+
+def load_results(checkpoint: Checkpoint, results: Optional[str] = None) -> dict:
+    """The metrics of ``checkpoint``'s weights: ``{'epoch', 'splits': {split: metrics}, 'meta', 'source'}``,
+    from the run's results.json (train.py: best and last epochs, EMA) or from ``results`` (train.py's or
+    validate.py's ``--results-file`` format)."""
+    if results is not None:
+        path = Path(results)
+        if not path.exists():
+            raise FileNotFoundError(f'results file not found: {path}')
+    elif checkpoint.run_dir is not None:
+        path = checkpoint.run_dir / RESULTS_FILE
+        if not path.exists():
+            raise FileNotFoundError(
+                f'no {RESULTS_FILE} in {checkpoint.run_dir}: the model card needs the run\'s metrics (train.py writes '
+                f'them when the run completes; or evaluate with validate.py --results-file F and pass --results F)')
+    else:
+        raise FileNotFoundError(
+            f'{checkpoint.weights} is not inside a training folder, so there is no {RESULTS_FILE}: evaluate it with '
+            f'validate.py --results-file F and pass --results F')
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f'{path} is not a results file: {e}') from e
+    if not isinstance(data, dict):
+        raise ValueError(f'{path} is not a results file')
+
+    if 'split' in data and isinstance(data.get(data['split']), dict):  # validate.py --results-file
+        splits = {data['split']: data[data['split']]}
+        if isinstance(data.get('corruptions'), dict):
+            splits['corruptions'] = data['corruptions']
+        return dict(epoch=None, splits=splits, meta=data, source=path.name)
+    if not isinstance(data.get('best'), dict):
+        raise ValueError(f'{path} is neither train.py\'s {RESULTS_FILE} nor validate.py\'s --results-file')
+
+    which = checkpoint.which
+    if which == 'checkpoint' and checkpoint.epoch is not None and checkpoint.epoch == data.get('epochs'):
+        which = 'last'  # the final checkpoint holds the last epoch's weights
+    if which in ('best', 'last'):
+        entry = data.get(which) or {}
+        splits = {k: v for k, v in entry.items() if isinstance(v, dict)}
+        return dict(epoch=entry.get('epoch'), splits=splits, meta=data, source=path.name)
+    if which == 'ema':
+        if not isinstance(data.get('ema_validation'), dict):
+            raise ValueError(f'{path} has no EMA metrics (ema_validation)')
+        return dict(epoch=None, splits={'validation': data['ema_validation']}, meta=data, source=path.name)
+    raise ValueError(
+        f'{path} has metrics for the best and last epochs of the run only, not for {checkpoint.weights}: '
+        f'export the run folder (--which best|last|ema), or evaluate these weights with validate.py '
+        f'--results-file F and pass --results F')
+
+
+def saved_model_args(checkpoint: Checkpoint) -> dict:
+    """The constructor arguments recorded in a model folder's config.json."""
+    if checkpoint.which == 'file':
+        return {}
+    config = json.loads((checkpoint.weights / CONFIG_FILE).read_text())
+    return dict(config.get('model_args') or {})
+
+
+def is_inside_training_state(path: Path) -> bool:
+    """Whether ``path`` is (or is inside) a folder whose loss would lose training state: a checkpoint."""
+    path = Path(path).resolve()
+    return any(read_trainer_state(p) is not None or (p / STATE_FILE).exists() for p in (path, *path.parents))
+
+
+def check_state_files_are_plain(state_dir: Path):
+    """Refuse a training state whose pickled files hold more than tensors, numbers and numpy arrays.
+
+    Accelerate unpickles some of its files in full (``custom_checkpoint_*.pkl``); a crafted file could run
+    code. Each pickled file must load with ``torch.load(weights_only=True)`` (with Accelerate's own numpy
+    allowances, as for its random states), which runs nothing; one that cannot is refused, named.
+    """
+    from accelerate.utils.other import load as accelerate_load
+    for path in sorted(Path(state_dir).rglob('*')):
+        if not path.is_file() or path.suffix == '.safetensors' or path.name.endswith('.json'):
+            continue
+        try:
+            accelerate_load(str(path), map_location='cpu', weights_only=True)
+        except Exception as e:  # noqa: BLE001  (any failure of the restricted unpickler is a refusal)
+            from .weights import unpickling_reason
+            raise ValueError(f'refusing to resume from {path}: it is not a plain tensor file (weights-only load '
+                             f'failed: {unpickling_reason(e, path)})') from None
+
+
+def resolve_resume(path: Path):
+    """(run folder, checkpoint to continue from) for ``--resume``: a run folder (its newest complete
+    checkpoint) or one of its checkpoints."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f'--resume path not found: {path}')
+    if read_trainer_state(path) is not None:
+        return path.parent, path
+    checkpoints = complete_checkpoints(path) if path.is_dir() else []
+    if not checkpoints:
+        raise FileNotFoundError(f'no complete checkpoint in {path} to resume from (a run stopped before its first '
+                                f'checkpoint starts again without --resume)')
+    return path, checkpoints[-1]

@@ -1,0 +1,254 @@
+"""Training methods, chosen once per run (as timm's ``timm.task`` does): what a step's loss is, what follows an
+optimizer step, which models are evaluated and deployed, and what a checkpoint must hold beside the model.
+
+- :class:`MimoTask`: MixMo / MIMO training for M >= 1 (any plain timm model is the M = 1 case), with an
+  optional ``--model-ema`` copy.
+- :class:`AutoMixTask`: AutoMix (``--msda automix``, M = 1; ``--mix-mode automix``, M = 2): its Mix Block, its
+  momentum encoder with the cosine momentum schedule, their parameter groups and their files.
+
+Both keep their extra models as tensors (:meth:`state_dict`), which train.py saves with safetensors: nothing
+of a checkpoint is ever unpickled to resume it.
+"""
+from typing import Dict, List, NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+
+from .batch import MemberSoftTargetCrossEntropy, MimoBatch, MimoBatchBuilder, random_crop_flip, random_erase
+from .engine import MemberOutputs
+
+EMA = 'ema'
+
+
+class StepOutput(NamedTuple):
+    loss: torch.Tensor                            # to backpropagate
+    parts: Dict[str, torch.Tensor]                # detached scalars, summed over the epoch for the summary
+    samples: Optional[Dict[str, torch.Tensor]]    # mixed samples for a picture (when asked), else None
+    what: str                                     # what the samples show
+
+
+def batch_augment(crop_flip: bool, erase_prob: float, erase_mode: str):
+    """The batched augmentation of every batch copy: pad-4 crop + flip, then random erasing, all drawn from
+    the step's generator (so a resumed run replays them)."""
+    if not 0.0 <= erase_prob <= 1.0:
+        raise ValueError(f'--reprob must be in [0, 1], got {erase_prob}')
+    if erase_prob == 0:
+        return random_crop_flip if crop_flip else None
+
+    def augment(images, generator=None):
+        if crop_flip:
+            images = random_crop_flip(images, generator=generator)
+        return random_erase(images, erase_prob, erase_mode, generator=generator)
+    return augment
+
+
+def build_builder(args, model, num_classes: int, img: int, mix_mode: str):
+    """The MIMO batch builder. AutoMix mixes the batch itself: the builder then draws no MixMo masks (M = 2:
+    'mimo', member weights 1) and no MSDA (M = 1); it still repeats, augments, pairs and makes the targets."""
+    grid = model.mix_grid_size((img, img)) if hasattr(model, 'mix_grid_size') else (img, img)
+    return MimoBatchBuilder(
+        getattr(model, 'num_members', 1), num_classes, grid, batch_repeat=args.batch_repeat,
+        mix_mode='mimo' if mix_mode == 'automix' else mix_mode, mix_prob=args.mix_prob, mix_alpha=args.mix_alpha,
+        weight_root=args.weight_root, msda=None if args.msda in ('none', 'automix') else args.msda,
+        msda_prob=args.msda_prob, msda_alpha=args.msda_alpha, label_smoothing=args.smoothing,
+        augment=batch_augment(args.aug == 'crop-flip', args.reprob, args.remode))
+
+
+
+class MimoTask:
+    """MixMo / MIMO training: the batch builder mixes, the members predict their own inputs' labels."""
+
+    def __init__(self, model: nn.Module, builder, ema_decay: Optional[float] = None, device=None):
+        from timm.utils import ModelEmaV3
+        self.outputs = MemberOutputs(model)
+        self.builder = builder
+        self.criterion = MemberSoftTargetCrossEntropy()
+        self.ema = ModelEmaV3(model, decay=ema_decay, device=device) if ema_decay is not None else None
+
+    # --- set-up ---------------------------------------------------------------------------------------
+
+    def param_groups(self, lr: float, weight_decay: float, decay_all: bool) -> List[dict]:
+        """Optimizer groups beside the model's."""
+        return []
+
+    def prepare(self, accelerator, total_updates: int):
+        """Hand the task's own trained modules to Accelerate (they then follow the model's device and DDP)."""
+
+    @property
+    def trained_modules(self) -> List[nn.Module]:
+        """Modules trained beside the model: accumulated and clipped with it."""
+        return []
+
+    def set_epoch(self, epoch: int, epochs: int):
+        self.builder.set_epoch(epoch, epochs)
+
+    # --- the step -------------------------------------------------------------------------------------
+
+    def step(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator,
+             pictures: bool = False) -> StepOutput:
+        batch = self.builder(images, labels, generator=generator)
+        logits = self.outputs.members(model, batch.inputs, batch.masks)
+        loss = self.criterion(logits.float(), batch.targets)
+        return StepOutput(loss, {}, *(self._pictures(batch, images, generator) if pictures else (None, '')))
+
+    def after_step(self, model: nn.Module, num_updates: int):
+        """After each optimizer step (``model``: the bare model)."""
+        if self.ema is not None:
+            self.ema.update(model, step=num_updates)
+
+    def _pictures(self, batch: MimoBatch, images: torch.Tensor, generator: torch.Generator):
+        from .visualize import mimo_samples, msda_samples
+        if batch.inputs.shape[1] >= 2:
+            return mimo_samples(batch.inputs, batch.masks), \
+                f'MixMo {self.builder.mix_mode} masks (members 0 and 1; mixed = pixel illustration)'
+        if self.builder.msda is not None:
+            # fresh draws of the same MSDA on this step's images (the builder keeps its partners to itself)
+            alpha = self.builder.msda_alpha
+            return msda_samples(images.float(), self.builder.msda, alpha, generator), \
+                f'{self.builder.msda} (alpha {alpha}, drawn for the picture)'
+        return None, 'nothing is mixed in this run (M = 1, no MSDA)'
+
+    # --- evaluation and what is kept ------------------------------------------------------------------
+
+    @property
+    def eval_models(self) -> Dict[str, nn.Module]:
+        """Models evaluated every epoch beside the trained one."""
+        return {EMA: self.ema.module} if self.ema is not None else {}
+
+    deployed = 'model'  # the model that best/ holds and --eval-metric selects: the trained one
+
+    def epoch_columns(self, metrics: Dict[str, dict], sums: Dict[str, float]) -> dict:
+        """Summary columns of the extra models and loss parts (``metrics``: name -> validation metrics)."""
+        if EMA not in metrics:
+            return {}
+        m = metrics[EMA]
+        return dict(ema_top1=m['top1'], ema_nll=m['nll'], ema_ece=m['ece'])
+
+    def results(self, accelerator) -> dict:
+        """Entries of results.json beside the evaluations."""
+        return {}
+
+    def files(self) -> Dict[str, Dict[str, torch.Tensor]]:
+        """Files of the run folder beside the model folders: name -> tensors (written with safetensors)."""
+        return {}
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        return {f'{EMA}.{k}': v for k, v in self.ema.state_dict().items()} if self.ema is not None else {}
+
+    def load_state_dict(self, tensors: Dict[str, torch.Tensor]):
+        if self.ema is not None:
+            prefix = f'{EMA}.'
+            self.ema.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+
+
+class AutoMixTask(MimoTask):
+    """AutoMix: the Mix Block learns masks through a frozen momentum encoder (an EMA of the model with a
+    cosine momentum schedule), which is also the deployed model (spec automix.md §6, §8)."""
+
+    deployed = EMA
+
+    def __init__(self, model: nn.Module, builder, args, num_members: int, img_size, device=None):
+        from timm.utils import ModelEmaV3
+        from .automix import build_automix, check_features, freeze
+        super().__init__(model, builder)
+        self.automix = build_automix(
+            model, args.automix_stage, num_members=num_members, lam_concat=args.automix_lam_concat,
+            alpha=args.automix_alpha, mask_loss_weight=args.automix_mask_loss, margin=args.automix_margin,
+            lam_margin=args.automix_lam_margin, weight_root=args.weight_root,
+            mix_prob=args.mix_prob if num_members == 2 else 1.0)
+        check_features(self.automix, model, img_size, getattr(model, 'in_chans', 3), device)
+        self.momentum = (args.automix_momentum, args.automix_momentum_end, args.automix_momentum_start)
+        self.mixblock_lr = args.mixblock_lr if args.mixblock_lr is not None else args.lr
+        # the momentum encoder runs AutoMix's passes in train mode, so its BatchNorm statistics mostly follow
+        # its own activations (timm_mimo.automix); it learns nothing by gradient
+        self.ema = ModelEmaV3(model, decay=args.automix_momentum, device=device)
+        freeze(self.ema.module)
+        self.mixblock = self.automix.mixblock.to(device)
+        self.total_updates = 0
+
+    def param_groups(self, lr: float, weight_decay: float, decay_all: bool) -> List[dict]:
+        from .automix import mixblock_param_groups
+        return mixblock_param_groups(self.mixblock, self.mixblock_lr, weight_decay, decay_all=decay_all)
+
+    def prepare(self, accelerator, total_updates: int):
+        self.automix.mixblock = accelerator.prepare(self.mixblock)  # DDP with several processes, saved in state
+        self.total_updates = total_updates
+
+    @property
+    def trained_modules(self) -> List[nn.Module]:
+        return [self.automix.mixblock]
+
+    def set_epoch(self, epoch: int, epochs: int):
+        super().set_epoch(epoch, epochs)
+        self.automix.progress = self.builder.progress  # M = 2: learned vs linear masks, decaying like Cut-MixMo's
+
+    def step(self, model, images, labels, generator, pictures: bool = False) -> StepOutput:
+        # one iteration of AutoMix: both branches, one loss, one backward, one optimizer step
+        batch = self.builder(images, labels, generator=generator)
+        out = self.automix(model, self.ema.module, batch, generator, self.outputs, vis=pictures)
+        what = 'AutoMix (learned mask, backbone branch)' if batch.inputs.shape[1] == 1 else \
+            'AutoMix-MixMo (learned mask on the mixing grid; mixed = pixel illustration)'
+        return StepOutput(out.loss, out.parts, out.vis, what)
+
+    def after_step(self, model: nn.Module, num_updates: int):
+        from .automix import momentum_at
+        # the momentum for the update after iteration t = num_updates - 1 (spec §6), then the EMA update
+        self.ema.decay = momentum_at(num_updates - 1, self.total_updates, *self.momentum)
+        self.ema.update(model)
+
+    def epoch_columns(self, metrics: Dict[str, dict], sums: Dict[str, float]) -> dict:
+        m = metrics[EMA]
+        columns = dict(ema_top1=m['top1'], ema_nll=m['nll'], ema_ece=m['ece'], ema_top5=m['top5'], ema_loss=m['nll'],
+                       automix_momentum=self.ema.decay)
+        columns.update({f'ema_member{k}_top1': acc for k, acc in enumerate(m['member_top1'])})
+        columns.update({f'train_{k}' if k == 'mask_mean' else f'train_loss_{k}': v for k, v in sums.items()})
+        return columns
+
+    def results(self, accelerator) -> dict:
+        mixblock = accelerator.unwrap_model(self.automix.mixblock)
+        return dict(automix=dict(
+            mode='--msda automix' if self.automix.num_members == 1 else '--mix-mode automix',
+            feature_level=self.automix.tap.index, feature_module=self.automix.tap.info.get('module'),
+            mixblock_params=sum(p.numel() for p in mixblock.parameters()), final_momentum=self.ema.decay))
+
+    def files(self) -> Dict[str, Dict[str, torch.Tensor]]:
+        from .rundir import MIXBLOCK_FILE
+        mixblock = self.mixblock
+        return {MIXBLOCK_FILE: {k: v.detach().contiguous() for k, v in mixblock.state_dict().items()}}
+
+    def describe(self) -> str:
+        m0, m_end, start = self.momentum
+        return (f'Mix Block on feature level {self.automix.tap.index} ({self.automix.tap.info.get("module", "?")}, '
+                f'{self.mixblock.in_chans} ch), {sum(p.numel() for p in self.mixblock.parameters())} params, lr '
+                f'{self.mixblock_lr}; momentum encoder {m0} -> {m_end} (cosine from {start:.0%} of training)')
+
+
+def check_automix_args(args, model: nn.Module, num_members: int, mix_mode: str):
+    """The combinations AutoMix supports, refused with one line otherwise."""
+    from .mixing import BINARY_MIX_MODES
+    if args.msda == 'automix' and mix_mode == 'automix':
+        raise ValueError('use --msda automix (M = 1) or --mix-mode automix (M = 2), not both')
+    if args.msda == 'automix' and num_members != 1:
+        raise ValueError(f'--msda automix is AutoMix for single networks (M = 1) but {args.model} has '
+                         f'M = {num_members}: use --mix-mode automix for M = 2')
+    if mix_mode == 'automix':
+        if num_members != 2:
+            raise ValueError(f'--mix-mode automix learns MixMo masks for M = 2 but {args.model} has M = {num_members}')
+        if getattr(model, 'default_mix_mode', 'cut') in BINARY_MIX_MODES:
+            raise ValueError(f'--mix-mode automix draws soft masks; {args.model} mixes tokens with binary masks')
+    if args.model_ema:
+        raise ValueError('AutoMix keeps its own momentum encoder, evaluated and saved as the EMA model: '
+                         'drop --model-ema')
+    if args.mixblock_lr is not None and args.mixblock_lr < 0:
+        raise ValueError(f'--mixblock-lr must be >= 0, got {args.mixblock_lr}')
+    if not 0 <= args.automix_momentum <= 1 or not 0 <= args.automix_momentum_end <= 1:
+        raise ValueError('--automix-momentum and --automix-momentum-end must be in [0, 1]')
+
+
+def create_task(args, model: nn.Module, builder, mix_mode: str, img_size, device=None) -> MimoTask:
+    """The run's training method, chosen once from its arguments."""
+    num_members = getattr(model, 'num_members', 1)
+    if 'automix' in (args.msda, mix_mode):
+        check_automix_args(args, model, num_members, mix_mode)
+        return AutoMixTask(model, builder, args, num_members, img_size, device)
+    return MimoTask(model, builder, ema_decay=args.model_ema_decay if args.model_ema else None, device=device)

@@ -1,0 +1,263 @@
+"""train.py's command line: the flags (timm's names where they overlap), YAML configs and their checks.
+
+Precedence: the flags' defaults, then the run's own ``args.yaml`` (``--resume``), then a ``-c`` config, then
+the command line. Every value is checked as the command line checks it (type, choices, range), so a config
+cannot bring in what a flag would refuse; a resumed run must keep its recipe (:data:`LOCAL_KEYS` may change).
+"""
+import argparse
+import math
+from pathlib import Path
+
+import yaml
+
+from .rundir import ARGS_FILE
+
+LOWER_IS_BETTER = ('nll', 'ece', 'brier', 'loss')
+EVAL_METRICS = ('top1', 'top5', 'nll', 'ece', 'brier', 'auc', 'member_mean_top1')
+# where a run's files go and how it is watched: these may change on --resume, everything else is the recipe
+LOCAL_KEYS = {'config', 'resume', 'output', 'experiment', 'debug', 'workers', 'device_data', 'data_cache_dir',
+              'data_dir', 'dataset_download', 'log_tensorboard', 'checkpoint_hist', 'log_interval', 'torchcompile',
+              'torchcompile_mode', 'channels_last', 'fused_opt', 'mix_vis_interval'}
+_BOOL_WORDS = {'true': True, 'yes': True, 'on': True, '1': True, 'false': False, 'no': False, 'off': False, '0': False}
+_BOOL_ACTIONS = (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse.BooleanOptionalAction)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """``-h`` shows every default, and the description as written."""
+
+
+def build_parser(description: str = '') -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+    p.add_argument('-c', '--config', default='', help='YAML file of argument defaults (keys = long flag names, e.g. batch_size)')
+    g = p.add_argument_group('data')
+    g.add_argument('--data-dir', default=None, help='dataset root, image folder, tar or CIFAR-10 zip')
+    g.add_argument('--dataset', default='', help="'' = embedded digits; cifar10-zip, torch/cifar10, ...")
+    g.add_argument('--dataset-download', action='store_true', help='download torch/* datasets')
+    g.add_argument('--val-per-class', type=int, default=None, help='validation images per class carved from train')
+    g.add_argument('--img-size', type=int, default=None, help='input size (default: the model\'s)')
+    g.add_argument('-j', '--workers', type=int, default=0, help='data loader worker processes')
+    g.add_argument('--device-data', default='auto', choices=['auto', 'on', 'off'],
+                   help="keep the decoded splits on the device and batch them there (small-image sets: the CIFAR "
+                        "zip, torch/cifar10/100, digits); 'auto': whenever the data allows it (no per-image --aa); "
+                        "'off': a DataLoader with timm's per-image transforms")
+    g.add_argument('--data-cache-dir', default=None,
+                   help='where decoded uint8 splits are cached (default $TIMM_MIMO_CACHE_DIR or ~/.cache/timm_mimo)')
+    g = p.add_argument_group('model')
+    g.add_argument('--model', default='wrn16_2_mixmo2', help='any registered timm model')
+    g.add_argument('--num-classes', type=int, default=None, help='default: from the dataset')
+    g.add_argument('--num-members', type=int, default=None, help='M (MIMO models only); default the model\'s')
+    g.add_argument('--ensemble', default=None, choices=['logits', 'probs'], help='ensembling rule (MIMO)')
+    g.add_argument('--drop', type=float, default=None, help='dropout before the heads')
+    g.add_argument('--drop-path', type=float, default=None, help='stochastic depth rate (timm models that have it)')
+    g.add_argument('--model-kwargs', nargs='*', default=[], metavar='K=V', help='extra create_model kwargs')
+    g.add_argument('--pretrained', action='store_true', help='start from the registered pretrained weights')
+    g.add_argument('--initial-checkpoint', default='', help='start from these weights (safetensors / .pth)')
+    g = p.add_argument_group('batch and MIMO mixing')
+    g.add_argument('-b', '--batch-size', type=int, default=64, help='global mixed samples per optimizer step')
+    g.add_argument('--batch-repeat', type=int, default=1, help='copies of each unique image per batch (b)')
+    g.add_argument('--grad-accum-steps', type=int, default=1)
+    g.add_argument('--mix-mode', default=None, choices=['mimo', 'linear', 'cut', 'box', 'token', 'automix'],
+                   help="MIMO masks; default the model's ('cut' for MixMo CNNs, binary 'box' for MixViT); "
+                        "'automix' (M = 2, experimental): Cut-MixMo with a learned Mix Block mask in place of "
+                        "the box (--mix-prob of the batches)")
+    g.add_argument('--mix-prob', type=float, default=0.5,
+                   help='probability of patch mixing (cut mode) or of the learned mask (automix mode)')
+    g.add_argument('--mix-alpha', type=float, default=2.0, help='Dirichlet concentration of the ratios')
+    g.add_argument('--weight-root', type=float, default=3.0, help='root r of the member loss weights')
+    g.add_argument('--msda', default='none', choices=['none', 'cutmix', 'mixup', 'automix'],
+                   help="per-member pixel MSDA; 'automix' (M = 1): AutoMix's learned Mix Block")
+    g.add_argument('--msda-prob', type=float, default=0.5)
+    g.add_argument('--msda-alpha', type=float, default=1.0)
+    g.add_argument('--mixup', type=float, default=0.0, help='timm alias: --msda mixup --msda-alpha A')
+    g.add_argument('--cutmix', type=float, default=0.0, help='timm alias: --msda cutmix --msda-alpha A')
+    g.add_argument('--smoothing', type=float, default=0.0, help='label smoothing')
+    g.add_argument('--aug', default='crop-flip', choices=['crop-flip', 'none'],
+                   help='batched pad-4 crop + flip per copy (CIFAR / Tiny ImageNet recipe), or none')
+    g.add_argument('--aa', default=None, help="timm auto-augment policy per image, e.g. 'rand-m9-mstd0.5-inc1'")
+    g.add_argument('--reprob', type=float, default=0.0,
+                   help="random erasing probability per batch copy (timm's semantics, batched on the device)")
+    g.add_argument('--remode', default='pixel', choices=['pixel', 'rand', 'const'], help='random erasing fill')
+    g = p.add_argument_group('AutoMix (--msda automix for M = 1, --mix-mode automix for M = 2; docs/automix.md)')
+    g.add_argument('--automix-stage', type=int, default=-2,
+                   help="feature level (model.feature_info index; negative from the end) read by the Mix Block")
+    g.add_argument('--automix-alpha', type=float, default=2.0, help='lambda ~ Beta(alpha, alpha), two per batch')
+    g.add_argument('--automix-mask-loss', type=float, default=0.1, help='weight of the L1 mask loss')
+    g.add_argument('--automix-margin', type=float, default=0.1, help='margin of the mask loss')
+    g.add_argument('--automix-lam-margin', type=float, default=0.08,
+                   help='backbone branch falls back to Mixup when lambda is this close to 0 or 1')
+    g.add_argument('--automix-momentum', type=float, default=0.999, help='momentum encoder: initial EMA momentum')
+    g.add_argument('--automix-momentum-end', type=float, default=0.999999, help='final EMA momentum (cosine)')
+    g.add_argument('--automix-momentum-start', type=float, default=0.1,
+                   help='fraction of training before the cosine momentum schedule starts')
+    g.add_argument('--automix-lam-concat', action='store_true', help='feed lambda to the Mix Block (ImageNet / ViT)')
+    g.add_argument('--mixblock-lr', type=float, default=None, help='Mix Block learning rate (default: --lr)')
+    g.add_argument('--mix-vis-interval', type=int, default=0,
+                   help='write a PNG grid of mixed samples every N epochs (0 = off)')
+    g = p.add_argument_group('optimizer and schedule (timm factories)')
+    g.add_argument('--opt', default='sgd', help="timm optimizer name ('sgd' is Nesterov SGD)")
+    g.add_argument('--lr', type=float, default=0.05)
+    g.add_argument('--weight-decay', type=float, default=5e-4)
+    g.add_argument('--wd-all', action='store_true',
+                   help='decay every parameter incl. BN and biases (MixMo\'s L2 on all parameters)')
+    g.add_argument('--momentum', type=float, default=0.9)
+    g.add_argument('--clip-grad', type=float, default=None)
+    g.add_argument('--sched', default='cosine', help='timm scheduler: cosine, multistep, step, ...')
+    g.add_argument('--epochs', type=int, default=10)
+    g.add_argument('--warmup-epochs', type=float, default=1, help='linear warmup, per optimizer step')
+    g.add_argument('--warmup-lr', type=float, default=1e-5)
+    g.add_argument('--min-lr', type=float, default=0.0)
+    g.add_argument('--decay-milestones', type=int, nargs='+', default=[90, 180, 270],
+                   help='multistep: epochs (0-based) at which the lr is multiplied by --decay-rate')
+    g.add_argument('--decay-rate', type=float, default=0.1)
+    g = p.add_argument_group('speed and precision')
+    g.add_argument('--amp', action=argparse.BooleanOptionalAction, default=False,
+                   help='mixed precision through Accelerate (--no-amp overrides a config)')
+    g.add_argument('--amp-dtype', default='bfloat16', choices=['bfloat16', 'float16'])
+    g.add_argument('--channels-last', action=argparse.BooleanOptionalAction, default=False,
+                   help='channels-last memory format (--no-channels-last overrides a config)')
+    g.add_argument('--torchcompile', nargs='?', const='inductor', default=None, metavar='BACKEND',
+                   help="torch.compile the model (backend default inductor; 'none' = off, overriding a config); "
+                        "falls back to eager if compiling fails")
+    g.add_argument('--torchcompile-mode', default=None, help="torch.compile mode, e.g. 'max-autotune'")
+    g.add_argument('--fused-opt', action=argparse.BooleanOptionalAction, default=None,
+                   help="PyTorch's fused optimizer step (SGD, Adam, AdamW); default: on for CUDA where available")
+    g.add_argument('--grad-checkpointing', action='store_true')
+    g.add_argument('--limit-train-batches', type=int, default=None, help='at most this many steps per epoch')
+    g.add_argument('--log-interval', type=int, default=50,
+                   help='optimizer steps between host syncs: loss check, progress bar, and a log line when stderr '
+                        'is not a terminal')
+    g = p.add_argument_group('EMA')
+    g.add_argument('--model-ema', action='store_true', help='keep an EMA of the weights, evaluated each epoch')
+    g.add_argument('--model-ema-decay', type=float, default=0.999)
+    g = p.add_argument_group('output')
+    g.add_argument('--seed', type=int, default=42)
+    g.add_argument('--output', default='output/train', help='parent folder of the experiment folders')
+    g.add_argument('--experiment', default='', help='experiment folder name (default: date-model)')
+    g.add_argument('--resume', default='', help='experiment folder (or checkpoint) to continue from, with its own arguments (args.yaml)')
+    g.add_argument('--checkpoint-hist', type=int, default=1, help='complete checkpoints to keep')
+    g.add_argument('--eval-metric', default='top1', help='validation metric that selects the best epoch')
+    g.add_argument('--log-tensorboard', action='store_true')
+    g.add_argument('--debug', action='store_true', help='show tracebacks instead of one-line errors')
+    return p
+
+
+def _config_value(action: argparse.Action, key: str, value, where: str):
+    """``value`` of config key ``key`` checked and converted as the command line would; else a ValueError."""
+    def convert(v):
+        if v is None:
+            return None
+        if action.type is not None:
+            if action.type in (int, float) and (isinstance(v, bool) or not isinstance(v, (int, float, str))):
+                raise ValueError(f'{where}: {key} must be a number, got {v!r}')
+            if action.type is int and isinstance(v, float):
+                raise ValueError(f'{where}: {key} must be an integer, got {v!r}')
+            try:
+                v = action.type(v)
+            except (TypeError, ValueError):
+                raise ValueError(f'{where}: {key} must be {action.type.__name__}, got {v!r}') from None
+        elif not isinstance(v, str):
+            raise ValueError(f'{where}: {key} must be a string, got {v!r}')
+        if action.choices is not None and v not in action.choices:
+            raise ValueError(f'{where}: {key} must be one of {", ".join(map(str, action.choices))}, got {v!r}')
+        return v
+
+    if key == 'torchcompile' and isinstance(value, bool):  # the flag's older yes/no form, kept for configs
+        return value
+    if isinstance(action, _BOOL_ACTIONS):
+        if isinstance(value, str) and value.strip().lower() in _BOOL_WORDS:
+            value = _BOOL_WORDS[value.strip().lower()]
+        if not isinstance(value, bool):
+            raise ValueError(f'{where}: {key} must be true or false, got {value!r}')
+        return value
+    if action.nargs in ('*', '+'):
+        return [convert(v) for v in (value if isinstance(value, list) else [value])]
+    if isinstance(value, (list, dict)):
+        raise ValueError(f'{where}: {key} takes one value, got {value!r}')
+    return convert(value)
+
+
+def read_config(path: Path, parser: argparse.ArgumentParser) -> dict:
+    """A YAML mapping of flag names to values, every value checked; one-line errors for anything else."""
+    if not path.is_file():
+        raise FileNotFoundError(f'config file not found: {path}')
+    try:
+        config = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ValueError(f'{path} is not valid YAML: {" ".join(str(e).split())[:200]}') from None
+    if config is None:
+        return {}
+    if not isinstance(config, dict):
+        raise ValueError(f'{path} must be a mapping of flag names to values, not a {type(config).__name__}')
+    actions = {a.dest: a for a in parser._actions if a.dest != 'help'}
+    unknown = sorted(str(k) for k in config if k not in actions)
+    if unknown:
+        raise ValueError(f'unknown config key(s) in {path}: {", ".join(unknown)}')
+    return {k: _config_value(actions[k], k, v, str(path)) for k, v in config.items()}
+
+
+def check_values(args: argparse.Namespace):
+    """Ranges the types alone do not catch, refused before anything is built."""
+    for key in ('epochs', 'batch_size', 'batch_repeat', 'grad_accum_steps', 'checkpoint_hist', 'log_interval'):
+        if getattr(args, key) < 1:
+            raise ValueError(f'--{key.replace("_", "-")} must be >= 1, got {getattr(args, key)}')
+    for key in ('num_members', 'limit_train_batches', 'num_classes'):
+        if getattr(args, key) is not None and getattr(args, key) < 1:
+            raise ValueError(f'--{key.replace("_", "-")} must be >= 1, got {getattr(args, key)}')
+    for key in ('lr', 'weight_decay', 'momentum', 'warmup_lr', 'min_lr', 'warmup_epochs', 'mix_alpha', 'msda_alpha',
+                'weight_root', 'model_ema_decay', 'decay_rate'):
+        value = getattr(args, key)
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f'--{key.replace("_", "-")} must be a finite number >= 0, got {value}')
+    for key in ('mix_prob', 'msda_prob', 'smoothing', 'reprob'):
+        if not 0.0 <= getattr(args, key) <= 1.0:
+            raise ValueError(f'--{key.replace("_", "-")} must be in [0, 1], got {getattr(args, key)}')
+    if args.clip_grad is not None and not (math.isfinite(args.clip_grad) and args.clip_grad > 0):
+        raise ValueError(f'--clip-grad must be a finite number > 0, got {args.clip_grad}')
+    if args.eval_metric not in EVAL_METRICS:
+        raise ValueError(f'unknown --eval-metric {args.eval_metric!r}: one of {", ".join(EVAL_METRICS)}')
+    if args.mix_vis_interval < 0:
+        raise ValueError(f'--mix-vis-interval must be >= 0, got {args.mix_vis_interval}')
+
+
+def recipe_changes(saved: dict, args: argparse.Namespace) -> list:
+    """The recipe arguments of ``args`` that differ from a run's saved ones: ``['--lr 0.1 (was 0.05)', ...]``."""
+    changes = []
+    for key, value in vars(args).items():
+        if key in LOCAL_KEYS or key not in saved:
+            continue
+        old = saved[key]
+        if isinstance(old, list) and isinstance(value, tuple):
+            value = list(value)
+        if old != value:
+            changes.append(f'--{key.replace("_", "-")} {value} (was {old})')
+    return changes
+
+
+def parse_args(argv=None, description: str = '') -> argparse.Namespace:
+    parser = build_parser(description)
+    pre, _ = parser.parse_known_args(argv)
+    saved = {}
+    if pre.resume:
+        from .rundir import read_args, resolve_resume
+        run_dir, _ = resolve_resume(Path(pre.resume))
+        saved = read_args(run_dir)
+        known = {a.dest for a in parser._actions}
+        parser.set_defaults(**{k: v for k, v in saved.items() if k in known and k not in LOCAL_KEYS})
+    if pre.config:
+        parser.set_defaults(**read_config(Path(pre.config), parser))
+    args = parser.parse_args(argv)
+    if isinstance(args.torchcompile, bool):  # a config's `torchcompile: true` (the flag's older yes/no form)
+        args.torchcompile = 'inductor' if args.torchcompile else None
+    if args.torchcompile in ('none', 'off'):
+        args.torchcompile = None
+    if args.mixup > 0:
+        args.msda, args.msda_alpha = 'mixup', args.mixup
+    if args.cutmix > 0:
+        args.msda, args.msda_alpha = 'cutmix', args.cutmix
+    check_values(args)
+    if saved:
+        changes = recipe_changes(saved, args)
+        if changes:
+            raise ValueError(f'cannot resume {pre.resume} with another recipe: {"; ".join(changes)} (a resumed run '
+                             f'keeps the arguments in its {ARGS_FILE}; start a new --experiment to change them)')
+    return args

@@ -1,0 +1,136 @@
+"""A training run's record and what keeps it safe: signals that stop it cleanly, checkpoints that are complete
+and finite, and a resume that unpickles nothing but tensors."""
+import logging
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import rundir
+
+_logger = logging.getLogger('train')
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss, the weights or the validation loss became NaN or infinite: the run stops, keeping the last
+    complete checkpoint (every checkpoint is finite: nothing non-finite is ever saved)."""
+
+
+class StopRequest:
+    """SIGTERM or Ctrl-C (SIGINT): finish the current step, save a resumable checkpoint, exit. A second Ctrl-C
+    stops at once (what was last saved stays)."""
+
+    def __init__(self):
+        self.signal = None
+        self.previous = {s: signal.signal(s, self) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def restore(self):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def __call__(self, signum, frame):
+        if self.signal == 'SIGINT' and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+        print(f'{self.signal}: saving a checkpoint after this step (Ctrl-C again to stop at once)', file=sys.stderr)
+
+
+@dataclass
+class Training:
+    """Everything a run holds, built once by train.py's ``setup``."""
+    args: object
+    accelerator: object
+    run_dir: Path
+    model: torch.nn.Module          # prepared (DDP / FSDP)
+    bare: torch.nn.Module           # the model itself, for EMA updates and saving
+    task: object
+    optimizer: object
+    scheduler: object
+    train_loader: object
+    validation: object
+    test: Optional[object]
+    splits: object
+    model_args: dict
+    data_config: dict
+    steps_per_epoch: int
+    train_model: torch.nn.Module    # what the training step calls (the compiled model, if asked)
+    stop: StopRequest
+    wall_start: float
+    state: dict = field(default_factory=lambda: dict(epoch=0, step=0, num_updates=0, best_metric=None,
+                                                     best_epoch=None, elapsed_s=0.0, loss_sum=0.0, loss_count=0))
+    rows: list = field(default_factory=list)
+    speed: dict = field(default_factory=dict)         # the speed settings, logged and kept in results.json
+    epoch_train: dict = field(default_factory=dict)   # the last epoch's training loss, samples and time
+
+    def elapsed(self) -> float:
+        return self.state['elapsed_s'] + time.time() - self.wall_start
+
+
+def restore(t: Training, checkpoint: Path):
+    """Continue from ``checkpoint``: training state (every pickled file checked first), task tensors, trainer
+    state and the summary rows of the epochs it completed."""
+    state_dir = checkpoint / rundir.TRAINING_STATE_DIR
+    rundir.check_state_files_are_plain(state_dir)
+    try:
+        t.accelerator.load_state(str(state_dir))
+        if (checkpoint / rundir.EXTRA_WEIGHTS_FILE).exists():
+            t.task.load_state_dict(load_file(str(checkpoint / rundir.EXTRA_WEIGHTS_FILE), device=str(t.accelerator.device)))
+    except (RuntimeError, KeyError, OSError, ValueError) as e:
+        raise ValueError(f'cannot resume from {checkpoint}: the training state does not match this model or is '
+                         f'damaged ({(str(e).strip().splitlines() or [type(e).__name__])[0]})') from e
+    t.state.update(rundir.read_trainer_state(checkpoint))
+    t.rows = [r for r in rundir.read_csv(t.run_dir / rundir.SUMMARY_FILE) if int(r['epoch']) < t.state['epoch']]
+    _logger.info(f'resumed from {checkpoint} (epoch {t.state["epoch"]}, step {t.state["step"]})')
+
+
+def all_finite(t: Training) -> bool:
+    """Whether every weight is finite: one reduction on the device, one host sync (only before saving)."""
+    params = [p for m in [t.model, *t.task.trained_modules] for p in m.parameters()]
+    return bool(torch.stack([p.detach().isfinite().all() for p in params]).all())
+
+
+def refuse_non_finite(t: Training, what: str):
+    last = (rundir.complete_checkpoints(t.run_dir) or ['none'])[-1]
+    raise NonFiniteLoss(f'{what} in epoch {t.state["epoch"]}: stopping. Last good (finite) checkpoint: {last}')
+
+
+def save_checkpoint(t: Training, keep: int) -> Path:
+    """Weights (timm's Hub format), the task's tensors, Accelerate's training state and the trainer state, as
+    one atomic folder; the oldest are deleted only once it exists. Every process calls this: the training
+    state and, under FSDP, the whole weights are collectives."""
+    accelerator = t.accelerator
+    if not all_finite(t):
+        refuse_non_finite(t, 'the weights are not finite')
+    final = t.run_dir / rundir.checkpoint_name(t.state['epoch'], t.state['step'])
+    tmp = t.run_dir / f'.{final.name}.tmp'  # one name every process knows
+    try:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp / rundir.TRAINING_STATE_DIR))
+        weights = accelerator.get_state_dict(t.model)  # unsharded on the main process (FSDP: FULL_STATE_DICT)
+        if accelerator.is_main_process:
+            rundir.write_model_files(t.bare, tmp, t.model_args, t.data_config, weights)
+            extra = t.task.state_dict()
+            if extra:
+                save_file({k: v.detach().contiguous() for k, v in extra.items()}, str(tmp / rundir.EXTRA_WEIGHTS_FILE))
+            rundir.write_json_atomic(tmp / rundir.STATE_FILE, t.state)  # last: it makes the folder a checkpoint
+            rundir._apply_umask(tmp)
+            rundir.replace_dir(tmp, final)
+            for old in rundir.complete_checkpoints(t.run_dir)[:-keep]:
+                    shutil.rmtree(old)
+    except BaseException:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)  # a full disk leaves nothing half-written behind
+        raise
+    accelerator.wait_for_everyone()
+    return final
+
+

@@ -1,0 +1,55 @@
+"""Reading weights back safely: safetensors, or ``torch.load(weights_only=True)``; nothing else is unpickled."""
+import pickle
+import re
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from timm.models import load_checkpoint
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint that needs more than tensors and plain containers to unpickle (it could run code)."""
+
+
+def unpickling_reason(err: BaseException, path: Path) -> str:
+    """What torch's weights-only unpickler objected to, without its advice to load the file unsafely."""
+    text = re.sub(r'\x1b\[[0-9;]*m', '', str(err))  # torch highlights its advice with terminal colours
+    if 'WeightsUnpickler error:' in text:
+        text = text.split('WeightsUnpickler error:', 1)[1]
+    skip = ('Weights only load failed', 'Check the documentation', 'Please file an issue', '(1)', '(2)')
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith(skip)]
+    reason = lines[0].split(' Please use')[0] if lines else ''
+    if not reason and hasattr(torch.serialization, 'get_unsafe_globals_in_checkpoint'):
+        try:  # reads the pickle's opcodes without running them
+            reason = 'unsupported globals: ' + ', '.join(
+                torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+        except Exception:  # noqa: BLE001  (only a better message is lost)
+            pass
+    return reason or type(err).__name__
+
+
+def load_weights(model: nn.Module, path: Path):
+    """Load a safetensors file or a weights-only torch checkpoint, with one-line errors for bad files.
+
+    Nothing is ever unpickled beyond tensors and plain containers (``torch.load(weights_only=True)``): a
+    checkpoint that needs other objects, which could run code, raises :class:`UnsafeCheckpointError`.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f'checkpoint not found: {path}')
+    try:
+        load_checkpoint(model, str(path), strict=True, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError) as e:
+        # timm re-raises torch's UnpicklingError as a RuntimeError; older timm lets it through
+        refused = e if isinstance(e, pickle.UnpicklingError) else e.__cause__
+        if isinstance(refused, pickle.UnpicklingError):
+            raise UnsafeCheckpointError(
+                f'refusing to load {path}: it is not a plain tensor checkpoint (weights_only load failed: '
+                f'{unpickling_reason(refused, path)})') from e
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if 'size mismatch' in str(e) or 'Missing key' in str(e) or 'Unexpected key' in str(e):
+            raise ValueError(f'checkpoint {path} does not match the model architecture / classes: {first}') from e
+        raise ValueError(f'cannot read checkpoint {path}: {first}') from e
+    except Exception as e:  # safetensors / pickle errors on truncated or foreign files
+        raise ValueError(f'cannot read checkpoint {path} (truncated or not a weights file): {e}') from e
