@@ -12,8 +12,11 @@ torch.load(weights_only=True); every key is mapped onto the timm_mimo model (tim
 conversion stops naming the keys that do not fit. The folder holds model.safetensors and config.json
 (timm's save_for_hf) and a README.md model card: provenance, the paper's top-1 for the row, and with
 --dataset the metrics validate.py measures on the converted weights. --verify fails unless that top-1 is
-within --tolerance points of the paper's. Nothing is written unless every step succeeds. Publish the
-folder with hub/push.py; see docs/hub.md, "Publish the paper's weights".
+within --tolerance points of the paper's. Nothing is written unless every step succeeds.
+
+    python hub/convert_official.py --rows     # every README row: its download, convert and upload commands
+
+See docs/hub.md, "Publish the paper's weights".
 """
 import argparse
 import logging
@@ -31,6 +34,7 @@ def build_parser():
     p.add_argument('--dataset', default=None, help="evaluate with validate.py on this data set (as train.py's "
                                                    "--dataset) and record the metrics in the card")
     p.add_argument('--data-dir', default=None)
+    p.add_argument('--dataset-download', action='store_true', help='let validate.py download a torch/ data set')
     p.add_argument('--split', default=None, choices=['train', 'validation', 'test'])
     p.add_argument('-b', '--batch-size', type=int, default=256)
     p.add_argument('--verify', action='store_true', help="fail unless the measured top-1 matches the paper's row")
@@ -41,12 +45,16 @@ def build_parser():
 
 
 def main(argv=None):
-    from timm_mimo.official import convert, paper_line
+    from timm_mimo.official import OFFICIAL_ROWS, convert, paper_line, publish_commands
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv == ['--rows']:  # not an argparse flag: the positional arguments would be required
+        print('\n\n'.join(publish_commands(row) for row in OFFICIAL_ROWS))
+        return 0
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format='%(message)s')
     result = convert(args.source, args.out_dir, args.model, args.num_classes, tag=args.tag, dataset=args.dataset,
                      data_dir=args.data_dir, split=args.split, verify=args.verify, tolerance=args.tolerance,
-                     batch_size=args.batch_size, overwrite=args.overwrite)
+                     batch_size=args.batch_size, overwrite=args.overwrite, dataset_download=args.dataset_download)
     print(f'converted {args.source} to {result.name} (M = {result.num_members}, {result.num_classes} classes) '
           f'in {result.folder}')
     if result.measured:

@@ -257,8 +257,8 @@ def test_cli_writes_timm_hub_format_with_the_official_outputs_and_a_card(wrn_che
         torch.testing.assert_close(model.forward_members(x), official_forward(wrn_checkpoint[1], 'wrn', x),
                                    rtol=1e-4, atol=1e-4)
     card = (converted / 'README.md').read_text()
-    assert 'library_name: timm' in card and 'license: apache-2.0' in card
-    for fragment in ('github.com/alexrame/mixmo-pytorch', 'arxiv.org/abs/2103.06132', 'saved at epoch 273',
+    assert 'library_name: timm' in card and 'license: apache-2.0' in card and '- uoft-cs/cifar10' in card
+    for fragment in ('not one of the checkpoints its README lists', 'arxiv.org/abs/2103.06132', 'saved at epoch 273',
                      'no row of the official README', 'Measured on these converted weights', '| test |',
                      "timm.create_model('wrn16_2_mixmo2.cifar10', pretrained=True)", 'rame2021mixmo'):
         assert fragment in card, fragment
@@ -272,7 +272,8 @@ def test_card_states_the_papers_row(tmp_path):
                                        '--tag', 'official_cut_mixmo_tiny_imagenet')
     assert code == 0, stderr
     card = (out / 'README.md').read_text()
-    for fragment in ('Cut-MixMo on Tiny ImageNet: top-1 64.32 %', 'exp_tinyimagenet_res18-2_cutmixmo-p5_standard_bar4.yaml',
+    for fragment in ('Cut-MixMo on Tiny ImageNet: top-1 64.32 %', 'released for the README row "Cut-MixMo"',
+                     'trained with its config `config/tiny/exp_tinyimagenet_res18-2_cutmixmo-p5_standard_bar4.yaml`',
                      'Not measured at conversion', 'saved at epoch 1190'):
         assert fragment in card, fragment
     model = timm.create_model(f'local-dir:{out}', pretrained=True).eval()
@@ -367,7 +368,7 @@ print(json.dumps(result))
 '''
 
 
-def test_converted_weights_published_with_push_load_with_timm_and_validate(converted, tmp_path, fake_hub,
+def test_converted_weights_uploaded_with_push_and_hf_load_with_timm_and_validate(converted, tmp_path, fake_hub,
                                                                             populate_hub_cache):
     validate = [sys.executable, str(REPO / 'validate.py')]
     direct = tmp_path / 'direct.json'
@@ -384,12 +385,21 @@ def test_converted_weights_published_with_push_load_with_timm_and_validate(conve
             [sys.executable, str(REPO / 'hub' / 'push.py'), str(converted), '--repo-id', repo, '--results',
              str(direct), '--export-dir', str(tmp_path / 'export')], env=env, capture_output=True, text=True,
             timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    [commit] = server.commits
-    assert commit['repo'] == repo and set(commit['files']) == set(hub.EXPORT_FILES)
-    assert commit['files']['model.safetensors'] == (tmp_path / 'export' / 'model.safetensors').read_bytes()
-    assert load_file(str(tmp_path / 'export' / 'model.safetensors')).keys() == \
-        load_file(str(converted / 'model.safetensors')).keys()
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        # huggingface_hub's own CLI uploads the converted folder as it is, provenance card included
+        proc = subprocess.run([str(Path(sys.executable).with_name('hf')), 'upload', repo, str(converted), '.',
+                               '--repo-type', 'model', '--commit-message', 'Official MixMo checkpoint, converted'],
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    pushed_export, uploaded = server.commits
+    assert pushed_export['repo'] == uploaded['repo'] == repo
+    # the hf command also asks the Hub for its agent-harness list, no part of the upload (answered 404)
+    assert {path for _, path in server.unexpected} <= {'/api/agent-harnesses'}
+    assert set(pushed_export['files']) == set(hub.EXPORT_FILES)
+    exported = load_file(str(tmp_path / 'export' / 'model.safetensors'))
+    assert all(torch.equal(v, exported[k]) for k, v in load_file(str(converted / 'model.safetensors')).items())
+    assert uploaded['files'] == {p.name: p.read_bytes() for p in converted.iterdir()}
+    commit = uploaded
 
     # the Hugging Face cache as a download of that commit leaves it
     pushed = tmp_path / 'pushed'

@@ -48,61 +48,103 @@ class OfficialRow:
     dataset: str  # a key of DATASETS
     method: str  # as the README names it
     top1: Tuple[float, ...]  # the README's top-1 (%), one value per released seed
-    config: str  # the official config file that trained it
+    drive_ids: Tuple[str, ...]  # the Google Drive file of each seed, as the README links it
+    config: str  # the official config file that trained it (as the README names it)
 
     @property
     def name(self) -> str:
         return f'{self.arch}.{self.tag}'
 
+    @property
+    def best(self) -> int:
+        """The seed to publish under the tag: the one with the highest reported top-1."""
+        return max(range(len(self.top1)), key=lambda i: self.top1[i])
 
-def _rows(arch: str, arch_m2: str, dataset: str, vanilla: float, mixup: float, cutmix: float,
-          mimo: float, linear: Tuple[float, ...], cut: Tuple[float, ...], linear_cutmix: Tuple[float, ...],
-          cut_cutmix: Tuple[float, ...]) -> List[OfficialRow]:
-    """The eight rows of one CIFAR table (WRN-28-10): three single networks, five with M = 2."""
-    config = f'config/{dataset}/exp_{dataset}_wrn2810'
-    return [
-        OfficialRow(arch, f'official_{dataset}', dataset, 'Vanilla', (vanilla,), f'{config}_1net_standard_bar1.yaml'),
-        OfficialRow(arch, f'official_mixup_{dataset}', dataset, 'Vanilla + Mixup', (mixup,),
-                    f'{config}_1net_msdamixup_bar1.yaml'),
-        OfficialRow(arch, f'official_cutmix_{dataset}', dataset, 'Vanilla + CutMix', (cutmix,),
-                    f'{config}_1net_msdacutmix_bar1.yaml'),
-        OfficialRow(arch_m2, f'official_mimo_{dataset}', dataset, 'MIMO', (mimo,),
-                    f'{config}-2_mimo_standard_bar4.yaml'),
-        OfficialRow(arch_m2, f'official_linear_mixmo_{dataset}', dataset, 'Linear-MixMo', linear,
-                    f'{config}-2_linearmixmo_standard_bar4.yaml'),
-        OfficialRow(arch_m2, f'official_cut_mixmo_{dataset}', dataset, 'Cut-MixMo', cut,
-                    f'{config}-2_cutmixmo-p5_standard_bar4.yaml'),
-        OfficialRow(arch_m2, f'official_linear_mixmo_cutmix_{dataset}', dataset, 'Linear-MixMo + CutMix',
-                    linear_cutmix, f'{config}-2_linearmixmo_msdacutmix_bar4.yaml'),
-        OfficialRow(arch_m2, f'official_cut_mixmo_cutmix_{dataset}', dataset, 'Cut-MixMo + CutMix', cut_cutmix,
-                    f'{config}-2_cutmixmo-p5_msdacutmix_bar4.yaml'),
-    ]
+    def url(self, seed: Optional[int] = None) -> str:
+        return f'https://drive.google.com/file/d/{self.drive_ids[self.best if seed is None else seed]}/view'
 
 
-def _tiny_rows(width: int, vanilla: float, linear: float, cut: float) -> List[OfficialRow]:
-    """The three rows of one PreActResNet-18 width of the Tiny ImageNet table."""
-    arch = 'preactresnet18' if width == 1 else f'preactresnet18_w{width}'
-    config = f'config/tiny/exp_tinyimagenet_res18{width if width > 1 else ""}'
-    return [
-        OfficialRow(arch, 'official_tiny_imagenet', 'tiny_imagenet', 'Vanilla', (vanilla,),
-                    f'{config}_1net_standard_bar1.yaml'),
-        OfficialRow(f'{arch}_mixmo2', 'official_linear_mixmo_tiny_imagenet', 'tiny_imagenet', 'Linear-MixMo',
-                    (linear,), f'{config}-2_linearmixmo_standard_bar4.yaml'),
-        OfficialRow(f'{arch}_mixmo2', 'official_cut_mixmo_tiny_imagenet', 'tiny_imagenet', 'Cut-MixMo', (cut,),
-                    f'{config}-2_cutmixmo-p5_standard_bar4.yaml'),
-    ]
-
-
-# the official README's tables ("Results and available checkpoints"), spec mixmo.md §6.4
-OFFICIAL_ROWS: Tuple[OfficialRow, ...] = tuple(
-    _rows('wrn28_10', 'wrn28_10_mixmo2', 'cifar100', vanilla=81.79, mixup=83.43, cutmix=83.95,
-          mimo=82.92, linear=(82.96,), cut=(85.52, 85.59), linear_cutmix=(85.36, 85.57), cut_cutmix=(85.77, 85.92))
-    + _rows('wrn28_10', 'wrn28_10_mixmo2', 'cifar10', vanilla=96.37, mixup=97.07, cutmix=97.28,
-            mimo=96.71, linear=(96.88,), cut=(97.52,), linear_cutmix=(97.73,), cut_cutmix=(97.83,))
-    + _tiny_rows(1, vanilla=62.75, linear=62.91, cut=64.32)
-    + _tiny_rows(2, vanilla=64.91, linear=67.03, cut=69.12)
-    + _tiny_rows(3, vanilla=65.84, linear=68.36, cut=70.23)
+# (README method, our tag prefix, official config suffix) of the eight CIFAR rows, M = 1 rows first
+_CIFAR_METHODS = (
+    ('Vanilla', '', '_1net_standard_bar1'), ('Vanilla + Mixup', 'mixup_', '_1net_msdamixup_bar1'),
+    ('Vanilla + CutMix', 'cutmix_', '_1net_msdacutmix_bar1'), ('MIMO', 'mimo_', '-2_mimo_standard_bar4'),
+    ('Linear-MixMo', 'linear_mixmo_', '-2_linearmixmo_standard_bar4'),
+    ('Cut-MixMo', 'cut_mixmo_', '-2_cutmixmo-p5_standard_bar4'),
+    ('Linear-MixMo + CutMix', 'linear_mixmo_cutmix_', '-2_linearmixmo_msdacutmix_bar4'),
+    ('Cut-MixMo + CutMix', 'cut_mixmo_cutmix_', '-2_cutmixmo-p5_msdacutmix_bar4'),
 )
+_TINY_METHODS = (('Vanilla', '', '_1net_standard_bar1'), ('Linear-MixMo', 'linear_mixmo_', '-2_linearmixmo_standard_bar4'),
+                 ('Cut-MixMo', 'cut_mixmo_', '-2_cutmixmo-p5_standard_bar4'))
+
+
+def _table(arch: str, dataset: str, config: str, methods, results) -> List[OfficialRow]:
+    """The rows of one README table: ``results`` holds (top-1 per seed, Drive file per seed) per method."""
+    return [OfficialRow(arch if suffix.startswith('_1net') else f'{arch}_mixmo2', f'official_{prefix}{dataset}',
+                        dataset, method, top1, ids, f'{config}{suffix}.yaml')
+            for (method, prefix, suffix), (top1, ids) in zip(methods, results)]
+
+
+# the official README's tables ("Results and available checkpoints"), spec mixmo.md §6.4. Its link for the
+# Tiny ImageNet w = 3 Cut-MixMo row is the file of the w = 2 Linear-MixMo row (a w = 2 network: converting
+# it as preactresnet18_w3_mixmo2 fails on every shape), so that row has no usable checkpoint.
+OFFICIAL_ROWS: Tuple[OfficialRow, ...] = tuple(
+    _table('wrn28_10', 'cifar100', 'config/cifar100/exp_cifar100_wrn2810', _CIFAR_METHODS, (
+        ((81.79,), ('12pATFGjsDN1Tq4p-S0-rO59sX-F_O2ol',)),
+        ((83.43,), ('1tqsHgqDwx3p562NtYHb5Im-tRB6CnJ8M',)),
+        ((83.95,), ('11ZiDgZoaEVEhhyJMlDA61P9QB7HZuXFL',)),
+        ((82.92,), ('1SBAjGJVfC_QHCoXy5y_Ci49J-E18ait3',)),
+        ((82.96,), ('1eAA6O6_v-L3aFzQtsHY2pEAGxUpXu15c',)),
+        ((85.52, 85.59), ('1Buql47NcSe-qm8LqPYEa02g319T1yakK', '1vxJFKuO5RSH9XcA2aSYUMHCrtD6pDyMA')),
+        ((85.36, 85.57), ('1Ma_Rjf1Z8j0CK5jLenk8UFLwZgbrDaqP', '1ouGQjho-cmJUkrDpDehvs1zwK7BUJWoN')),
+        ((85.77, 85.92), ('1Y9BDgqWFdYK5hqPQl-AgApCTIewTGbFo', '1fwCfO2wO6VXziUp9HHE32MpCWak9AlOc')),
+    ))
+    + _table('wrn28_10', 'cifar10', 'config/cifar10/exp_cifar10_wrn2810', _CIFAR_METHODS, (
+        ((96.37,), ('1o6aGKfHAN8PQrsXAoyAJHak-lqAOfwm8',)),
+        ((97.07,), ('1yI5cLHPfUDI00Eiy3dNRm2bgiv2orwxE',)),
+        ((97.28,), ('1hXjTCTYYy99StxAP0Y3hNqjQ9ezhqsXh',)),
+        ((96.71,), ('1NRAlxIILIUIUNWhXFHgHrSyx5T4oCmdZ',)),
+        ((96.88,), ('1BUoaNLDMuhqXl3UKC2QoVT23Z1544i_v',)),
+        ((97.52,), ('1eA_H9ePj_OgjTqDV0v2F5biI4mt_J98c',)),
+        ((97.73,), ('1cLP7EVYJ_YY7w2rOaaRWMxjZkOBWZ4Ti',)),
+        ((97.83,), ('1dGB0Rz64Wr5nv4vQqLi19Kt3vzKH0blC',)),
+    ))
+    + _table('preactresnet18', 'tiny_imagenet', 'config/tiny/exp_tinyimagenet_res18', _TINY_METHODS, (
+        ((62.75,), ('14N-ixnF31zjbGh6IzS3-pHj1KOJ_e5uF',)),
+        ((62.91,), ('1MDYuE21zFphdnp83h-LOIBnXu4b5qhD-',)),
+        ((64.32,), ('19jB-yk2s1LeuQDXzjNQmo_eil8btsxa4',)),
+    ))
+    + _table('preactresnet18_w2', 'tiny_imagenet', 'config/tiny/exp_tinyimagenet_res182', _TINY_METHODS, (
+        ((64.91,), ('1SdBW7wie9HT5OqW15r6A6ixhY87aC7Ct',)),
+        ((67.03,), ('1Q-U5u9ZN3h-cLBOEvbu_hOp0M7vMYjgc',)),
+        ((69.12,), ('16LME8LGCwmwUWmrzGiCzdTaFOURwolQR',)),
+    ))
+    + _table('preactresnet18_w3', 'tiny_imagenet', 'config/tiny/exp_tinyimagenet_res183', _TINY_METHODS, (
+        ((65.84,), ('1lvX6fIKIxbVDa9VC-8GTpHbJG2avHB9F',)),
+        ((68.36,), ('1W0QoVQYw4ftCBemralG6KtZSgICxO7ih',)),
+        ((70.23,), ('1Q-U5u9ZN3h-cLBOEvbu_hOp0M7vMYjgc',)),
+    ))
+)
+
+
+# where `hub/convert_official.py --rows` expects each data set: train.py's dataset names and data folders
+_DATA = {'cifar10': ('torch/cifar10', 'data/cifar10'), 'cifar100': ('torch/cifar100', 'data/cifar100'),
+         'tiny_imagenet': ('tiny-imagenet', 'data/tiny-imagenet-200')}
+
+
+def publish_commands(row: OfficialRow) -> str:
+    """The shell lines that download, convert and verify, and publish the checkpoint of ``row``."""
+    from .constants import hub_id
+    dataset, data_dir = _DATA[row.dataset]
+    name, folder = row.name, f'exports/{row.name}'
+    return '\n'.join([
+        f'# {row.method}, {DATASETS[row.dataset][1]}: README top-1 {" / ".join(map(str, row.top1))} %',
+        f'gdown {row.drive_ids[row.best]} -O official/{name}.ckpt',
+        f'python hub/convert_official.py official/{name}.ckpt {folder} --model {row.arch} '
+        f'--num-classes {DATASETS[row.dataset][0]} --tag {row.tag} --dataset {dataset} --data-dir {data_dir} --verify',
+        f'hf upload {hub_id(row.arch, row.tag)} {folder} . --repo-type model '
+        f'--commit-message "Official MixMo checkpoint, converted"',
+        f'# then add \'{name}\' to timm_mimo/models/published.py',
+    ])
 
 
 def official_row(arch: str, tag: Optional[str]) -> Optional[OfficialRow]:
@@ -258,11 +300,13 @@ def model_card(model, name: str, row: Optional[OfficialRow], source: Path, sha25
                measured: Optional[dict]) -> str:
     """README.md: timm's front matter, provenance, the paper's row, the measured metrics, usage, citation."""
     from timm.models._hub import generate_readme
-    from .hub import CITATIONS, metrics_table
+    from .constants import hub_id
+    from .hub import CITATIONS, HUB_DATASETS, metrics_table
     arch, tag = name.split('.', 1)
     cfg = model.pretrained_cfg
     num_members = model.num_members
-    dataset = DATASETS.get(row.dataset if row else cfg.get('tag', ''), (None, 'the data set of its tag'))[1]
+    dataset_key = row.dataset if row else next((d for d in DATASETS if tag == d or tag.endswith(f'_{d}')), None)
+    dataset = DATASETS[dataset_key][1] if dataset_key else 'the data set of its tag'
     details = {
         'Model Type': 'Image classification' + (f', multi-input multi-output (MIMO) ensemble of M = {num_members} '
                                                  f'subnetworks in one network' if num_members > 1 else ''),
@@ -274,18 +318,28 @@ def model_card(model, name: str, row: Optional[OfficialRow], source: Path, sha25
         'Papers': [f'{PAPER}: {PAPER_URL}'],
         'Original': OFFICIAL_REPO,
     }
-    description = (f'A checkpoint released by the authors of MixMo with their official code ({OFFICIAL_REPO}), '
-                   f'converted to timm_mimo\'s `{arch}` by `hub/convert_official.py`: the weights are the '
-                   f'released ones, renamed and with the member encoders and heads stacked, not retrained.')
+    if dataset_key in HUB_DATASETS:
+        details['Dataset'] = HUB_DATASETS[dataset_key]  # timm's generate_readme lists it as the card's `datasets:`
+    origin = (f'the checkpoint its authors released for the README row "{row.method}" on {dataset}' if row else
+              'a checkpoint written by that code')
+    description = (f'Weights of the official MixMo code ({OFFICIAL_REPO}), {origin}, converted to timm_mimo\'s '
+                   f'`{arch}` by `hub/convert_official.py`. The tensors are the official ones, renamed, with the M '
+                   f'member encoders and heads stacked into one tensor each; nothing was retrained.')
     tags = ['image-classification', 'timm', 'timm_mimo', 'mixmo'] + (['mimo'] if num_members > 1 else [])
     text = generate_readme(dict(tags=tags, license=OFFICIAL_LICENSE, details=details, description=description),
                            name)
     text += '\n## Provenance\n\n'
-    text += f'- Code and checkpoint: {OFFICIAL_REPO} (Apache-2.0), README "Results and available checkpoints"'
-    text += f', config `{row.config}`\n' if row else '\n'
+    if row:
+        seeds = ', '.join(f'{v:.2f} %: {row.url(i)}' for i, v in enumerate(row.top1))
+        text += (f'- Checkpoint: linked by the README of {OFFICIAL_REPO} ("Results and available checkpoints"; '
+                 f'{seeds}), trained with its config `{row.config}`\n')
+    else:
+        text += f'- Code: {OFFICIAL_REPO}; not one of the checkpoints its README lists\n'
     text += f'- Paper: {PAPER}, {PAPER_URL}\n'
     text += f'- Source file: `{source.name}`, sha256 `{sha256}`' + (f', saved at epoch {epoch}' if epoch else '') + '\n'
-    text += f'- License: the official code and its released checkpoints are Apache-2.0; {dataset} keeps its own terms\n'
+    text += (f'- License: the official repository is Apache-2.0 and its README links the checkpoints without other '
+             f'terms, so they are redistributed here under Apache-2.0, changed as described above (renamed and '
+             f'stacked); {dataset} keeps its own terms\n')
     text += '\n## Results\n\n'
     text += f'Reported by the official README for this row: {paper_line(row)}.\n'
     if measured:
@@ -306,7 +360,7 @@ calling `timm.create_model`**.
 import timm
 import timm_mimo  # registers the timm_mimo architectures with timm: import it first
 
-model = timm.create_model('{name}', pretrained=True).eval()
+model = timm.create_model('{name}', pretrained=True).eval()  # or 'hf-hub:{hub_id(arch, tag)}'
 config = timm.data.resolve_model_data_config(model)
 transform = timm.data.create_transform(**config, is_training=False)
 logits = model(x)  # ensemble logits (B, {model.num_classes})
@@ -320,7 +374,8 @@ logits = model(x)  # ensemble logits (B, {model.num_classes})
     return text
 
 
-def _validate(folder: Path, dataset: str, data_dir: Optional[str], split: Optional[str], batch_size: int) -> dict:
+def _validate(folder: Path, dataset: str, data_dir: Optional[str], split: Optional[str], batch_size: int,
+              download: bool) -> dict:
     """validate.py (its command line, as a user runs it) on ``folder``; its --results-file as a dict."""
     import json
     import subprocess
@@ -333,6 +388,7 @@ def _validate(folder: Path, dataset: str, data_dir: Optional[str], split: Option
                '-b', str(batch_size)]
         cmd += ['--data-dir', data_dir] if data_dir else []
         cmd += ['--split', split] if split else []
+        cmd += ['--dataset-download'] if download else []
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             lines = [line for line in proc.stderr.splitlines() if line.strip()]
@@ -342,7 +398,8 @@ def _validate(folder: Path, dataset: str, data_dir: Optional[str], split: Option
 
 def convert(source, out_dir, model_name: str, num_classes: int, tag: Optional[str] = None,
             dataset: Optional[str] = None, data_dir: Optional[str] = None, split: Optional[str] = None,
-            verify: bool = False, tolerance: float = 0.5, batch_size: int = 256, overwrite: bool = False) -> Conversion:
+            verify: bool = False, tolerance: float = 0.5, batch_size: int = 256, overwrite: bool = False,
+            dataset_download: bool = False) -> Conversion:
     """Official checkpoint ``source`` -> ``out_dir`` (model.safetensors, config.json, README.md).
 
     The folder is written under a temporary name next to ``out_dir`` and renamed into place only once it
@@ -401,7 +458,8 @@ def convert(source, out_dir, model_name: str, num_classes: int, tag: Optional[st
     try:
         save_for_hf(model, str(tmp), model_args=dict(num_members=model.num_members), safe_serialization=True)
         _check_round_trip(model, tmp)
-        measured = _validate(tmp, dataset, data_dir, split, batch_size) if dataset is not None else None
+        measured = _validate(tmp, dataset, data_dir, split, batch_size, dataset_download) \
+            if dataset is not None else None
         if verify:
             top1 = measured[measured['split']]['top1']
             if min(abs(top1 - v) for v in row.top1) > tolerance:
