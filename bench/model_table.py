@@ -20,20 +20,25 @@ MODULES = ('mixmo_resnets', 'mixvit')
 
 
 def weights_cell(arch: str) -> str:
-    """The published tags of ``arch`` as Hub links, then the count of registered tags without weights."""
+    """The published tags of ``arch`` as Hub links, then its registered tags without weights."""
     cfgs = timm.models.get_arch_pretrained_cfgs(arch)
-    published = [f'[`{name.split(".", 1)[1]}`](https://huggingface.co/{cfg.hf_hub_id})'
-                 for name, cfg in cfgs.items() if cfg.hf_hub_id]
-    others = len(cfgs) - len(published)
-    unpublished = [f'{others} tag{"s" if others > 1 else ""} not published'] if others else []
-    return ', '.join(published + unpublished) or '-'
+    tags = {name.split('.', 1)[1]: cfg for name, cfg in cfgs.items()}
+    published = [f'[`{tag}`](https://huggingface.co/{cfg.hf_hub_id})' for tag, cfg in tags.items() if cfg.hf_hub_id]
+    others = [tag for tag, cfg in tags.items() if not cfg.hf_hub_id]
+    official = [tag for tag in others if tag.startswith('official_')]
+    listed = [f'`{tag}`' for tag in others if tag not in official] + (
+        [f'{len(official)} `official_*`'] if official else [])
+    return ', '.join(published + ([f'not published: {", ".join(listed)}'] if listed else []))
 
 
 def model_row(name: str) -> str:
     model = timm.create_model(name).eval()
     size = model.pretrained_cfg['input_size']
     params = sum(p.numel() for p in model.parameters())
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    # frozen parameters rather than no_grad: the counter's module tracker fails on MixViT's class-attention
+    # blocks under no_grad (their class token argument expands a parameter)
+    model.requires_grad_(False)
+    with FlopCounterMode(display=False) as counter:
         model(torch.randn(1, *size))
     gmacs = counter.get_total_flops() / 2 / 1e9  # the counter reports FLOPs = 2 x multiply-adds
     return (f'| `{name}` | {model.num_members} | {size[1]}x{size[2]} | {model.num_classes} | {params / 1e6:.2f} | '

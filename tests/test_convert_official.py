@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 import timm
 import timm_mimo  # noqa: F401  (registers the models)
 from timm_mimo import hub, official
+from timm_mimo.constants import hub_id
 from timm_mimo.official import OFFICIAL_ROWS, OfficialCheckpointError, OfficialRow, convert_state_dict
 
 REPO = Path(__file__).resolve().parents[1]
@@ -430,3 +431,18 @@ def test_converted_weights_uploaded_with_push_and_hf_load_with_timm_and_validate
     assert proc.returncode == 0, proc.stderr[-2000:]
     want, got = json.loads(direct.read_text()), json.loads(from_hub.read_text())
     assert got[got['split']] == want[want['split']]  # every metric, member accuracies and NLL included
+
+
+def test_rows_prints_valid_commands_for_every_official_row(capsys):
+    code, out, err = run_convert_here(capsys, '--rows')
+    assert code == 0, err
+    blocks = out.strip().split('\n\n')
+    assert len(blocks) == len(OFFICIAL_ROWS)
+    parser = runpy.run_path(str(CONVERT), run_name='convert_official')['build_parser']()
+    for row, block in zip(OFFICIAL_ROWS, blocks):
+        comment, download, convert, upload, register = block.splitlines()
+        assert download == f'gdown {row.drive_ids[row.best]} -O official/{row.name}.ckpt'
+        args = parser.parse_args(convert.split()[2:])  # the command line the converter will be given
+        assert (args.source, args.model, args.tag, args.verify) == (f'official/{row.name}.ckpt', row.arch, row.tag, True)
+        assert args.num_classes == official.DATASETS[row.dataset][0]
+        assert upload.startswith(f'hf upload {hub_id(row.arch, row.tag)} exports/{row.name} . ') and row.name in register

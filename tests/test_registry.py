@@ -103,8 +103,8 @@ def test_model_features_pretrained(model_name):
 def test_model_table_states_published_and_unpublished_weights():
     table = runpy.run_path(str(REPO / 'bench' / 'model_table.py'), run_name='model_table')
     # the registry as it is: nothing published
-    assert table['weights_cell']('wrn28_10_mixmo2') == '12 tags not published'
-    assert table['weights_cell']('cait_xxs_mixvit2') == '3 tags not published'
+    assert table['weights_cell']('wrn28_10_mixmo2') == 'not published: `cifar10`, `cifar100`, 10 `official_*`'
+    assert table['weights_cell']('cait_xxs_mixvit2') == 'not published: `cifar10`, `cifar100`, `tiny_imagenet`'
     # one tag published (by the environment, as a mirror does): the table links it, in a fresh registry
     script = ("import runpy, sys; print(runpy.run_path(sys.argv[1], run_name='t')['weights_cell']('wrn16_2_mixmo2'))")
     env = {**os.environ, 'PYTHONPATH': str(REPO), 'OMP_NUM_THREADS': '1',
@@ -112,4 +112,5 @@ def test_model_table_states_published_and_unpublished_weights():
     proc = subprocess.run([sys.executable, '-c', script, str(REPO / 'bench' / 'model_table.py')], env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.strip() == '[`cifar10`](https://huggingface.co/my-lab/wrn16_2_mixmo2.cifar10), 1 tag not published'
+    assert proc.stdout.strip() == ('[`cifar10`](https://huggingface.co/my-lab/wrn16_2_mixmo2.cifar10), '
+                                   'not published: `cifar100`')

@@ -140,7 +140,8 @@ def publish_commands(row: OfficialRow) -> str:
         f'# {row.method}, {DATASETS[row.dataset][1]}: README top-1 {" / ".join(map(str, row.top1))} %',
         f'gdown {row.drive_ids[row.best]} -O official/{name}.ckpt',
         f'python hub/convert_official.py official/{name}.ckpt {folder} --model {row.arch} '
-        f'--num-classes {DATASETS[row.dataset][0]} --tag {row.tag} --dataset {dataset} --data-dir {data_dir} --verify',
+        f'--num-classes {DATASETS[row.dataset][0]} --tag {row.tag} --dataset {dataset} --data-dir {data_dir} '
+        f'{"--dataset-download " if dataset.startswith("torch/") else ""}--verify',
         f'hf upload {hub_id(row.arch, row.tag)} {folder} . --repo-type model '
         f'--commit-message "Official MixMo checkpoint, converted"',
         f'# then add \'{name}\' to timm_mimo/models/published.py',
