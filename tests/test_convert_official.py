@@ -321,13 +321,14 @@ def test_bad_input_gives_one_line_errors_and_writes_nothing(wrn_checkpoint, conv
         ((source, out, '--model', 'preactresnet18_mixmo2', '--num-classes', 200, '--dataset', ''),
          ('shapes that differ',)),
         ((source, converted, *args), ('exists and is not an empty folder', '--overwrite')),
+        ((source, source.parent, *args, '--overwrite'), ('holds the checkpoint', 'would replace it')),
     ]
     before = (converted / 'model.safetensors').read_bytes()
     for argv, fragments in cases:
         code, _, err = run_convert_here(capsys, *argv)
         assert_one_line_error(code, err, *fragments)
         assert not out.exists()
-    assert not marker.exists()
+    assert not marker.exists() and source.exists()
     assert (converted / 'model.safetensors').read_bytes() == before
     assert not [p for p in tmp_path.iterdir() if '.tmp-' in p.name]
 
@@ -335,7 +336,7 @@ def test_bad_input_gives_one_line_errors_and_writes_nothing(wrn_checkpoint, conv
 def test_verify_fails_when_the_measured_top1_is_not_the_papers(wrn_checkpoint, tmp_path, monkeypatch):
     """A checkpoint that does not reach its row's accuracy (random weights here: the digits are not CIFAR) is
     refused by --verify and nothing is written; validate.py runs for real."""
-    claimed = OfficialRow('wrn16_2_mixmo2', 'cifar10', 'cifar10', 'Cut-MixMo', (97.52,), 'config/x.yaml')
+    claimed = OfficialRow('wrn16_2_mixmo2', 'cifar10', 'cifar10', 'Cut-MixMo', (97.52,), ('drive-id',), 'config/x.yaml')
     monkeypatch.setattr(official, 'official_row', lambda arch, tag: claimed)
     with pytest.raises(ValueError, match=r'verify failed: measured top-1 \d+\.\d\d % .* 97\.52 %'):
         official.convert(wrn_checkpoint[0], tmp_path / 'out', 'wrn16_2_mixmo2', 10, dataset='', verify=True)

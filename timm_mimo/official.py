@@ -383,6 +383,8 @@ def _validate(folder: Path, dataset: str, data_dir: Optional[str], split: Option
     import sys
     import tempfile
     validate = Path(__file__).resolve().parents[1] / 'validate.py'
+    if not validate.is_file():
+        raise FileNotFoundError(f'{validate} not found: --dataset runs the validate.py of a source checkout')
     with tempfile.TemporaryDirectory(prefix='timm_mimo_convert-') as tmp:
         results = Path(tmp) / 'results.json'
         cmd = [sys.executable, str(validate), str(folder), '--dataset', dataset, '--results-file', str(results),
@@ -392,8 +394,9 @@ def _validate(folder: Path, dataset: str, data_dir: Optional[str], split: Option
         cmd += ['--dataset-download'] if download else []
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
-            lines = [line for line in proc.stderr.splitlines() if line.strip()]
-            raise ValueError(f'validate.py failed on the converted weights: {lines[-1] if lines else proc.returncode}')
+            lines = [line.strip() for line in proc.stderr.splitlines() if line.strip()]
+            reason = lines[-1].removeprefix('error: ') if lines else f'exit code {proc.returncode}'
+            raise ValueError(f'validate.py failed on the converted weights: {reason}')
         return json.loads(results.read_text())
 
 
@@ -441,6 +444,8 @@ def convert(source, out_dir, model_name: str, num_classes: int, tag: Optional[st
     if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not overwrite)):
         raise FileExistsError(f'{out_dir} exists and is not an empty folder: pass --overwrite to replace it')
     source = Path(source)
+    if out_dir.resolve() in source.resolve().parents:
+        raise ValueError(f'{out_dir} holds the checkpoint {source}: writing there would replace it, choose another')
     weights, epoch = read_official_checkpoint(source)
 
     model = timm.create_model(f'{arch}.{tag}', num_classes=num_classes).eval()
