@@ -10,19 +10,14 @@ Hub's regular (non-LFS) commit route: the server answers "regular" upload mode a
 which files are sent, to which repository, revision and commit message, with which credentials; not the
 storage backend of the real Hub.
 """
-import base64
-import hashlib
 import json
 import os
 import re
 import runpy
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
-from urllib.parse import unquote, urlsplit
 
 import pytest
 import torch
@@ -32,12 +27,14 @@ from safetensors.torch import load_file, save_file
 import timm
 import timm_mimo  # noqa: F401  (registers the models)
 from timm_mimo import hub
-from timm_mimo.constants import HUB_ORG, hub_id, with_hub_ids
+from timm_mimo.constants import hub_id
 from timm_mimo.rundir import load_model_folder, save_model_folder, write_model_files
 from timm_mimo.weights import UnsafeCheckpointError, load_weights
 from timm_mimo.metrics import classification_metrics
 
 REPO = Path(__file__).resolve().parents[1]
+# an export of a training run also holds the recipe its model card tells to reproduce it with
+RUN_EXPORT_FILES = (*hub.EXPORT_FILES, 'recipe.yaml')
 ARCH = 'wrn16_2_mixmo2'
 SENTINEL = 'sentinel-token-5f0c2e9a71'  # not shaped like a real token: only the exact-token redaction hides it
 SECRET_DIR = '/secret/datasets/cifar10'  # a local path that must not reach a card
@@ -48,13 +45,7 @@ BEST_TEST = dict(top1=87.654, top5=99.125, nll=0.43219, ece=0.03127, brier=0.187
                  ensemble_gain=2.543)
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """Tiny models: one thread is as fast, and does not spin against other work on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def _script(name):
@@ -145,28 +136,6 @@ def _outputs(model, seed=3):
 # ------------------------------------------------------------------------------------------------------
 # registry
 
-def test_every_tag_has_an_hf_hub_id_under_one_org_and_no_download_without_pretrained(monkeypatch):
-    archs = timm.list_models(module='mixmo_resnets') + timm.list_models(module='mixvit')
-    assert 'cait_xs_mixvit2' in archs
-    assert ARCH in archs
-    for arch in archs:
-        cfgs = timm.models.get_arch_pretrained_cfgs(arch)
-        assert cfgs, arch
-        for name, cfg in cfgs.items():
-            assert cfg.hf_hub_id == hub_id(arch, name.split('.', 1)[1]) == f'{HUB_ORG}/{name}'
-    assert {'wrn28_10_mixmo2.cifar100', 'preactresnet18_mixmo2.tiny_imagenet', 'cait_xs_mixvit2.cifar100'} <= set(
-        timm.list_models(pretrained=True, include_tags=True))
-    # an existing weight source is kept, an untagged name has no repository to point to
-    assert with_hub_ids({'a.b': dict(url='https://x/w.pth')})['a.b'].get('hf_hub_id') is None
-    with pytest.raises(ValueError, match='no tag'):
-        with_hub_ids({'untagged': {}})
-
-    def no_network(*args, **kwargs):
-        raise AssertionError('no download may happen without pretrained=True')
-    monkeypatch.setattr(timm.models._hub, 'hf_hub_download', no_network)
-    assert timm.create_model(ARCH).num_members == 2
-
-
 def test_hub_org_is_checked(monkeypatch):
     """TIMM_MIMO_HUB_ORG itself is read at import: the offline-cache test below runs with test-org."""
     from timm_mimo import constants
@@ -184,8 +153,9 @@ def test_create_model_errors_name_the_repository_or_the_missing_import(monkeypat
     def offline(*args, **kwargs):
         raise LocalEntryNotFoundError('Cannot find the requested files in the disk cache')
     monkeypatch.setattr(timm.models._hub, 'hf_hub_download', offline)
-    with pytest.raises(ValueError) as info:
-        hub.create_model(f'{ARCH}.cifar100', pretrained=True)
+    with pytest.raises(ValueError) as info:  # a published tag (its hf_hub_id) that is not cached offline
+        hub.create_model(f'{ARCH}.cifar100', pretrained=True,
+                         pretrained_cfg_overlay=dict(hf_hub_id=hub_id(ARCH, 'cifar100')))
     message = str(info.value)
     assert hub_id(ARCH, 'cifar100') in message and 'cache' in message and '\n' not in message
 
@@ -193,7 +163,7 @@ def test_create_model_errors_name_the_repository_or_the_missing_import(monkeypat
         raise RepositoryNotFoundError('404 Client Error', response=SimpleNamespace(headers={}, request=None))
     monkeypatch.setattr(timm.models._hub, 'hf_hub_download', missing)
     with pytest.raises(ValueError, match=re.escape(hub_id(ARCH, 'cifar10')) + '.*not published'):
-        hub.create_model(ARCH, pretrained=True)  # the default tag, cifar10
+        hub.create_model(ARCH, pretrained=True)  # the default tag, cifar10, unpublished: no download tried
     with pytest.raises(ValueError, match='Tags: cifar10, cifar100'):
         hub.create_model(f'{ARCH}.imagenet')
     folder = tmp_path / 'foreign'
@@ -207,7 +177,10 @@ def test_create_model_errors_name_the_repository_or_the_missing_import(monkeypat
 # export
 
 def test_export_loads_back_with_local_dir_and_gives_the_trained_outputs(run_dir, exported):
-    assert sorted(p.name for p in exported.iterdir()) == sorted(hub.EXPORT_FILES)
+    assert sorted(p.name for p in exported.iterdir()) == sorted(RUN_EXPORT_FILES)
+    # the card's `python train.py -c recipe.yaml`: the file is there and train.py accepts it
+    train_args = runpy.run_path(str(REPO / 'train.py'), run_name='train_args')['parse_args']
+    assert train_args(['-c', str(exported / 'recipe.yaml')]).model == ARCH
     assert not [p for p in exported.parent.iterdir() if '.tmp-' in p.name]
     config = json.loads((exported / 'config.json').read_text())
     assert config['architecture'] == ARCH and config['num_classes'] == 10 and config['num_features'] == 128
@@ -320,7 +293,7 @@ def test_export_bad_input_gives_one_line_errors_and_writes_nothing(run_dir, tmp_
     assert (out / 'keep.txt').read_text() == 'mine'
     code, stdout, _ = run_cli('export', capsys, run_dir, out, '--overwrite')
     assert code == 0 and 'exported wrn16_2_mixmo2.cifar10' in stdout
-    assert sorted(p.name for p in out.iterdir()) == sorted(hub.EXPORT_FILES)
+    assert sorted(p.name for p in out.iterdir()) == sorted(RUN_EXPORT_FILES)
 
     for repo_id in ('no-slash', 'a/b/c', 'org/na me', 'org--x/name', '-org/name'):
         code, _, err = run_cli('push', capsys, run_dir, f'--repo-id={repo_id}', '--dry-run')
@@ -384,22 +357,6 @@ def test_upload_takes_only_regular_files_inside_the_export_folder(exported, tmp_
 # ------------------------------------------------------------------------------------------------------
 # loading from the Hub cache, offline
 
-def populate_hub_cache(hub_cache: Path, repo_id: str, folder: Path, commit: str = '1' * 40):
-    """huggingface_hub's cache layout: models--org--name/{blobs/<hash>, snapshots/<commit>/<file> -> blob,
-    refs/main = commit}."""
-    repo = hub_cache / f'models--{repo_id.replace("/", "--")}'
-    (repo / 'blobs').mkdir(parents=True)
-    (repo / 'refs').mkdir()
-    (repo / 'refs' / 'main').write_text(commit)
-    snapshot = repo / 'snapshots' / commit
-    snapshot.mkdir(parents=True)
-    for name in hub.EXPORT_FILES:
-        data = (folder / name).read_bytes()
-        blob = hashlib.sha256(data).hexdigest()
-        (repo / 'blobs' / blob).write_bytes(data)
-        (snapshot / name).symlink_to(Path('..', '..', 'blobs', blob))
-
-
 OFFLINE_SCRIPT = r'''
 import json, runpy, sys, torch, timm, timm_mimo
 from safetensors.torch import load_file
@@ -425,103 +382,27 @@ print(json.dumps(result))
 '''
 
 
-def test_registered_name_and_hf_hub_load_from_an_offline_cache(exported, tmp_path):
+def test_registered_name_and_hf_hub_load_from_an_offline_cache(exported, tmp_path, populate_hub_cache):
     home = tmp_path / 'hf_home'
     populate_hub_cache(home / 'hub', 'test-org/wrn16_2_mixmo2.cifar10', exported)
     x, y, members = _outputs(timm.create_model(f'local-dir:{exported}', pretrained=True))
     save_file(dict(x=x, y=y, members=members), str(tmp_path / 'ref.safetensors'))
     env = {k: v for k, v in os.environ.items() if not k.startswith('HF_')}
-    env.update(HF_HOME=str(home), HF_HUB_OFFLINE='1', TIMM_MIMO_HUB_ORG='test-org', OMP_NUM_THREADS='1')
+    env.update(HF_HOME=str(home), HF_HUB_OFFLINE='1', TIMM_MIMO_HUB_ORG='test-org', OMP_NUM_THREADS='1',
+               TIMM_MIMO_PUBLISHED='wrn16_2_mixmo2.cifar10')
     proc = subprocess.run([sys.executable, '-c', OFFLINE_SCRIPT, str(tmp_path / 'ref.safetensors'),
                            str(REPO / 'validate.py')], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result['wrn16_2_mixmo2.cifar10'] == dict(hf_hub_id='test-org/wrn16_2_mixmo2.cifar10', same=True)
     assert result['hf-hub:test-org/wrn16_2_mixmo2.cifar10']['same']
-    for key in ('unpublished', 'validate'):
-        assert 'test-org/wrn16_2_mixmo2.cifar100' in result[key] and 'cache' in result[key], result[key]
+    for key in ('unpublished', 'validate'):  # cifar100 is not in TIMM_MIMO_PUBLISHED: no download is tried
+        assert 'test-org/wrn16_2_mixmo2.cifar100 is not published' in result[key], result[key]
         assert '\n' not in result[key]
 
 
 # ------------------------------------------------------------------------------------------------------
 # push
-
-class FakeHub(ThreadingHTTPServer):
-    """The Hub endpoints huggingface_hub's create_repo / create_branch / upload_folder call, in memory."""
-
-    def __init__(self, fail_with=None):
-        super().__init__(('127.0.0.1', 0), _FakeHubHandler)
-        self.fail_with = fail_with  # (status, json body) answered to every request
-        self.requests, self.created, self.branches, self.commits, self.unexpected = [], [], [], [], []
-        self.thread = threading.Thread(target=self.serve_forever, daemon=True)
-
-    @property
-    def url(self):
-        return f'http://127.0.0.1:{self.server_address[1]}'
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.shutdown()
-        self.server_close()
-
-
-class _FakeHubHandler(BaseHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-    def _reply(self, status, payload):
-        body = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header('Content-Type', 'application/json')
-        self.send_header('Content-Length', str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def do_GET(self):
-        self._handle()
-
-    def do_POST(self):
-        self._handle()
-
-    def _handle(self):
-        hub_server = self.server
-        body = self.rfile.read(int(self.headers.get('Content-Length') or 0))
-        path = urlsplit(self.path).path
-        hub_server.requests.append(dict(method=self.command, path=path, auth=self.headers.get('Authorization')))
-        if hub_server.fail_with:
-            return self._reply(*hub_server.fail_with)
-        if path == '/api/repos/create':
-            payload = json.loads(body)
-            hub_server.created.append(payload)
-            repo = f'{payload["organization"]}/{payload["name"]}'
-            return self._reply(200, dict(url=f'{hub_server.url}/{repo}', name=repo, id='0'))
-        if path == '/api/validate-yaml':
-            return self._reply(200, dict(errors=[], warnings=[]))
-        match = re.fullmatch(r'/api/models/([^/]+/[^/]+)/(branch|preupload|commit)/(.+)', path)
-        if match and self.command == 'POST':
-            repo, action, revision = match.group(1), match.group(2), unquote(match.group(3))
-            if action == 'branch':
-                hub_server.branches.append((repo, revision))
-                return self._reply(200, {})
-            if action == 'preupload':
-                files = json.loads(body)['files']
-                return self._reply(200, dict(files=[dict(path=f['path'], uploadMode='regular', shouldIgnore=False,
-                                                         oid=None) for f in files]))
-            lines = [json.loads(line) for line in body.splitlines() if line.strip()]
-            header = next(line['value'] for line in lines if line['key'] == 'header')
-            files = {line['value']['path']: base64.b64decode(line['value']['content'])
-                     for line in lines if line['key'] == 'file'}
-            other = [line['key'] for line in lines if line['key'] not in ('header', 'file')]  # LFS, deletions
-            hub_server.commits.append(dict(repo=repo, revision=revision, summary=header['summary'], files=files,
-                                           other=other))
-            return self._reply(200, dict(commitUrl=f'{hub_server.url}/{repo}/commit/{"a" * 40}', commitOid='a' * 40,
-                                         pullRequestUrl=None))
-        hub_server.unexpected.append((self.command, path))
-        return self._reply(404, dict(error=f'no such endpoint {path}'))
-
 
 def _all_written_bytes(root: Path):
     for path in root.rglob('*'):
@@ -529,10 +410,10 @@ def _all_written_bytes(root: Path):
             yield path, path.read_bytes()
 
 
-def test_push_uploads_the_export_to_the_hub_api_with_the_token_from_the_environment(run_dir, tmp_path):
+def test_push_uploads_the_export_to_the_hub_api_with_the_token_from_the_environment(run_dir, tmp_path, fake_hub):
     export_dir = tmp_path / 'pushed'
     env = {k: v for k, v in os.environ.items() if not k.startswith('HF_')}
-    with FakeHub() as server:
+    with fake_hub() as server:
         env.update(HF_ENDPOINT=server.url, HF_TOKEN=SENTINEL, HF_HUB_DISABLE_XET='1', HF_HOME=str(tmp_path / 'hf'),
                    HF_HUB_DISABLE_TELEMETRY='1', TIMM_MIMO_HUB_ORG='test-org', OMP_NUM_THREADS='1')
         proc = subprocess.run(
@@ -545,7 +426,7 @@ def test_push_uploads_the_export_to_the_hub_api_with_the_token_from_the_environm
     [commit] = server.commits
     assert commit['repo'] == 'test-org/wrn16_2_mixmo2.cifar10' and commit['revision'] == 'v1'
     assert commit['summary'] == 'First weights' and commit['other'] == []
-    assert commit['files'] == {name: (export_dir / name).read_bytes() for name in hub.EXPORT_FILES}
+    assert commit['files'] == {name: (export_dir / name).read_bytes() for name in RUN_EXPORT_FILES}
     assert not server.unexpected
     assert server.requests and all(r['auth'] == f'Bearer {SENTINEL}' for r in server.requests)
     assert 'uploaded' in proc.stdout and 'test-org/wrn16_2_mixmo2.cifar10@v1' in proc.stdout
@@ -557,19 +438,19 @@ def test_push_uploads_the_export_to_the_hub_api_with_the_token_from_the_environm
 
 
 def test_push_dry_run_and_failures_contact_nothing_or_say_so_without_the_token(run_dir, tmp_path, capsys,
-                                                                              monkeypatch):
+                                                                              monkeypatch, fake_hub):
     from huggingface_hub import constants
     monkeypatch.setenv('HF_TOKEN', SENTINEL)
     monkeypatch.setattr(constants, 'HF_HUB_DISABLE_XET', True)
     repo = 'someone/model'
     # the server answers every request with an error that quotes the token back
-    with FakeHub(fail_with=(403, dict(error=f'token {SENTINEL} may not write here'))) as server:
+    with fake_hub(fail_with=(403, dict(error=f'token {SENTINEL} may not write here'))) as server:
         monkeypatch.setattr(constants, 'ENDPOINT', server.url)
         code, out, err = run_cli('push', capsys, run_dir, '--repo-id', repo, '--dry-run', '--export-dir',
                                  tmp_path / 'dry')
         assert code == 0 and 'dry run: would upload README.md' in out and 'token: found' in out
         assert not server.requests and sorted(p.name for p in (tmp_path / 'dry').iterdir()) == sorted(
-            hub.EXPORT_FILES)
+            RUN_EXPORT_FILES)
 
         code, out, err = run_cli('push', capsys, run_dir, '--repo-id', repo)
         assert_one_line_error(code, err, f'upload to {repo} failed', 'HTTP 403: token *** may not write here')

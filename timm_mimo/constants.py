@@ -39,18 +39,3 @@ def hub_id(arch: str, tag: str) -> str:
     """The Hub repository of ``arch`` pretrained as ``tag``: ``'<HUB_ORG>/<arch>.<tag>'``."""
     return f'{HUB_ORG}/{arch}.{tag}'
 
-
-def with_hub_ids(cfgs: dict) -> dict:
-    """``{'arch.tag': cfg}`` with ``hf_hub_id`` filled in for every entry that has no weight source yet.
-
-    Use it around the dict given to ``generate_default_cfgs`` so that ``pretrained=True`` downloads
-    ``hub_id(arch, tag)`` once the weights are published.
-    """
-    out = {}
-    for name, cfg in cfgs.items():
-        arch, _, tag = name.partition('.')
-        if not tag:
-            raise ValueError(f'pretrained cfg {name!r} has no tag: Hub repositories are named <arch>.<tag>')
-        has_source = any(cfg.get(k) for k in ('url', 'file', 'hf_hub_id', 'state_dict'))
-        out[name] = cfg if has_source else {**cfg, 'hf_hub_id': hub_id(arch, tag)}
-    return out

@@ -75,7 +75,7 @@ def _check_registered_defaults(model: nn.Module, name: str, repo_id: str):
             f'repository id and load it with hf-hub:')
 
 
-def _check_round_trip(model: nn.Module, folder: Path):
+def check_round_trip(model: nn.Module, folder: Path):
     """The folder loads back with timm's own ``local-dir:`` and gives the same outputs as ``model``."""
     loaded = timm.create_model(f'local-dir:{folder.resolve()}', pretrained=True).eval()
     model.eval()
@@ -149,7 +149,7 @@ def export(source, out_dir, *, which: str = 'best', model_name: Optional[str] = 
                                        encoding='utf-8')
         if recipe:  # the card's `python train.py -c recipe.yaml`
             (tmp / RECIPE_FILE).write_text(yaml.safe_dump(recipe, sort_keys=False))
-        _check_round_trip(model, tmp)
+        check_round_trip(model, tmp)
         _check_destination(out_dir, overwrite, checkpoint.weights)  # nothing appeared meanwhile
     files = list(EXPORT_FILES) + [f for f in OPTIONAL_FILES if (out_dir / f).exists()]
     return ExportResult(out_dir, arch, tag, num_members, model.num_classes, files)

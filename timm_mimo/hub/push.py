@@ -61,7 +61,7 @@ def push(source, repo_id: str, *, revision: Optional[str] = None, private: bool 
                 f'Hugging Face token: {"found" if has_token else "NOT found (set HF_TOKEN or run `hf auth login`)"}')
             return None
         from huggingface_hub import HfApi
-        from . import __version__
+        from .. import __version__
         try:
             api = HfApi(library_name='timm_mimo', library_version=__version__)
             repo_id = api.create_repo(repo_id, private=True if private else None, exist_ok=True).repo_id

@@ -19,10 +19,12 @@ import torch.nn.functional as F
 from timm.layers import create_conv2d
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 
-from ..constants import CIFAR_DEFAULT_MEAN, CIFAR_DEFAULT_STD, TINY_IMAGENET_MEAN, TINY_IMAGENET_STD, with_hub_ids
+from ..constants import CIFAR_DEFAULT_MEAN, CIFAR_DEFAULT_STD, TINY_IMAGENET_MEAN, TINY_IMAGENET_STD
 from ..mimo import (
     MemberClassifierHead, MemberConv2d, MimoClassifierMixin, check_ensemble_rule, check_image_input,
     check_num_members, mix_members)
+from ..official import OFFICIAL_ROWS
+from ._pretrained import hub_cfgs, pretrained_weights
 
 __all__ = ['MixMoResNet']
 
@@ -262,11 +264,12 @@ class MixMoResNet(MimoClassifierMixin, nn.Module):
 def _create_mixmo_resnet(variant: str, pretrained: bool = False, **kwargs) -> MixMoResNet:
     # features_only returns the stem (summed member encoders) and every stage
     num_levels = len(kwargs.get('layers', (4, 4, 4))) + 1
-    return build_model_with_cfg(
-        MixMoResNet, variant, pretrained,
-        feature_cfg=dict(flatten_sequential=True, out_indices=tuple(range(num_levels))),
-        **kwargs,
-    )
+    with pretrained_weights(variant, pretrained, kwargs):
+        return build_model_with_cfg(
+            MixMoResNet, variant, pretrained,
+            feature_cfg=dict(flatten_sequential=True, out_indices=tuple(range(num_levels))),
+            **kwargs,
+        )
 
 
 def _cfg(url: str = '', **kwargs):
@@ -281,145 +284,131 @@ def _cfg(url: str = '', **kwargs):
     }
 
 
-def _tiny_cfg(**kwargs):
-    return _cfg(
-        num_classes=200, input_size=(3, 64, 64), pool_size=(4, 4),
-        mean=TINY_IMAGENET_MEAN, std=TINY_IMAGENET_STD, **kwargs)
-
-
-def _cifar_tags(name: str):
-    return {f'{name}.cifar10': _cfg(), f'{name}.cifar100': _cfg(num_classes=100)}
-
-
-# every variant's numbers in one place: (block, blocks per stage, stage channels, stem stride, final norm)
-_WRN = dict(block='wide', strides=(1, 2, 2), stem_chs=16, stem_stride=1, final_norm=True, head_init='he')
-_PREACT18 = dict(
-    block='preact', layers=(2, 2, 2, 2), strides=(1, 2, 2, 2), stem_chs=64, stem_stride=2,
-    final_norm=False, head_init='normal')
-
-
-def _wrn_args(depth: int, width: int) -> dict:
-    blocks = (depth - 4) // 6
-    return dict(_WRN, layers=(blocks,) * 3, channels=(16 * width, 32 * width, 64 * width))
-
-
-def _preact18_args(width: int) -> dict:
-    return dict(_PREACT18, channels=(64 * width, 128 * width, 256 * width, 512 * width))
-
-
-_VARIANTS = {
-    'wrn28_10': _wrn_args(28, 10),
-    'wrn16_2': _wrn_args(16, 2),
-    'wrn16_4': _wrn_args(16, 4),
-    'wrn16_8': _wrn_args(16, 8),
-    'preactresnet18': _preact18_args(1),
-    'preactresnet18_w2': _preact18_args(2),
-    'preactresnet18_w3': _preact18_args(3),
+_DATASET_CFGS = {
+    'cifar10': _cfg(),
+    'cifar100': _cfg(num_classes=100),
+    'tiny_imagenet': _cfg(
+        num_classes=200, input_size=(3, 64, 64), pool_size=(4, 4), mean=TINY_IMAGENET_MEAN, std=TINY_IMAGENET_STD),
 }
+_CIFAR_ARCHS = ('wrn28_10', 'wrn28_10_mixmo2', 'wrn28_10_mixmo3', 'wrn16_2', 'wrn16_2_mixmo2', 'wrn16_4',
+                'wrn16_4_mixmo2', 'wrn16_8', 'wrn16_8_mixmo2')
+_TINY_ARCHS = ('preactresnet18', 'preactresnet18_mixmo2', 'preactresnet18_w2', 'preactresnet18_w2_mixmo2',
+               'preactresnet18_w3', 'preactresnet18_w3_mixmo2')
 
-
-# every tag downloads from '<HUB_ORG>/<arch>.<tag>' (constants.hub_id) with pretrained=True, once published
-default_cfgs = generate_default_cfgs(with_hub_ids({
-    **{tag: cfg for name in ('wrn28_10', 'wrn28_10_mixmo2', 'wrn28_10_mixmo3', 'wrn16_2', 'wrn16_2_mixmo2', 'wrn16_4', 'wrn16_4_mixmo2',
-                             'wrn16_8', 'wrn16_8_mixmo2') for tag, cfg in _cifar_tags(name).items()},
-    **{f'{name}.tiny_imagenet': _tiny_cfg() for name in (
-        'preactresnet18', 'preactresnet18_mixmo2', 'preactresnet18_w2', 'preactresnet18_w2_mixmo2',
-        'preactresnet18_w3', 'preactresnet18_w3_mixmo2')},
+# tags: '<dataset>' for weights trained with timm_mimo, 'official_<method>_<dataset>' for the checkpoints of
+# the official MixMo code (timm_mimo/official.py, hub/convert_official.py); only published.py's have weights
+default_cfgs = generate_default_cfgs(hub_cfgs({
+    **{f'{arch}.{dataset}': _DATASET_CFGS[dataset] for arch in _CIFAR_ARCHS for dataset in ('cifar10', 'cifar100')},
+    **{f'{arch}.tiny_imagenet': _DATASET_CFGS['tiny_imagenet'] for arch in _TINY_ARCHS},
+    **{f'{row.arch}.{row.tag}': _DATASET_CFGS[row.dataset] for row in OFFICIAL_ROWS},
 }))
 
-
-def _create_variant(variant: str, pretrained: bool, num_members: int, kwargs: dict) -> MixMoResNet:
-    base = variant.split('_mixmo')[0]
-    model_args = dict(_VARIANTS[base], num_members=num_members)
-    model_args.update(kwargs)
-    return _create_mixmo_resnet(variant, pretrained=pretrained, **model_args)
+# the two families; every registered variant below gives its own depth, widths and M
+_WRN = dict(block='wide', strides=(1, 2, 2), stem_chs=16, stem_stride=1, final_norm=True, head_init='he')
+_PREACT18 = dict(block='preact', layers=(2, 2, 2, 2), strides=(1, 2, 2, 2), stem_chs=64, stem_stride=2,
+                 final_norm=False, head_init='normal')
 
 
 @register_model
 def wrn28_10(pretrained: bool = False, **kwargs) -> MixMoResNet:
     """WideResNet-28-10 for CIFAR (36.5M parameters with 100 classes)."""
-    return _create_variant('wrn28_10', pretrained, 1, kwargs)
+    model_args = dict(_WRN, layers=(4, 4, 4), channels=(160, 320, 640), num_members=1)
+    return _create_mixmo_resnet('wrn28_10', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def wrn28_10_mixmo2(pretrained: bool = False, **kwargs) -> MixMoResNet:
     """WideResNet-28-10 MixMo, M = 2."""
-    return _create_variant('wrn28_10_mixmo2', pretrained, 2, kwargs)
+    model_args = dict(_WRN, layers=(4, 4, 4), channels=(160, 320, 640), num_members=2)
+    return _create_mixmo_resnet('wrn28_10_mixmo2', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def wrn28_10_mixmo3(pretrained: bool = False, **kwargs) -> MixMoResNet:
     """WideResNet-28-10 MixMo, M = 3 (cut-in-mix masks)."""
-    return _create_variant('wrn28_10_mixmo3', pretrained, 3, kwargs)
+    model_args = dict(_WRN, layers=(4, 4, 4), channels=(160, 320, 640), num_members=3)
+    return _create_mixmo_resnet('wrn28_10_mixmo3', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def wrn16_2(pretrained: bool = False, **kwargs) -> MixMoResNet:
     """WideResNet-16-2 (0.7M parameters): CPU-sized runs, the default of train.py on embedded data."""
-    return _create_variant('wrn16_2', pretrained, 1, kwargs)
+    model_args = dict(_WRN, layers=(2, 2, 2), channels=(32, 64, 128), num_members=1)
+    return _create_mixmo_resnet('wrn16_2', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def wrn16_2_mixmo2(pretrained: bool = False, **kwargs) -> MixMoResNet:
     """WideResNet-16-2 MixMo, M = 2."""
-    return _create_variant('wrn16_2_mixmo2', pretrained, 2, kwargs)
+    model_args = dict(_WRN, layers=(2, 2, 2), channels=(32, 64, 128), num_members=2)
+    return _create_mixmo_resnet('wrn16_2_mixmo2', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def wrn16_4(pretrained: bool = False, **kwargs) -> MixMoResNet:
     """WideResNet-16-4 for fast CIFAR experiments."""
-    return _create_variant('wrn16_4', pretrained, 1, kwargs)
+    model_args = dict(_WRN, layers=(2, 2, 2), channels=(64, 128, 256), num_members=1)
+    return _create_mixmo_resnet('wrn16_4', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def wrn16_4_mixmo2(pretrained: bool = False, **kwargs) -> MixMoResNet:
     """WideResNet-16-4 MixMo, M = 2."""
-    return _create_variant('wrn16_4_mixmo2', pretrained, 2, kwargs)
+    model_args = dict(_WRN, layers=(2, 2, 2), channels=(64, 128, 256), num_members=2)
+    return _create_mixmo_resnet('wrn16_4_mixmo2', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def wrn16_8(pretrained: bool = False, **kwargs) -> MixMoResNet:
     """WideResNet-16-8 for CIFAR."""
-    return _create_variant('wrn16_8', pretrained, 1, kwargs)
+    model_args = dict(_WRN, layers=(2, 2, 2), channels=(128, 256, 512), num_members=1)
+    return _create_mixmo_resnet('wrn16_8', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def wrn16_8_mixmo2(pretrained: bool = False, **kwargs) -> MixMoResNet:
     """WideResNet-16-8 MixMo, M = 2."""
-    return _create_variant('wrn16_8_mixmo2', pretrained, 2, kwargs)
+    model_args = dict(_WRN, layers=(2, 2, 2), channels=(128, 256, 512), num_members=2)
+    return _create_mixmo_resnet('wrn16_8_mixmo2', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def preactresnet18(pretrained: bool = False, **kwargs) -> MixMoResNet:
     """PreActResNet-18 for 64 px inputs (Tiny ImageNet)."""
-    return _create_variant('preactresnet18', pretrained, 1, kwargs)
+    model_args = dict(_PREACT18, channels=(64, 128, 256, 512), num_members=1)
+    return _create_mixmo_resnet('preactresnet18', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def preactresnet18_mixmo2(pretrained: bool = False, **kwargs) -> MixMoResNet:
     """PreActResNet-18 MixMo, M = 2."""
-    return _create_variant('preactresnet18_mixmo2', pretrained, 2, kwargs)
+    model_args = dict(_PREACT18, channels=(64, 128, 256, 512), num_members=2)
+    return _create_mixmo_resnet('preactresnet18_mixmo2', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def preactresnet18_w2(pretrained: bool = False, **kwargs) -> MixMoResNet:
     """PreActResNet-18, width x2."""
-    return _create_variant('preactresnet18_w2', pretrained, 1, kwargs)
+    model_args = dict(_PREACT18, channels=(128, 256, 512, 1024), num_members=1)
+    return _create_mixmo_resnet('preactresnet18_w2', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def preactresnet18_w2_mixmo2(pretrained: bool = False, **kwargs) -> MixMoResNet:
     """PreActResNet-18 width x2 MixMo, M = 2."""
-    return _create_variant('preactresnet18_w2_mixmo2', pretrained, 2, kwargs)
+    model_args = dict(_PREACT18, channels=(128, 256, 512, 1024), num_members=2)
+    return _create_mixmo_resnet('preactresnet18_w2_mixmo2', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def preactresnet18_w3(pretrained: bool = False, **kwargs) -> MixMoResNet:
     """PreActResNet-18, width x3."""
-    return _create_variant('preactresnet18_w3', pretrained, 1, kwargs)
+    model_args = dict(_PREACT18, channels=(192, 384, 768, 1536), num_members=1)
+    return _create_mixmo_resnet('preactresnet18_w3', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def preactresnet18_w3_mixmo2(pretrained: bool = False, **kwargs) -> MixMoResNet:
     """PreActResNet-18 width x3 MixMo, M = 2."""
-    return _create_variant('preactresnet18_w3_mixmo2', pretrained, 2, kwargs)
+    model_args = dict(_PREACT18, channels=(192, 384, 768, 1536), num_members=2)
+    return _create_mixmo_resnet('preactresnet18_w3_mixmo2', pretrained, **dict(model_args, **kwargs))

@@ -38,9 +38,10 @@ from timm.models._features import feature_take_indices
 from timm.models.cait import Cait
 from timm.models.convit import ConVit
 
-from ..constants import CIFAR_DEFAULT_MEAN, CIFAR_DEFAULT_STD, TINY_IMAGENET_MEAN, TINY_IMAGENET_STD, with_hub_ids
+from ..constants import CIFAR_DEFAULT_MEAN, CIFAR_DEFAULT_STD, TINY_IMAGENET_MEAN, TINY_IMAGENET_STD
 from ..mimo import MemberLinear, MimoClassifierMixin, check_ensemble_rule, check_image_input, check_num_members, \
     mix_members
+from ._pretrained import hub_cfgs, pretrained_weights
 
 __all__ = ['MixViTCait', 'MixViTConVit', 'ATTRIBUTION_PLACES', 'CLASS_STAGES', 'INFERENCE_MODES']
 
@@ -459,84 +460,90 @@ def _dataset_tags(name: str):
     }
 
 
-# sizes as timm's CaiT-XXS/XS/S-24 and ConViT-Ti/S (spec mixvit.md §4)
-_VARIANTS = {
-    'cait_xxs': (MixViTCait, dict(embed_dim=192, depth=24, num_heads=4, init_values=1e-5)),
-    'cait_xs': (MixViTCait, dict(embed_dim=288, depth=24, num_heads=6, init_values=1e-5)),
-    'cait_s': (MixViTCait, dict(embed_dim=384, depth=24, num_heads=8, init_values=1e-5)),
-    'convit_tiny': (MixViTConVit, dict(embed_dim=48, num_heads=4, depth=12, local_up_to_layer=10,
-                                       locality_strength=1.0)),
-    'convit_small': (MixViTConVit, dict(embed_dim=48, num_heads=9, depth=12, local_up_to_layer=10,
-                                        locality_strength=1.0)),
-}
-
-default_cfgs = generate_default_cfgs(with_hub_ids({
-    tag: cfg for base in _VARIANTS for m in (1, 2) for tag, cfg in _dataset_tags(f'{base}_mixvit{m}').items()
+# only the tags of timm_mimo/models/published.py get weights (hf_hub_id); pretrained=True on others fails
+default_cfgs = generate_default_cfgs(hub_cfgs({
+    tag: cfg for arch in (
+        'cait_xxs_mixvit1', 'cait_xxs_mixvit2', 'cait_xs_mixvit1', 'cait_xs_mixvit2', 'cait_s_mixvit1',
+        'cait_s_mixvit2', 'convit_tiny_mixvit1', 'convit_tiny_mixvit2', 'convit_small_mixvit1', 'convit_small_mixvit2',
+    ) for tag, cfg in _dataset_tags(arch).items()
 }))
 
 
-def _create_variant(variant: str, pretrained: bool, num_members: int, kwargs: dict):
-    model_cls, model_args = _VARIANTS[variant.rsplit('_mixvit', 1)[0]]
-    model_args = dict(model_args, num_members=num_members)
-    model_args.update(kwargs)  # num_members too: any M from the command line (--num-members)
-    return _create_mixvit(model_cls, variant, pretrained=pretrained, **model_args)
+def _create_variant(model_cls, variant: str, pretrained: bool, **kwargs):
+    with pretrained_weights(variant, pretrained, kwargs):
+        return _create_mixvit(model_cls, variant, pretrained=pretrained, **kwargs)
 
 
+# sizes as timm's CaiT-XXS/XS/S-24 and ConViT-Ti/S (spec mixvit.md §4); kwargs override, num_members too
 @register_model
 def cait_xxs_mixvit1(pretrained: bool = False, **kwargs) -> MixViTCait:
     """CaiT-XXS-24 for small images, one member: the plain CaiT baseline of MixViT."""
-    return _create_variant('cait_xxs_mixvit1', pretrained, 1, kwargs)
+    model_args = dict(embed_dim=192, depth=24, num_heads=4, init_values=1e-5, num_members=1)
+    return _create_variant(MixViTCait, 'cait_xxs_mixvit1', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def cait_xxs_mixvit2(pretrained: bool = False, **kwargs) -> MixViTCait:
     """MixViT CaiT-XXS-24 with two members."""
-    return _create_variant('cait_xxs_mixvit2', pretrained, 2, kwargs)
+    model_args = dict(embed_dim=192, depth=24, num_heads=4, init_values=1e-5, num_members=2)
+    return _create_variant(MixViTCait, 'cait_xxs_mixvit2', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def cait_xs_mixvit1(pretrained: bool = False, **kwargs) -> MixViTCait:
     """CaiT-XS-24 for small images, one member (baseline)."""
-    return _create_variant('cait_xs_mixvit1', pretrained, 1, kwargs)
+    model_args = dict(embed_dim=288, depth=24, num_heads=6, init_values=1e-5, num_members=1)
+    return _create_variant(MixViTCait, 'cait_xs_mixvit1', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def cait_xs_mixvit2(pretrained: bool = False, **kwargs) -> MixViTCait:
     """MixViT CaiT-XS-24 with two members."""
-    return _create_variant('cait_xs_mixvit2', pretrained, 2, kwargs)
+    model_args = dict(embed_dim=288, depth=24, num_heads=6, init_values=1e-5, num_members=2)
+    return _create_variant(MixViTCait, 'cait_xs_mixvit2', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def cait_s_mixvit1(pretrained: bool = False, **kwargs) -> MixViTCait:
     """CaiT-S-24 for small images, one member (baseline)."""
-    return _create_variant('cait_s_mixvit1', pretrained, 1, kwargs)
+    model_args = dict(embed_dim=384, depth=24, num_heads=8, init_values=1e-5, num_members=1)
+    return _create_variant(MixViTCait, 'cait_s_mixvit1', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def cait_s_mixvit2(pretrained: bool = False, **kwargs) -> MixViTCait:
     """MixViT CaiT-S-24 with two members."""
-    return _create_variant('cait_s_mixvit2', pretrained, 2, kwargs)
+    model_args = dict(embed_dim=384, depth=24, num_heads=8, init_values=1e-5, num_members=2)
+    return _create_variant(MixViTCait, 'cait_s_mixvit2', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def convit_tiny_mixvit1(pretrained: bool = False, **kwargs) -> MixViTConVit:
     """ConViT-Ti for small images, one member (baseline)."""
-    return _create_variant('convit_tiny_mixvit1', pretrained, 1, kwargs)
+    model_args = dict(embed_dim=48, num_heads=4, depth=12, local_up_to_layer=10, locality_strength=1.0,
+                      num_members=1)
+    return _create_variant(MixViTConVit, 'convit_tiny_mixvit1', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def convit_tiny_mixvit2(pretrained: bool = False, **kwargs) -> MixViTConVit:
     """MixViT ConViT-Ti with two members."""
-    return _create_variant('convit_tiny_mixvit2', pretrained, 2, kwargs)
+    model_args = dict(embed_dim=48, num_heads=4, depth=12, local_up_to_layer=10, locality_strength=1.0,
+                      num_members=2)
+    return _create_variant(MixViTConVit, 'convit_tiny_mixvit2', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def convit_small_mixvit1(pretrained: bool = False, **kwargs) -> MixViTConVit:
     """ConViT-S for small images, one member (baseline)."""
-    return _create_variant('convit_small_mixvit1', pretrained, 1, kwargs)
+    model_args = dict(embed_dim=48, num_heads=9, depth=12, local_up_to_layer=10, locality_strength=1.0,
+                      num_members=1)
+    return _create_variant(MixViTConVit, 'convit_small_mixvit1', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def convit_small_mixvit2(pretrained: bool = False, **kwargs) -> MixViTConVit:
     """MixViT ConViT-S with two members."""
-    return _create_variant('convit_small_mixvit2', pretrained, 2, kwargs)
+    model_args = dict(embed_dim=48, num_heads=9, depth=12, local_up_to_layer=10, locality_strength=1.0,
+                      num_members=2)
+    return _create_variant(MixViTConVit, 'convit_small_mixvit2', pretrained, **dict(model_args, **kwargs))
