@@ -166,8 +166,13 @@ def ood_eval_set(args, splits, img_size: int):
     from timm_mimo.data.splits import build_splits
 
     name, data_dir = args.ood_dataset, args.ood_data_dir
-    if name and data_dir is None and Path(name).exists():  # a path: an image folder, tar or zip
-        name, data_dir = '', name
+    if name and data_dir is None:
+        if Path(name).exists():  # a path: an image folder, tar or zip
+            name, data_dir = '', name
+        elif not (name == 'cifar10-zip' or name.startswith(('torch/', 'hfds/', 'hfids/', 'tfds/', 'wds/'))
+                  or Path('data', name.replace('/', '_')).exists()):  # build_splits' default root
+            raise FileNotFoundError(f'--ood-dataset {name}: neither a file or folder nor a data set name '
+                                    f"('' = digits, cifar10-zip, torch/..., or a name with --ood-data-dir)")
     ood = build_splits(name, data_dir, args.dataset_download, img_size, mean=splits.mean, std=splits.std,
                        val_per_class=args.ood_val_per_class)
     split = args.ood_split or ('test' if ood.test is not None else 'validation')
@@ -230,6 +235,9 @@ def main(argv=None):
     if eval_set is None:
         raise ValueError(f'{splits.description} has no {split} split')
 
+    # read the OOD set before the long evaluation so that a bad --ood-dataset fails at once
+    ood_set, ood_description = ood_eval_set(args, splits, img_size) if args.ood_dataset is not None else (None, '')
+
     def predictions(data, desc):
         workers = default_workers(data) if args.workers is None else args.workers
         loader = DataLoader(data, batch_size=args.batch_size, num_workers=workers)
@@ -265,7 +273,6 @@ def main(argv=None):
 
     ood_ens = ood_members = None
     if args.ood_dataset is not None:
-        ood_set, ood_description = ood_eval_set(args, splits, img_size)
         ood_ens, ood_members, _ = predictions(ood_set, 'ood')
         results['ood'] = dict(dataset=ood_description, num_samples=len(ood_set),
                               scores=ood_metrics(ens, ood_ens, members, ood_members))
