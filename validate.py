@@ -304,6 +304,7 @@ def main(argv=None):
         Path(args.save_predictions).parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(args.save_predictions).with_name(Path(args.save_predictions).name + '.tmp')
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+        os.chmod(tmp, 0o644)  # safetensors creates 0600; results are as readable as the JSON next to them
         os.replace(tmp, args.save_predictions)
     if args.results_file:
         write_atomic(Path(args.results_file), json.dumps(results, indent=2))

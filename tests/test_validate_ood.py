@@ -14,6 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from timm_mimo.data import default_cifar10_zip
+from timm_mimo.report import report_section
 from timm_mimo.uncertainty import ood_metrics, selective_metrics
 
 from test_train import run  # train.py / validate.py in a subprocess, one-line failure report
@@ -114,7 +115,7 @@ def test_report_page_links_pictures_that_exist(evaluated):
     assert f'report: {folder / "report.md"}' in proc.stdout
     for heading in ('Accuracy and calibration', 'Selective classification', 'Out-of-distribution detection'):
         assert heading in page
-    linked = [line.split('](')[1].split(')')[0] for part in page.splitlines() for line in part.split('![')[1:]]
+    linked = [link.split('](')[1].split(')')[0] for line in page.splitlines() for link in line.split('![')[1:]]
     assert set(linked) == {'reliability.png', 'reliability_member0.png', 'reliability_member1.png',
                            'risk_coverage.png', 'ood_msp.png', 'ood_entropy.png', 'ood_mutual_info.png',
                            'ood_disagreement.png'}
@@ -122,6 +123,11 @@ def test_report_page_links_pictures_that_exist(evaluated):
         with Image.open(folder / name) as image:
             assert image.format == 'PNG' and image.size[0] >= 600
     assert not list(folder.glob('.*tmp*'))
+    # the same page as a model-card section, images under the card's report/ folder, one heading level down
+    section = report_section(folder, image_dir='report', heading_level=2)
+    assert section.startswith('## Evaluation: wrn16_2_mixmo2') and '](report/risk_coverage.png)' in section
+    shifted = [line[1:] if line.startswith('#') else line for line in section.replace('](report/', '](').splitlines()]
+    assert '\n'.join(shifted) + '\n' == page
 
 
 @needs_zip

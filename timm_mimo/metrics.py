@@ -7,8 +7,9 @@ they live, and returns plain Python numbers:
     member logits   (N, M, K)  M = 1 for any plain timm model
     labels          (N,)       integer class indices
 
-Functions that only need probabilities (ECE, Brier, AUC, the reliability diagram) also take
-probabilities directly with ``from_logits=False``.
+Functions that only need probabilities (ECE, Brier, AUC) also take probabilities directly with
+``from_logits=False``. OOD detection, selective classification and adaptive / classwise ECE are in
+:mod:`timm_mimo.uncertainty`; the reliability diagram is drawn by :mod:`timm_mimo.visualize`.
 
 Differences from the official MixMo metric code, all deliberate:
   * NLL uses ``log_softmax`` instead of ``log(p + 1e-12)``; the two agree unless p_y < 1e-12.

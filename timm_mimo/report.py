@@ -1,10 +1,14 @@
 """An evaluation report: one markdown page with the numbers and the pictures, usable as a model-card section.
 
 ``validate.py ... --report DIR`` calls :func:`write_report`, which draws the pictures into DIR and writes
-``DIR/report.md``; :func:`model_card_section` returns the same markdown for a Hub model card (images
-referenced relative to the card, under ``image_dir``). The page reads the results dictionary validate.py
-writes with ``--results-file``, so a report can be rebuilt from a saved JSON plus the predictions.
+``DIR/report.md`` and ``DIR/results.json`` (validate.py's results dictionary). :func:`model_card_section`
+turns a results dictionary into the same markdown for a Hub model card, with the images referenced under
+``image_dir``; :func:`report_section` does it from a report folder, e.g. for an export that copies DIR's
+PNGs into the Hub repository's ``report/`` folder::
+
+    card += report_section('eval/report', image_dir='report', heading_level=2)
 """
+import json
 import os
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -14,9 +18,10 @@ import torch
 from .uncertainty import SCORE_LABELS, risk_coverage_curve, uncertainty_scores
 from .visualize import reliability_diagram, risk_coverage_plot, score_histogram
 
-__all__ = ['write_report', 'model_card_section', 'report_pictures']
+__all__ = ['write_report', 'model_card_section', 'report_section', 'report_pictures']
 
 REPORT_NAME = 'report.md'
+RESULTS_NAME = 'results.json'
 
 
 def _fmt(value, digits: int = 4) -> str:
@@ -140,8 +145,24 @@ def write_report(folder, results: dict, logits: torch.Tensor, member_logits: tor
     folder = Path(folder)
     title = str(results.get('model', ''))
     pictures = report_pictures(folder, logits, member_logits, labels, ood_logits, ood_member_logits, title)
+    _write_atomic(folder / RESULTS_NAME, json.dumps(results, indent=2))
     path = folder / REPORT_NAME
-    tmp = path.with_name(f'.{path.name}.tmp')
-    tmp.write_text(model_card_section(results, pictures, heading_level=1))
-    os.replace(tmp, path)  # readers never see half a page
+    _write_atomic(path, model_card_section(results, pictures, heading_level=1))
     return path
+
+
+def report_section(folder, image_dir: str = '', heading_level: int = 2) -> str:
+    """The model-card markdown of a report folder written by :func:`write_report` (its results.json and
+    whichever of its pictures exist), with the images referenced under ``image_dir``."""
+    folder = Path(folder)
+    results_path = folder / RESULTS_NAME
+    if not results_path.is_file():
+        raise FileNotFoundError(f'{results_path} not found: write the report with validate.py --report {folder}')
+    pictures = {p.stem: p.name for p in sorted(folder.glob('*.png'))}
+    return model_card_section(json.loads(results_path.read_text()), pictures, image_dir, heading_level)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f'.{path.name}.tmp')
+    tmp.write_text(text)
+    os.replace(tmp, path)  # readers never see half a file

@@ -20,7 +20,7 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
-from .metrics import _check, _probs
+from .metrics import _check, _probs, expected_calibration_error
 
 __all__ = [
     'predictive_entropy', 'mutual_information', 'member_disagreement', 'uncertainty_scores',
@@ -183,7 +183,8 @@ def selective_metrics(scores: torch.Tensor, labels: torch.Tensor, from_logits: b
 
     AURC = mean_k risk(k / N) (Geifman & El-Yaniv 2017); AUGRC = mean_k (k / N) risk(k / N), the area under
     the generalised risk (the joint probability of being accepted and wrong, Traub et al. 2024). Risk at
-    coverage c: the error rate of the ceil(c N) most confident samples. All in [0, 1]; lower is better.
+    coverage c: the error rate of the ceil(c N) most confident samples (c N is rounded down first when it is
+    within 1e-9 of an integer, so 0.9 · 30 keeps 27, not 28). All in [0, 1]; lower is better.
     """
     scores, labels = _check(scores, labels)
     conf, pred = _probs(scores, from_logits).max(dim=1)
@@ -249,8 +250,6 @@ def uncertainty_metrics(logits: torch.Tensor, labels: torch.Tensor, member_logit
                         num_bins: int = 15) -> Dict[str, object]:
     """Selective classification and calibration metrics of one set (keys of :func:`selective_metrics` plus
     ``ece_adaptive``, ``ece_classwise`` and, with member logits, ``member_ece`` / ``member_ece_adaptive``)."""
-    from .metrics import expected_calibration_error
-
     metrics: Dict[str, object] = dict(selective_metrics(logits, labels))
     metrics['ece_adaptive'] = adaptive_calibration_error(logits, labels, num_bins)
     metrics['ece_classwise'] = classwise_calibration_error(logits, labels, num_bins)
