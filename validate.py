@@ -117,7 +117,7 @@ def resolve_model(args):
 
 def default_workers(dataset) -> int:
     """Loader processes that pay off: none for images held as tensors (decoding is free), else up to 4."""
-    while isinstance(dataset, torch.utils.data.Subset):
+    while isinstance(getattr(dataset, 'dataset', None), torch.utils.data.Dataset):  # Subset, Renormalized
         dataset = dataset.dataset
     if isinstance(getattr(dataset, 'images', None), torch.Tensor):
         return 0
