@@ -126,6 +126,11 @@ def test_risk_at_coverage_takes_the_ceiling():
     metrics = selective_metrics(probs, labels, from_logits=False)
     assert metrics['risk_at_90'] == 0.0  # 18 samples
     assert metrics['risk_at_95'] == pytest.approx(1 / 19)  # 19 samples, not 20
+    # 0.9 · 30 is 27.000000000000004 in floating point: still 27 samples, not 28
+    conf30 = torch.linspace(1, 0.55, 30, dtype=torch.float64)
+    labels30 = torch.zeros(30, dtype=torch.long)
+    labels30[27] = 1  # the 28th most confident is wrong
+    assert selective_metrics(torch.stack([conf30, 1 - conf30], 1), labels30, from_logits=False)['risk_at_90'] == 0.0
 
 
 # --- calibration ------------------------------------------------------------------------------------------
