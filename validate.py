@@ -7,16 +7,24 @@
     python validate.py weights.safetensors --model wrn16_4_mixmo2 --num-classes 10
     python validate.py --model wrn28_10_mixmo2.cifar100 --pretrained --dataset torch/cifar100 --split test
 
-Reports top-1, top-5, NLL, ECE (15 bins), Brier, per-member top-1, the ensemble gain over the best member
-and member diversity (disagreement, ratio-errors); optionally temperature scaling with MixMo's two-fold
-protocol (``--tempscale``) and CIFAR-10-C / 100-C corruption sets (``--corruptions FOLDER``). Writes JSON
-(``--results-file``), CSV (``--results-csv``) and a reliability diagram (``--reliability-png``); an
-existing file is never overwritten unless ``--overwrite`` is given.
+    python validate.py output/train/my-run --ood-dataset '' --report report/   # digits as OOD, a report page
+
+Reports top-1, top-5, NLL, ECE (15 bins), adaptive and classwise ECE, Brier, per-member top-1 and ECE, the
+ensemble gain over the best member and member diversity (disagreement, ratio-errors), selective
+classification (AURC, AUGRC, risk at 80 / 90 / 95 % coverage); optionally out-of-distribution detection
+against any data set train.py reads (``--ood-dataset``: AUROC, AUPR-in / -out, FPR at 95 % TPR for MSP,
+entropy and, for M >= 2, mutual information and member disagreement), temperature scaling with MixMo's
+two-fold protocol (``--tempscale``) and CIFAR-10-C / 100-C corruption sets (``--corruptions FOLDER``).
+Writes JSON (``--results-file``), CSV (``--results-csv``), a reliability diagram (``--reliability-png``),
+a markdown report with pictures (``--report DIR``) and the raw predictions (``--save-predictions``); an
+existing file is never overwritten unless ``--overwrite`` is given. Definitions: docs/evaluation.md.
 """
 import argparse
 import json
 import logging
+import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -41,9 +49,22 @@ def build_parser():
     p.add_argument('--val-per-class', type=int, default=None)
     p.add_argument('--img-size', type=int, default=None)
     p.add_argument('-b', '--batch-size', type=int, default=256)
-    p.add_argument('-j', '--workers', type=int, default=0)
+    p.add_argument('-j', '--workers', type=int, default=None,
+                   help='loader processes; default: 0 for in-memory tensors (digits), else up to 4')
+    p.add_argument('--log-interval', type=float, default=30.0,
+                   help='seconds between progress lines when stderr is not a terminal (a terminal gets a bar)')
     p.add_argument('--tempscale', action='store_true', help='temperature scaling, two-fold protocol (spec 6.2)')
     p.add_argument('--corruptions', default='', help='CIFAR-10-C / 100-C folder of .npy files')
+    p.add_argument('--ood-dataset', default=None, metavar='NAME_OR_PATH',
+                   help="out-of-distribution set, as --dataset ('' = embedded digits) or a folder / zip path")
+    p.add_argument('--ood-data-dir', default=None, help='root of --ood-dataset (e.g. the CIFAR-10 zip)')
+    p.add_argument('--ood-split', default=None, choices=['train', 'validation', 'test'],
+                   help='default: test when the OOD set has one, else validation')
+    p.add_argument('--ood-val-per-class', type=int, default=None, help='validation carving of the OOD set')
+    p.add_argument('--ood-max-samples', type=int, default=None, help='evenly spaced subset of the OOD split')
+    p.add_argument('--report', default='', metavar='DIR', help='write DIR/report.md with pictures')
+    p.add_argument('--save-predictions', default='', metavar='FILE',
+                   help='write the logits, member logits and labels (and the OOD ones) as safetensors')
     p.add_argument('--results-file', default='', help='write the results as JSON')
     p.add_argument('--results-csv', default='', help='write one CSV row per evaluated set')
     p.add_argument('--reliability-png', default='', help='write a reliability diagram')
@@ -72,6 +93,81 @@ def resolve_model(args):
     return rundir.load_model(checkpoint, args.model or None, **kwargs), checkpoint.run_args
 
 
+def default_workers(dataset) -> int:
+    """Loader processes that pay off: none for images held as tensors (decoding is free), else up to 4."""
+    while isinstance(getattr(dataset, 'dataset', None), torch.utils.data.Dataset):  # Subset, Renormalized
+        dataset = dataset.dataset
+    if isinstance(getattr(dataset, 'images', None), torch.Tensor):
+        return 0
+    return max(0, min(4, (os.cpu_count() or 1) - 1))
+
+
+def with_progress(loader, desc: str, interval: float):
+    """Yield the loader's batches; a tqdm bar on a terminal, else a log line every ``interval`` seconds."""
+    total = len(loader)
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+        yield from tqdm(loader, desc=desc, total=total, unit='batch', leave=False, dynamic_ncols=True)
+        return
+    start = last = time.monotonic()
+    seen = 0
+    for step, (images, targets) in enumerate(loader, 1):
+        yield images, targets
+        seen += len(targets)
+        now = time.monotonic()
+        if now - last >= interval or step == total:
+            _logger.info(f'{desc}: {step}/{total} batches, {seen} images, {seen / max(now - start, 1e-9):.0f} img/s')
+            last = now
+
+
+class Renormalized(torch.utils.data.Dataset):
+    """Images normalised with one (mean, std) re-expressed in another: the embedded digits come normalised
+    with their own statistics, an OOD set must reach the model the way its training data did."""
+
+    def __init__(self, dataset, mean_from, std_from, mean_to, std_to):
+        self.dataset = dataset
+        shape = (-1, 1, 1)
+        self.scale = torch.tensor(std_from).view(shape) / torch.tensor(std_to).view(shape)
+        self.shift = (torch.tensor(mean_from).view(shape) - torch.tensor(mean_to).view(shape)) / torch.tensor(
+            std_to).view(shape)
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        image, target = self.dataset[index]
+        return image * self.scale + self.shift, target
+
+
+def ood_eval_set(args, splits, img_size: int):
+    """(dataset, description) of the out-of-distribution set, read like train.py reads data sets."""
+    from timm_mimo.data.splits import build_splits
+
+    name, data_dir = args.ood_dataset, args.ood_data_dir
+    if name and data_dir is None:
+        if Path(name).exists():  # a path: an image folder, tar or zip
+            name, data_dir = '', name
+        elif not (name == 'cifar10-zip' or name.startswith(('torch/', 'hfds/', 'hfids/', 'tfds/', 'wds/'))
+                  or Path('data', name.replace('/', '_')).exists()):  # build_splits' default root
+            raise FileNotFoundError(f'--ood-dataset {name}: neither a file or folder nor a data set name '
+                                    f"('' = digits, cifar10-zip, torch/..., or a name with --ood-data-dir)")
+    ood = build_splits(name, data_dir, args.dataset_download, img_size, mean=splits.mean, std=splits.std,
+                       val_per_class=args.ood_val_per_class)
+    split = args.ood_split or ('test' if ood.test is not None else 'validation')
+    data = getattr(ood, split)
+    if data is None:
+        raise ValueError(f'the OOD set {ood.description} has no {split} split')
+    if tuple(ood.mean) != tuple(splits.mean) or tuple(ood.std) != tuple(splits.std):
+        data = Renormalized(data, ood.mean, ood.std, splits.mean, splits.std)
+    if args.ood_max_samples is not None:
+        if args.ood_max_samples < 1:
+            raise ValueError(f'--ood-max-samples must be >= 1, got {args.ood_max_samples}')
+        if args.ood_max_samples < len(data):
+            keep = torch.linspace(0, len(data) - 1, args.ood_max_samples).round().long().unique().tolist()
+            data = torch.utils.data.Subset(data, keep)
+    return data, f'{ood.description} [{split}]'
+
+
 def refuse_existing(path_str: str, overwrite: bool):
     if path_str and Path(path_str).exists() and not overwrite:
         raise FileExistsError(f'{path_str} exists: pass --overwrite to replace it')
@@ -81,15 +177,18 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format='%(message)s')
     logging.getLogger('timm').setLevel(logging.WARNING)
-    for path in (args.results_file, args.results_csv, args.reliability_png):
+    for path in (args.results_file, args.results_csv, args.reliability_png, args.save_predictions,
+                 args.report and str(Path(args.report) / 'report.md')):
         refuse_existing(path, args.overwrite)
 
     import timm_mimo  # noqa: F401  (registers the models)
     from torch.utils.data import DataLoader
     from timm_mimo.data.splits import build_splits, tensor_transform
     from timm_mimo.engine import collect_predictions
+    from timm_mimo.metrics import classification_metrics, temperature_scaled_metrics
     from timm_mimo.rundir import write_atomic, write_csv_atomic
-    from timm_mimo.metrics import classification_metrics, reliability_diagram, temperature_scaled_metrics
+    from timm_mimo.uncertainty import SCORE_LABELS, ood_metrics, uncertainty_metrics
+    from timm_mimo.visualize import reliability_diagram
 
     model, run_args = resolve_model(args)
     device = torch.device(args.device)
@@ -108,18 +207,28 @@ def main(argv=None):
     if eval_set is None:
         raise ValueError(f'{splits.description} has no {split} split')
 
-    def evaluate(data):
-        loader = DataLoader(data, batch_size=args.batch_size, num_workers=args.workers)
-        moved = ((x.to(device), y) for x, y in loader)
-        ens, members, labels = collect_predictions(model, moved)
+    # read the OOD set before the long evaluation so that a bad --ood-dataset fails at once
+    ood_set, ood_description = ood_eval_set(args, splits, img_size) if args.ood_dataset is not None else (None, '')
+
+    def predictions(data, desc):
+        workers = default_workers(data) if args.workers is None else args.workers
+        loader = DataLoader(data, batch_size=args.batch_size, num_workers=workers)
+        moved = ((x.to(device), y) for x, y in with_progress(loader, desc, args.log_interval))
+        return collect_predictions(model, moved)
+
+    def evaluate(data, desc):
+        ens, members, labels = predictions(data, desc)
         if args.tempscale:
-            return temperature_scaled_metrics(ens, labels, members), (ens, labels)
-        return classification_metrics(ens, labels, members), (ens, labels)
+            metrics = temperature_scaled_metrics(ens, labels, members)
+        else:
+            metrics = classification_metrics(ens, labels, members)
+        metrics.update(uncertainty_metrics(ens, labels, members))
+        return metrics, (ens, members, labels)
 
     results = dict(checkpoint=args.checkpoint or f'{args.model} (pretrained={args.pretrained})',
                    model=cfg.get('architecture', args.model), num_members=getattr(model, 'num_members', 1),
-                   dataset=splits.description, split=split)
-    results[split], (ens, labels) = evaluate(eval_set)
+                   dataset=splits.description, split=split, num_samples=len(eval_set))
+    results[split], (ens, members, labels) = evaluate(eval_set, split)
     rows = [dict(set=split, **{k: v for k, v in results[split].items() if not isinstance(v, list)})]
     m = results[split]
     line = (f'{split}: top1 {m["top1"]:.2f} top5 {m["top5"]:.2f} NLL {m["nll"]:.4f} ECE {m["ece"]:.4f} '
@@ -130,17 +239,41 @@ def main(argv=None):
     if args.tempscale:
         line += f' | T {m["temperature"]:.3f} NLL_c {m["nll_calibrated"]:.4f} ECE_c {m["ece_calibrated"]:.4f}'
     print(line)
+    print(f'{split}: ECE adaptive {m["ece_adaptive"]:.4f} classwise {m["ece_classwise"]:.4f} | selective: '
+          f'AURC {m["aurc"]:.4f} AUGRC {m["augrc"]:.4f} risk@80/90/95 {m["risk_at_80"]:.4f} '
+          f'{m["risk_at_90"]:.4f} {m["risk_at_95"]:.4f}')
+
+    ood_ens = ood_members = None
+    if args.ood_dataset is not None:
+        ood_ens, ood_members, _ = predictions(ood_set, 'ood')
+        results['ood'] = dict(dataset=ood_description, num_samples=len(ood_set),
+                              scores=ood_metrics(ens, ood_ens, members, ood_members))
+        for score, values in results['ood']['scores'].items():
+            rows.append(dict(set=f'ood_{score}', **values))
+            print(f'OOD {SCORE_LABELS[score]}: AUROC {100 * values["auroc"]:.2f} AUPR-in '
+                  f'{100 * values["aupr_in"]:.2f} AUPR-out {100 * values["aupr_out"]:.2f} '
+                  f'FPR95 {100 * values["fpr95"]:.2f}  ({ood_description}, {len(ood_set)} images)')
 
     if args.corruptions:
         from timm_mimo.data.corruptions import CorruptionDataset
         corrupted = CorruptionDataset(args.corruptions, transform=tensor_transform(img_size, splits.mean, splits.std))
-        results['corruptions'], _ = evaluate(corrupted)
+        results['corruptions'], _ = evaluate(corrupted, 'corruptions')
         c = results['corruptions']
         rows.append(dict(set='corruptions', **{k: v for k, v in c.items() if not isinstance(v, list)}))
         print(f'corruptions ({len(corrupted)} images): top1 {c["top1"]:.2f} NLL {c["nll"]:.4f} ECE {c["ece"]:.4f}')
 
     if args.reliability_png:
         reliability_diagram(ens, labels, args.reliability_png, title=f'{results["model"]} on {split}')
+    if args.report:
+        from timm_mimo.report import write_report
+        page = write_report(args.report, results, ens, members, labels, ood_ens, ood_members)
+        print(f'report: {page}')
+    if args.save_predictions:
+        from safetensors.torch import save
+        tensors = dict(logits=ens, member_logits=members, labels=labels)
+        if ood_ens is not None:
+            tensors.update(ood_logits=ood_ens, ood_member_logits=ood_members)
+        write_atomic(Path(args.save_predictions), save({k: v.contiguous() for k, v in tensors.items()}))
     if args.results_file:
         write_atomic(Path(args.results_file), json.dumps(results, indent=2))
     if args.results_csv:

@@ -7,8 +7,9 @@ they live, and returns plain Python numbers:
     member logits   (N, M, K)  M = 1 for any plain timm model
     labels          (N,)       integer class indices
 
-Functions that only need probabilities (ECE, Brier, AUC, the reliability diagram) also take
-probabilities directly with ``from_logits=False``.
+Functions that only need probabilities (ECE, Brier, AUC) also take probabilities directly with
+``from_logits=False``. OOD detection, selective classification and adaptive / classwise ECE are in
+:mod:`timm_mimo.uncertainty`; the reliability diagram is drawn by :mod:`timm_mimo.visualize`.
 
 Differences from the official MixMo metric code, all deliberate:
   * NLL uses ``log_softmax`` instead of ``log(p + 1e-12)``; the two agree unless p_y < 1e-12.
@@ -18,19 +19,15 @@ Differences from the official MixMo metric code, all deliberate:
     zeroes gradients (spec §6.2); see :func:`fit_temperature`.
 """
 import math
-import os
-import tempfile
-from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
 
 __all__ = [
     'topk_accuracy', 'nll', 'calibration_bins', 'expected_calibration_error', 'brier_score',
     'misclassification_auc', 'member_predictions', 'ratio_errors', 'disagreement', 'classification_metrics',
-    'fit_temperature', 'temperature_scaled_metrics', 'reliability_diagram',
+    'fit_temperature', 'temperature_scaled_metrics',
 ]
 
 TS_SEED = 31  # spec §6.2: the official split of the test set uses seed 31
@@ -343,152 +340,9 @@ def temperature_scaled_metrics(
     return metrics
 
 
-# --- reliability diagram (Pillow only) ---------------------------------------------------------------
-
-_ACC_FILL, _ACC_LINE = (70, 110, 190), (30, 60, 120)
-_GAP_FILL, _GAP_LINE = (220, 60, 60, 110), (190, 40, 40, 255)
-_GRID, _AXIS, _TEXT, _DIAGONAL, _HIST = (228, 228, 228), (60, 60, 60), (20, 20, 20), (120, 120, 120), (150, 150, 150)
-
-
-def _font(size: int) -> ImageFont.ImageFont:
-    try:
-        return ImageFont.load_default(size=size)  # scalable built-in font when Pillow has FreeType
-    except (TypeError, ValueError, OSError, ImportError):
-        return ImageFont.load_default()
-
-
-def _text_size(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont) -> Tuple[int, int]:
-    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-    return right - left, bottom - top
-
-
-def _vertical_text(image: Image.Image, text: str, font: ImageFont.ImageFont, center: Tuple[int, int]) -> None:
-    """Paste ``text`` rotated 90° counter-clockwise, centred on ``center`` (y-axis labels)."""
-    width, height = _text_size(ImageDraw.Draw(image), text, font)
-    label = Image.new('RGBA', (width + 4, height + 8), (255, 255, 255, 0))
-    ImageDraw.Draw(label).text((2, 0), text, font=font, fill=_TEXT)
-    label = label.rotate(90, expand=True)
-    image.paste(label, (center[0] - label.width // 2, center[1] - label.height // 2), label)
-
-
-def reliability_diagram(
-        scores: torch.Tensor,
-        labels: torch.Tensor,
-        path: Union[str, os.PathLike],
-        num_bins: int = 15,
-        title: Optional[str] = None,
-        from_logits: bool = True,
-) -> Path:
-    """Write a reliability diagram PNG (spec §6.1 ECE bins) with Pillow only; returns the path.
-
-    Top: per-bin accuracy bars against the diagonal of perfect calibration, the gap to the bin's mean
-    confidence shaded red; bottom: the share of samples per confidence bin. The title carries the ECE.
-    The file is written to a temporary name in the same folder and moved into place, so readers never
-    see a half-written image.
-    """
-    scores, labels = _check(scores, labels)
-    conf, pred = _probs(scores, from_logits).max(dim=1)
-    bins = calibration_bins(conf, pred == labels, num_bins)
-    ece = _ece_from_bins(bins)
-    count = bins['count'].cpu().tolist()
-    accuracy = bins['accuracy'].cpu().tolist()
-    confidence = bins['confidence'].cpu().tolist()
-
-    width, height = 600, 720
-    left, right, top = 80, 24, 56
-    side = width - left - right  # square main plot
-    plot_bottom = top + side
-    hist_top, hist_bottom = plot_bottom + 22, plot_bottom + 112
-    image = Image.new('RGB', (width, height), 'white')
-    draw = ImageDraw.Draw(image)
-    font, small = _font(16), _font(13)
-
-    def x_px(value: float) -> float:
-        return left + value * side
-
-    def y_px(value: float) -> float:
-        return plot_bottom - value * side
-
-    # grid and ticks every 0.2
-    ticks = [i / 5 for i in range(6)]
-    for t in ticks:
-        draw.line([(x_px(t), top), (x_px(t), plot_bottom)], fill=_GRID)
-        draw.line([(left, y_px(t)), (left + side, y_px(t))], fill=_GRID)
-        draw.line([(left - 5, y_px(t)), (left, y_px(t))], fill=_AXIS)
-        label = f'{t:.1f}'
-        tw, th = _text_size(draw, label, small)
-        draw.text((left - 9 - tw, y_px(t) - th / 2 - 2), label, font=small, fill=_TEXT)
-        for y_axis in (plot_bottom, hist_bottom):
-            draw.line([(x_px(t), y_axis), (x_px(t), y_axis + 5)], fill=_AXIS)
-        draw.text((x_px(t) - tw / 2, hist_bottom + 8), label, font=small, fill=_TEXT)
-
-    # accuracy bars, then the translucent gap to the mean confidence on top of them
-    overlay = Image.new('RGBA', image.size, (0, 0, 0, 0))
-    gap_draw = ImageDraw.Draw(overlay)
-    for i in range(num_bins):
-        if count[i] == 0:
-            continue
-        x0, x1 = x_px(i / num_bins) + 1, x_px((i + 1) / num_bins) - 1
-        if accuracy[i] > 0:
-            draw.rectangle([x0, y_px(accuracy[i]), x1, plot_bottom], fill=_ACC_FILL, outline=_ACC_LINE)
-        low, high = sorted((accuracy[i], confidence[i]))
-        gap_draw.rectangle([x0, y_px(high), x1, y_px(low)], fill=_GAP_FILL, outline=_GAP_LINE)
-    image.paste(Image.alpha_composite(image.convert('RGBA'), overlay).convert('RGB'))
-    draw = ImageDraw.Draw(image)
-
-    # dashed diagonal of perfect calibration
-    dashes = 40
-    for i in range(0, dashes, 2):
-        a, b = i / dashes, (i + 1) / dashes
-        draw.line([(x_px(a), y_px(a)), (x_px(b), y_px(b))], fill=_DIAGONAL, width=2)
-    draw.rectangle([left, top, left + side, plot_bottom], outline=_AXIS)
-
-    # confidence histogram strip: share of samples per bin, scaled to the fullest bin
-    total, fullest = sum(count), max(count)
-    for i in range(num_bins):
-        if count[i] == 0:
-            continue
-        bar_top = hist_bottom - (hist_bottom - hist_top) * count[i] / fullest
-        draw.rectangle([x_px(i / num_bins) + 1, bar_top, x_px((i + 1) / num_bins) - 1, hist_bottom], fill=_HIST)
-    draw.rectangle([left, hist_top, left + side, hist_bottom], outline=_AXIS)
-    share = f'max {100 * fullest / total:.0f}%'
-    draw.text((left + 6, hist_top + 4), share, font=small, fill=_TEXT)
-
-    # legend in the upper-left triangle, which the bars of a sensible model leave empty
-    legend = [('Accuracy', _ACC_FILL), ('Gap |confidence - accuracy|', _GAP_FILL[:3]), ('Perfect calibration', None)]
-    lx, ly = left + 12, top + 12
-    for text, colour in legend:
-        if colour is None:
-            draw.line([(lx, ly + 8), (lx + 22, ly + 8)], fill=_DIAGONAL, width=2)
-        else:
-            draw.rectangle([lx, ly + 1, lx + 22, ly + 15], fill=colour, outline=_AXIS)
-        draw.text((lx + 30, ly), text, font=small, fill=_TEXT)
-        ly += 22
-
-    # axis labels and title (the title font shrinks until it fits)
-    xw, _ = _text_size(draw, 'Confidence', font)
-    draw.text((left + side / 2 - xw / 2, hist_bottom + 30), 'Confidence', font=font, fill=_TEXT)
-    _vertical_text(image, 'Accuracy', font, (22, (top + plot_bottom) // 2))
-    _vertical_text(image, 'Samples', small, (40, (hist_top + hist_bottom) // 2))
-    heading = f'{title + "  -  " if title else ""}ECE {ece:.4f}  (N = {int(total)}, {num_bins} bins)'
-    size = 18
-    title_font = _font(size)
-    while _text_size(draw, heading, title_font)[0] > width - 20 and size > 8:
-        size -= 1
-        title_font = _font(size)
-    tw, _ = _text_size(draw, heading, title_font)
-    draw.text(((width - tw) / 2, 16), heading, font=title_font, fill=_TEXT)
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
-    try:
-        with os.fdopen(fd, 'wb') as handle:
-            image.save(handle, format='PNG')
-        os.chmod(tmp_name, 0o644)  # mkstemp creates 0600; a plot should be readable like any other file
-        os.replace(tmp_name, path)
-    except BaseException:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-        raise
-    return path
+def __getattr__(name: str):
+    # the reliability diagram moved to timm_mimo.visualize with the other pictures; old imports keep working
+    if name == 'reliability_diagram':
+        from .visualize import reliability_diagram
+        return reliability_diagram
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

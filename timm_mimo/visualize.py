@@ -1,4 +1,8 @@
-"""Pictures of mixed training samples: one PNG grid, one row per sample (Pillow only).
+"""Pictures, Pillow only: mixed training samples, and evaluation plots (reliability diagram, risk-coverage
+curve, histograms of OOD scores; :func:`reliability_diagram`, :func:`risk_coverage_plot`,
+:func:`score_histogram`).
+
+Mixed samples: one PNG grid, one row per sample.
 
 Columns: the image, its partner, the mask (the partner's weight, white = partner), the mixed image, then
 lambda (the image's label share) over the image's pixel share, 1 - mean(mask): they differ where the mask
@@ -13,12 +17,16 @@ in this package:
   (lambda ~ Beta(alpha, alpha); CutMix: a partner box of area 1 - lambda, lambda re-read as the mask mean).
 - AutoMix (:mod:`timm_mimo.automix`) returns its own backbone-branch samples (``vis=True``).
 """
+import math
+import os
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
 
+from .metrics import _check, _ece_from_bins, _probs, calibration_bins
 from .mixing import box_masks, sample_beta
 from .msda import check_msda_mode
 
@@ -85,8 +93,6 @@ def save_mix_grid(path, samples: Dict[str, torch.Tensor], mean: Sequence[float] 
     (N, 1, h, w) or (N, h, w) in [0, 1], the partner's weight (resized to the image); 'lam' (N,) or a float,
     the image's own share. Returns the path. The folder is created; the file is replaced atomically.
     """
-    from PIL import Image, ImageDraw
-
     missing = [k for k in (*COLUMNS, 'lam') if k not in samples]
     if missing:
         raise ValueError(f'mix samples lack {missing}')
@@ -118,9 +124,251 @@ def save_mix_grid(path, samples: Dict[str, torch.Tensor], mean: Sequence[float] 
             canvas.paste(tile, (pad + j * (cell_w + pad), top))
         draw.text((pad + len(COLUMNS) * (cell_w + pad), top + cell_h // 2 - 12),
                   f'{float(lam[i]):.3f}\n{float(own_px[i]):.3f}', fill=(0, 0, 0))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.name}.tmp')
-    canvas.save(tmp, format='PNG')
-    tmp.replace(path)
-    return path
+    return save_png(canvas, path)
+
+
+# --- plots of evaluation results (Pillow only) --------------------------------------------------------
+
+_ACC_FILL, _ACC_LINE = (70, 110, 190), (30, 60, 120)
+_GAP_FILL, _GAP_LINE = (220, 60, 60, 110), (190, 40, 40, 255)
+_GRID, _AXIS, _TEXT, _DIAGONAL, _HIST = (228, 228, 228), (60, 60, 60), (20, 20, 20), (120, 120, 120), (150, 150, 150)
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)  # scalable built-in font when Pillow has FreeType
+    except (TypeError, ValueError, OSError, ImportError):
+        return ImageFont.load_default()
+
+
+def _text_size(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont) -> Tuple[int, int]:
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    return right - left, bottom - top
+
+
+def _vertical_text(image: Image.Image, text: str, font: ImageFont.ImageFont, center: Tuple[int, int]) -> None:
+    """Paste ``text`` rotated 90° counter-clockwise, centred on ``center`` (y-axis labels)."""
+    width, height = _text_size(ImageDraw.Draw(image), text, font)
+    label = Image.new('RGBA', (width + 4, height + 8), (255, 255, 255, 0))
+    ImageDraw.Draw(label).text((2, 0), text, font=font, fill=_TEXT)
+    label = label.rotate(90, expand=True)
+    image.paste(label, (center[0] - label.width // 2, center[1] - label.height // 2), label)
+
+
+def save_png(image, path) -> Path:
+    """Write ``image`` as PNG atomically (readers never see half a file), with the user's permissions."""
+    import io
+    from .rundir import write_atomic
+    buffer = io.BytesIO()
+    image.save(buffer, format='PNG')
+    write_atomic(path, buffer.getvalue())
+    return Path(path)
+
+
+def reliability_diagram(
+        scores: torch.Tensor,
+        labels: torch.Tensor,
+        path: Union[str, os.PathLike],
+        num_bins: int = 15,
+        title: Optional[str] = None,
+        from_logits: bool = True,
+) -> Path:
+    """Write a reliability diagram PNG (spec §6.1 ECE bins) with Pillow only; returns the path.
+
+    Top: per-bin accuracy bars against the diagonal of perfect calibration, the gap to the bin's mean
+    confidence shaded red; bottom: the share of samples per confidence bin. The title carries the ECE.
+    The file is written to a temporary name in the same folder and moved into place, so readers never
+    see a half-written image.
+    """
+    scores, labels = _check(scores, labels)
+    conf, pred = _probs(scores, from_logits).max(dim=1)
+    bins = calibration_bins(conf, pred == labels, num_bins)
+    ece = _ece_from_bins(bins)
+    count = bins['count'].cpu().tolist()
+    accuracy = bins['accuracy'].cpu().tolist()
+    confidence = bins['confidence'].cpu().tolist()
+
+    width, height = 600, 720
+    left, right, top = 80, 24, 56
+    side = width - left - right  # square main plot
+    plot_bottom = top + side
+    hist_top, hist_bottom = plot_bottom + 22, plot_bottom + 112
+    image = Image.new('RGB', (width, height), 'white')
+    draw = ImageDraw.Draw(image)
+    font, small = _font(16), _font(13)
+
+    def x_px(value: float) -> float:
+        return left + value * side
+
+    def y_px(value: float) -> float:
+        return plot_bottom - value * side
+
+    # grid and ticks every 0.2
+    ticks = [i / 5 for i in range(6)]
+    for t in ticks:
+        draw.line([(x_px(t), top), (x_px(t), plot_bottom)], fill=_GRID)
+        draw.line([(left, y_px(t)), (left + side, y_px(t))], fill=_GRID)
+        draw.line([(left - 5, y_px(t)), (left, y_px(t))], fill=_AXIS)
+        label = f'{t:.1f}'
+        tw, th = _text_size(draw, label, small)
+        draw.text((left - 9 - tw, y_px(t) - th / 2 - 2), label, font=small, fill=_TEXT)
+        for y_axis in (plot_bottom, hist_bottom):
+            draw.line([(x_px(t), y_axis), (x_px(t), y_axis + 5)], fill=_AXIS)
+        draw.text((x_px(t) - tw / 2, hist_bottom + 8), label, font=small, fill=_TEXT)
+
+    # accuracy bars, then the translucent gap to the mean confidence on top of them
+    overlay = Image.new('RGBA', image.size, (0, 0, 0, 0))
+    gap_draw = ImageDraw.Draw(overlay)
+    for i in range(num_bins):
+        if count[i] == 0:
+            continue
+        x0, x1 = x_px(i / num_bins) + 1, x_px((i + 1) / num_bins) - 1
+        if accuracy[i] > 0:
+            draw.rectangle([x0, y_px(accuracy[i]), x1, plot_bottom], fill=_ACC_FILL, outline=_ACC_LINE)
+        low, high = sorted((accuracy[i], confidence[i]))
+        gap_draw.rectangle([x0, y_px(high), x1, y_px(low)], fill=_GAP_FILL, outline=_GAP_LINE)
+    image.paste(Image.alpha_composite(image.convert('RGBA'), overlay).convert('RGB'))
+    draw = ImageDraw.Draw(image)
+
+    # dashed diagonal of perfect calibration
+    dashes = 40
+    for i in range(0, dashes, 2):
+        a, b = i / dashes, (i + 1) / dashes
+        draw.line([(x_px(a), y_px(a)), (x_px(b), y_px(b))], fill=_DIAGONAL, width=2)
+    draw.rectangle([left, top, left + side, plot_bottom], outline=_AXIS)
+
+    # confidence histogram strip: share of samples per bin, scaled to the fullest bin
+    total, fullest = sum(count), max(count)
+    for i in range(num_bins):
+        if count[i] == 0:
+            continue
+        bar_top = hist_bottom - (hist_bottom - hist_top) * count[i] / fullest
+        draw.rectangle([x_px(i / num_bins) + 1, bar_top, x_px((i + 1) / num_bins) - 1, hist_bottom], fill=_HIST)
+    draw.rectangle([left, hist_top, left + side, hist_bottom], outline=_AXIS)
+    share = f'max {100 * fullest / total:.0f}%'
+    draw.text((left + 6, hist_top + 4), share, font=small, fill=_TEXT)
+
+    # legend in the upper-left triangle, which the bars of a sensible model leave empty
+    legend = [('Accuracy', _ACC_FILL), ('Gap |confidence - accuracy|', _GAP_FILL[:3]), ('Perfect calibration', None)]
+    lx, ly = left + 12, top + 12
+    for text, colour in legend:
+        if colour is None:
+            draw.line([(lx, ly + 8), (lx + 22, ly + 8)], fill=_DIAGONAL, width=2)
+        else:
+            draw.rectangle([lx, ly + 1, lx + 22, ly + 15], fill=colour, outline=_AXIS)
+        draw.text((lx + 30, ly), text, font=small, fill=_TEXT)
+        ly += 22
+
+    # axis labels and title (the title font shrinks until it fits)
+    xw, _ = _text_size(draw, 'Confidence', font)
+    draw.text((left + side / 2 - xw / 2, hist_bottom + 30), 'Confidence', font=font, fill=_TEXT)
+    _vertical_text(image, 'Accuracy', font, (22, (top + plot_bottom) // 2))
+    _vertical_text(image, 'Samples', small, (40, (hist_top + hist_bottom) // 2))
+    heading = f'{title + "  -  " if title else ""}ECE {ece:.4f}  (N = {int(total)}, {num_bins} bins)'
+    size = 18
+    title_font = _font(size)
+    while _text_size(draw, heading, title_font)[0] > width - 20 and size > 8:
+        size -= 1
+        title_font = _font(size)
+    tw, _ = _text_size(draw, heading, title_font)
+    draw.text(((width - tw) / 2, 16), heading, font=title_font, fill=_TEXT)
+
+    return save_png(image, path)
+
+
+_SERIES = ((40, 90, 190), (210, 80, 30), (40, 150, 70), (150, 60, 170), (120, 120, 120))
+
+
+def _chart(xlim: Tuple[float, float], ylim: Tuple[float, float], xlabel: str, ylabel: str, title: str,
+           size: Tuple[int, int] = (640, 480)):
+    """A white canvas with a framed, gridded plot area; returns (image, draw, x_px, y_px, font)."""
+    width, height = size
+    left, right, top, bottom = 84, 20, 48, 64
+    image = Image.new('RGB', size, 'white')
+    draw = ImageDraw.Draw(image)
+    font, small = _font(16), _font(13)
+    plot_w, plot_h = width - left - right, height - top - bottom
+
+    def x_px(value: float) -> float:
+        return left + (value - xlim[0]) / (xlim[1] - xlim[0]) * plot_w
+
+    def y_px(value: float) -> float:
+        return top + plot_h - (value - ylim[0]) / (ylim[1] - ylim[0]) * plot_h
+
+    for i in range(6):
+        for axis, lim in (('x', xlim), ('y', ylim)):
+            value = lim[0] + i * (lim[1] - lim[0]) / 5
+            label = f'{value:.3g}'
+            tw, th = _text_size(draw, label, small)
+            if axis == 'x':
+                draw.line([(x_px(value), top), (x_px(value), top + plot_h)], fill=_GRID)
+                draw.text((x_px(value) - tw / 2, top + plot_h + 8), label, font=small, fill=_TEXT)
+            else:
+                draw.line([(left, y_px(value)), (left + plot_w, y_px(value))], fill=_GRID)
+                draw.text((left - 9 - tw, y_px(value) - th / 2 - 2), label, font=small, fill=_TEXT)
+    draw.rectangle([left, top, left + plot_w, top + plot_h], outline=_AXIS)
+    xw, _ = _text_size(draw, xlabel, font)
+    draw.text((left + plot_w / 2 - xw / 2, height - 30), xlabel, font=font, fill=_TEXT)
+    _vertical_text(image, ylabel, font, (22, top + plot_h // 2))
+    title_font = _font(17)
+    tw, _ = _text_size(draw, title, title_font)
+    draw.text(((width - min(tw, width)) / 2, 14), title, font=title_font, fill=_TEXT)
+    return image, draw, x_px, y_px, small
+
+
+def _legend(draw: ImageDraw.ImageDraw, entries, origin: Tuple[float, float], font) -> None:
+    x, y = origin
+    for text, colour in entries:
+        draw.rectangle([x, y + 3, x + 20, y + 13], fill=colour, outline=_AXIS)
+        draw.text((x + 28, y), text, font=font, fill=_TEXT)
+        y += 20
+
+
+def risk_coverage_plot(curves: Dict[str, Tuple[torch.Tensor, torch.Tensor]], path, title: str = '') -> Path:
+    """Risk (error rate of the accepted samples) against coverage, one line per entry ``name: (coverage,
+    risk)`` (e.g. from :func:`timm_mimo.uncertainty.risk_coverage_curve`); the legend carries each AURC."""
+    if not curves:
+        raise ValueError('no risk-coverage curve to draw')
+    top_risk = max(float(risk.max()) for _, risk in curves.values())
+    ylim = (0.0, max(0.05, min(1.0, math.ceil(top_risk * 20) / 20)))  # next 5 % step above the highest risk
+    image, draw, x_px, y_px, small = _chart((0.0, 1.0), ylim, 'Coverage', 'Risk (error rate)',
+                                            title or 'Risk-coverage curve')
+    entries = []
+    for colour, (name, (coverage, risk)) in zip(_SERIES * len(curves), curves.items()):
+        coverage, risk = coverage.double().cpu(), risk.double().cpu()
+        # at most ~600 vertices: one per horizontal pixel is all a 640-pixel canvas can show
+        keep = torch.unique(torch.linspace(0, coverage.numel() - 1, min(coverage.numel(), 600)).round().long())
+        draw.line([(x_px(float(c)), y_px(float(r))) for c, r in zip(coverage[keep], risk[keep])],
+                  fill=colour, width=2)
+        entries.append((f'{name}  AURC {risk.mean().item():.4f}', colour))
+    _legend(draw, entries, (x_px(0.04), y_px(ylim[1]) + 10), small)
+    return save_png(image, path)
+
+
+def score_histogram(scores_in: torch.Tensor, scores_out: torch.Tensor, path, xlabel: str, title: str = '',
+                    num_bins: int = 30, names: Tuple[str, str] = ('in-distribution', 'out-of-distribution')) -> Path:
+    """Overlaid histograms (share of each set per bin) of an uncertainty score on in- and out-of-distribution
+    samples, on the common range of both; the less they overlap, the better the score detects OOD."""
+    values = [s.detach().double().reshape(-1).cpu() for s in (scores_in, scores_out)]
+    if min(v.numel() for v in values) == 0:
+        raise ValueError('a histogram needs samples in both sets')
+    low = min(float(v.min()) for v in values)
+    high = max(float(v.max()) for v in values)
+    high = high if high > low else low + 1.0  # a constant score still gets a visible bin
+    shares = [torch.histc(v, num_bins, low, high) / v.numel() for v in values]
+    top = max(float(s.max()) for s in shares)
+    image, draw, x_px, y_px, small = _chart((low, high), (0.0, top * 1.1), xlabel, 'Share of samples',
+                                            title or xlabel)
+    overlay = Image.new('RGBA', image.size, (0, 0, 0, 0))
+    layer = ImageDraw.Draw(overlay)
+    step = (high - low) / num_bins
+    for colour, share in zip(_SERIES, shares):
+        for i, value in enumerate(share.tolist()):
+            if value > 0:
+                layer.rectangle([x_px(low + i * step), y_px(value), x_px(low + (i + 1) * step), y_px(0)],
+                                fill=(*colour, 110), outline=(*colour, 255))
+    image = Image.alpha_composite(image.convert('RGBA'), overlay).convert('RGB')
+    draw = ImageDraw.Draw(image)
+    entries = [(f'{name} (N = {v.numel()})', colour) for name, v, colour in zip(names, values, _SERIES)]
+    _legend(draw, entries, (x_px(low) + 280, y_px(top * 1.1) + 10), small)
+    return save_png(image, path)

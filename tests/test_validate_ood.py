@@ -1,0 +1,172 @@
+"""validate.py's OOD detection, selective classification and report on a real pair, through the CLI.
+
+A WRN-16-2 MixMo (M = 2) trained for a few steps on the CIFAR-10 zip is evaluated on 200 held-out CIFAR
+images with the embedded digits as the out-of-distribution set; its saved predictions then go through
+torchmetrics / TorchUncertainty (tests/test_uncertainty.py's checks) to tie the CLI's numbers to theirs.
+"""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from timm_mimo.data import default_cifar10_zip
+from timm_mimo.report import report_section
+from timm_mimo.uncertainty import ood_metrics, selective_metrics
+
+from test_train import run  # train.py / validate.py in a subprocess, one-line failure report
+from test_uncertainty import check_against_libraries
+
+REPO = Path(__file__).resolve().parents[1]
+ZIP = default_cifar10_zip()
+needs_zip = pytest.mark.skipif(not ZIP.exists(), reason=f'CIFAR-10 zip not found at {ZIP}')
+VAL_PER_CLASS = 20  # 200 in-distribution images
+
+
+def validate_main(*args):
+    """validate.main in this process (no interpreter start-up): results dict, or the exception it raises."""
+    spec = importlib.util.spec_from_file_location('validate_cli', REPO / 'validate.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main([str(a) for a in args])
+
+
+@pytest.fixture(scope='module')
+def cifar_run(tmp_path_factory):
+    """A briefly trained CIFAR-10 model: 6 steps of 8 unique images x 2 repeats, data read from the zip."""
+    out = tmp_path_factory.mktemp('runs')
+    run('train.py', '--model', 'wrn16_2_mixmo2', '--dataset', 'cifar10-zip', '--data-dir', ZIP, '--epochs', 1,
+        '--limit-train-batches', 6, '-b', 16, '--batch-repeat', 2, '--lr', 0.05, '--seed', 3,
+        '--val-per-class', VAL_PER_CLASS, '--device-data', 'off', '--output', out, '--experiment', 'c10')
+    return out / 'c10'
+
+
+@pytest.fixture(scope='module')
+def untrained_folder(tmp_path_factory):
+    """A plain timm model folder (M = 1, random weights) for the checks that need no trained MIMO model."""
+    import timm
+    from timm.models import save_for_hf
+
+    folder = tmp_path_factory.mktemp('resnet') / 'resnet10t'
+    save_for_hf(timm.create_model('resnet10t', num_classes=10), str(folder), safe_serialization=True)
+    return folder
+
+
+@pytest.fixture(scope='module')
+def evaluated(cifar_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp('eval')
+    proc = run('validate.py', cifar_run, '--ood-dataset', '', '--report', out / 'report',
+               '--save-predictions', out / 'predictions.safetensors', '--results-file', out / 'results.json',
+               '--results-csv', out / 'results.csv', '--log-interval', 0)
+    return out, proc
+
+
+@needs_zip
+def test_cli_reports_ood_selective_and_calibration_metrics(evaluated):
+    out, proc = evaluated
+    results = json.loads((out / 'results.json').read_text())
+    assert results['split'] == 'validation' and results['num_samples'] == 10 * VAL_PER_CLASS
+    metrics = results['validation']
+    for key in ('ece', 'ece_adaptive', 'ece_classwise', 'aurc', 'augrc', 'risk_at_80', 'risk_at_90',
+                'risk_at_95', 'member_ece'):
+        assert key in metrics, key
+    ood = results['ood']
+    assert 'digits' in ood['dataset'] and ood['num_samples'] == 275  # the digits' 15 % test split
+    assert set(ood['scores']) == {'msp', 'entropy', 'mutual_info', 'disagreement'}
+    for values in ood['scores'].values():
+        assert set(values) == {'auroc', 'aupr_in', 'aupr_out', 'fpr95'}
+        assert all(0.0 <= v <= 1.0 for v in values.values())
+    for score in ('maximum softmax probability', 'predictive entropy', 'mutual information', 'member disagreement'):
+        assert f'OOD 1 - {score}' in proc.stdout or f'OOD {score}' in proc.stdout
+    assert 'AURC' in proc.stdout and 'classwise' in proc.stdout
+    # not a terminal: periodic progress lines (every batch with --log-interval 0), one set at a time
+    assert 'validation: 1/1 batches, 200 images' in proc.stderr and 'ood: 2/2 batches, 275 images' in proc.stderr
+    rows = (out / 'results.csv').read_text().splitlines()
+    assert rows[0].startswith('set,') and [r.split(',')[0] for r in rows[1:]] == [
+        'validation', 'ood_msp', 'ood_entropy', 'ood_mutual_info', 'ood_disagreement']
+
+
+@needs_zip
+def test_saved_predictions_reproduce_the_numbers_and_equal_the_libraries(evaluated):
+    out, _ = evaluated
+    saved = load_file(str(out / 'predictions.safetensors'))
+    assert saved['logits'].shape == (200, 10) and saved['member_logits'].shape == (200, 2, 10)
+    assert saved['ood_logits'].shape == (275, 10) and saved['labels'].shape == (200,)
+    results = json.loads((out / 'results.json').read_text())
+    recomputed = ood_metrics(saved['logits'], saved['ood_logits'], saved['member_logits'], saved['ood_member_logits'])
+    assert set(recomputed) == set(results['ood']['scores'])
+    for score, values in recomputed.items():
+        assert values == pytest.approx(results['ood']['scores'][score]), score
+    selective = selective_metrics(saved['logits'], saved['labels'])
+    assert selective == pytest.approx({k: results['validation'][k] for k in selective})
+    # real predictions through torchmetrics / TorchUncertainty, every shared metric to 1e-5
+    check_against_libraries(saved['logits'], saved['member_logits'], saved['labels'], saved['ood_logits'],
+                            saved['ood_member_logits'])
+
+
+@needs_zip
+def test_report_page_links_pictures_that_exist(evaluated):
+    out, proc = evaluated
+    folder = out / 'report'
+    page = (folder / 'report.md').read_text()
+    assert f'report: {folder / "report.md"}' in proc.stdout
+    for heading in ('Accuracy and calibration', 'Selective classification', 'Out-of-distribution detection'):
+        assert heading in page
+    linked = [link.split('](')[1].split(')')[0] for line in page.splitlines() for link in line.split('![')[1:]]
+    assert set(linked) == {'reliability.png', 'reliability_member0.png', 'reliability_member1.png',
+                           'risk_coverage.png', 'ood_msp.png', 'ood_entropy.png', 'ood_mutual_info.png',
+                           'ood_disagreement.png'}
+    for name in linked:
+        with Image.open(folder / name) as image:
+            assert image.format == 'PNG' and image.size[0] >= 600
+    assert not list(folder.glob('.*tmp*'))
+    # the same page as a model-card section, images under the card's report/ folder, one heading level down
+    section = report_section(folder, image_dir='report', heading_level=2)
+    assert section.startswith('## Evaluation: wrn16_2_mixmo2') and '](report/risk_coverage.png)' in section
+    shifted = [line[1:] if line.startswith('#') else line for line in section.replace('](report/', '](').splitlines()]
+    assert '\n'.join(shifted) + '\n' == page
+
+
+@needs_zip
+def test_existing_report_is_kept_without_overwrite(evaluated, cifar_run):
+    out, _ = evaluated
+    before = (out / 'report' / 'report.md').read_text()
+    proc = run('validate.py', cifar_run, '--report', out / 'report', check=False)
+    assert proc.returncode == 2 and 'exists' in proc.stderr and 'Traceback' not in proc.stderr
+    assert (out / 'report' / 'report.md').read_text() == before
+
+
+def test_image_folder_path_as_ood_set(untrained_folder, tmp_path):
+    """A path is read as an image folder (one subfolder per class), preprocessed like the in-distribution set;
+    a single-member model gets the two single-model scores."""
+    gen = torch.Generator().manual_seed(0)
+    for cls in ('noise_a', 'noise_b'):
+        (tmp_path / 'folder' / cls).mkdir(parents=True)
+        for i in range(4):
+            pixels = torch.randint(0, 256, (32, 32, 3), generator=gen, dtype=torch.uint8).numpy()
+            Image.fromarray(pixels).save(tmp_path / 'folder' / cls / f'{i}.png')
+    results = validate_main(untrained_folder, '--dataset', '', '--split', 'validation', '--ood-dataset',
+                            tmp_path / 'folder', '--ood-val-per-class', 1, '--ood-max-samples', 2, '-j', 0)
+    ood = results['ood']
+    assert ood['num_samples'] == 2 and str(tmp_path / 'folder') in ood['dataset']
+    assert set(ood['scores']) == {'msp', 'entropy'}
+
+
+def test_bad_ood_input_is_one_error_line(untrained_folder):
+    proc = run('validate.py', untrained_folder, '--dataset', '', '--ood-dataset', '/no/such/folder', check=False)
+    assert proc.returncode == 2 and 'Traceback' not in proc.stderr
+    assert proc.stderr.startswith('error: --ood-dataset /no/such/folder: neither a file or folder')
+    assert 'test:' not in proc.stdout  # refused before the in-distribution evaluation
+
+
+@pytest.mark.parametrize('args, error, message', [
+    (['--ood-dataset', '', '--ood-max-samples', '0'], ValueError, '--ood-max-samples must be >= 1'),
+    (['--ood-dataset', 'cifar10-zip', '--ood-data-dir', '/no/such.zip'], FileNotFoundError, 'not found'),
+])
+def test_bad_ood_arguments_raise_before_evaluating(untrained_folder, args, error, message, capsys):
+    with pytest.raises(error, match=message):
+        validate_main(untrained_folder, '--dataset', '', *args)
+    assert 'test:' not in capsys.readouterr().out
