@@ -315,7 +315,7 @@ def save_best(t: Training, epoch: int, metrics: dict):
                                      metrics=dict(epoch=epoch, validation=metrics['model']))
     elif t.accelerator.is_main_process:  # AutoMix deploys its momentum encoder, chosen on its own metric
         rundir.save_model_folder(t.task.ema.module, t.run_dir / rundir.BEST_DIR, t.model_args, t.data_config,
-                                 metrics=dict(epoch=epoch, model='ema', validation=metrics['ema'],
+                                 metrics=dict(epoch=epoch, model=t.task.deployed, validation=metrics[t.task.deployed],
                                               online_validation=metrics['model']))
 
 

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from timm_mimo import rundir
+
 _logger = logging.getLogger('validate')
 
 
@@ -36,7 +38,8 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('checkpoint', nargs='?', default='',
                    help='training folder, model folder (config.json + model.safetensors) or weights file')
-    p.add_argument('--which', default='best', choices=['best', 'last', 'ema'], help='weights of a training folder')
+    p.add_argument('--which', default='best', choices=[rundir.BEST_DIR, 'last', rundir.EMA_DIR],
+                   help='weights of a training folder')
     p.add_argument('--model', default='', help='architecture (for a weights file or --pretrained)')
     p.add_argument('--pretrained', action='store_true', help='registered pretrained weights of --model')
     p.add_argument('--num-classes', type=int, default=None)

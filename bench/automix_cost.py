@@ -46,12 +46,11 @@ import torch
 import timm
 from timm.utils import ModelEmaV3
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import timm_mimo  # noqa: E402,F401
-from timm_mimo.automix import build_automix, freeze  # noqa: E402
-from timm_mimo.batch import MemberSoftTargetCrossEntropy, MimoBatchBuilder  # noqa: E402
+import timm_mimo  # noqa: F401  (registers the models)
+from timm_mimo.automix import build_automix, freeze
+from timm_mimo.batch import MemberSoftTargetCrossEntropy, MimoBatchBuilder
 
-from mixmo_overhead import cpu_name  # noqa: E402  (bench/ is the script's folder, on sys.path)
+from timm_mimo.benchmark import cpu_name
 
 
 def parse_args(argv=None):
@@ -172,10 +171,9 @@ def main(argv=None) -> int:
     auto_params = list(auto_model.parameters()) + list(automix.mixblock.parameters())
     auto_opt = torch.optim.SGD(auto_params, lr=0.01, momentum=0.9, weight_decay=5e-4)
     auto_gen = torch.Generator(device=device).manual_seed(args.seed + 1)
-    mimo = hasattr(auto_model, 'forward_members')
 
     def automix_loss():
-        return automix(auto_model, ema.module, plain_batch, auto_gen, mimo=mimo).loss
+        return automix(auto_model, ema.module, plain_batch, auto_gen).loss
 
     benches = [
         Bench('mixup', mixup_loss, mixup_opt, list(mixup_model.parameters()),
@@ -194,7 +192,7 @@ def main(argv=None) -> int:
         lean_params = list(lean_model.parameters()) + list(lean.mixblock.parameters())
         lean_opt = torch.optim.SGD(lean_params, lr=0.01, momentum=0.9, weight_decay=5e-4)
         benches.append(Bench(
-            'no-L_one', lambda: lean(lean_model, lean_ema.module, plain_batch, auto_gen, mimo=mimo).loss, lean_opt,
+            'no-L_one', lambda: lean(lean_model, lean_ema.module, plain_batch, auto_gen).loss, lean_opt,
             lean_params, list(lean_ema.module.parameters()) + list(lean_ema.module.buffers())
             + list(lean_model.buffers()), after=lambda: lean_ema.update(lean_model)))
 

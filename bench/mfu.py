@@ -30,13 +30,11 @@ from torch.utils.flop_counter import FlopCounterMode
 import timm
 from timm.loss import SoftTargetCrossEntropy
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import timm_mimo  # noqa: E402,F401  (registers the MIMO models with timm)
-from timm_mimo.batch import MemberSoftTargetCrossEntropy, MimoBatchBuilder  # noqa: E402
-from timm_mimo.engine import is_mimo  # noqa: E402
-from timm_mimo.speed import CompiledWithFallback  # noqa: E402
-
-from mixmo_overhead import TrainBench, machine_info, make_sync, timed, to_input_layout  # noqa: E402
+import timm_mimo  # noqa: F401  (registers the MIMO models with timm)
+from timm_mimo.batch import MemberSoftTargetCrossEntropy, MimoBatchBuilder
+from timm_mimo.engine import is_mimo
+from timm_mimo.speed import CompiledWithFallback
+from timm_mimo.benchmark import TrainBench, machine_info, make_sync, timed, to_input_layout
 
 # Dense peak TFLOP/s from NVIDIA datasheets (headline figures are often 2:4-sparse, 2x these). Rows: (substrings
 # the upper-cased name must contain, must not contain, peaks). H100/H200 NVL and A10G are left out: --peak-tflops.

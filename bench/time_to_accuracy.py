@@ -30,7 +30,8 @@ import threading
 import time
 from pathlib import Path
 
-from mixmo_overhead import cpu_name  # bench/ is the script's folder, on sys.path
+from timm_mimo.benchmark import cpu_name
+from timm_mimo.rundir import RESULTS_FILE, SUMMARY_FILE, complete_checkpoints
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,9 +58,8 @@ def recipe_runs(args, extra):
     The recipe is read as train.py reads it (the config, then the extra flags), so the vanilla run's batch
     is B / b of the batch the MixMo run really uses.
     """
-    sys.path.insert(0, str(REPO))
-    import train
-    recipe = train.parse_args(['-c', args.config, *extra])
+    from timm_mimo.train_args import parse_args
+    recipe = parse_args(['-c', args.config, *extra])
     runs = [(recipe.model, extra)]
     if args.vanilla_model:
         if recipe.batch_size % recipe.batch_repeat:
@@ -100,17 +100,17 @@ def run_training(command, folder: Path, deadline) -> str:
     reader.join(timeout=10)
     if proc.returncode != 0:
         raise RuntimeError(f'train.py exited {proc.returncode} for {folder}: see its output above')
-    return 'done' if (folder / 'results.json').exists() else 'stopped'
+    return 'done' if (folder / RESULTS_FILE).exists() else 'stopped'
 
 
 def summarize(folder: Path, metric: str, target: float) -> dict:
     """Time to target and final metrics of a finished run, from its summary.csv and results.json."""
-    with open(folder / 'summary.csv', newline='') as f:
+    with open(folder / SUMMARY_FILE, newline='') as f:
         rows = list(csv.DictReader(f))
     if rows and metric not in rows[0]:
         raise ValueError(f'{folder / "summary.csv"} has no column {metric!r}')
     reached = next((r for r in rows if float(r[metric]) >= target), None)
-    results = json.loads((folder / 'results.json').read_text())
+    results = json.loads((folder / RESULTS_FILE).read_text())
     last, best = results['last']['validation'], results['best']['validation']
     return dict(
         folder=str(folder), epochs=len(rows),
@@ -142,9 +142,8 @@ def main(argv=None):
     report = dict(config=str(config_path), target=args.target, metric=args.metric, runs={})
     for name, flags in recipe_runs(args, extra):
         folder = output / name
-        if not (folder / 'results.json').exists():
+        if not (folder / RESULTS_FILE).exists():
             if folder.exists() and any(folder.iterdir()):
-                from timm_mimo.engine import complete_checkpoints
                 if not complete_checkpoints(folder):
                     raise FileExistsError(f'{folder} holds an unfinished run without a checkpoint to resume: '
                                           f'remove it or choose another --output')

@@ -14,14 +14,14 @@ from typing import Dict, List, Optional
 
 import torch
 
-from .rundir import write_atomic
+from .rundir import RESULTS_FILE, write_atomic
 from .uncertainty import SCORE_LABELS, risk_coverage_curve, uncertainty_scores
 from .visualize import reliability_diagram, risk_coverage_plot, score_histogram
 
 __all__ = ['write_report', 'model_card_section', 'report_section', 'report_pictures']
 
 REPORT_NAME = 'report.md'
-RESULTS_NAME = 'results.json'
+RESULTS_NAME = RESULTS_FILE  # the report folder's results, named as a run's
 
 
 def _fmt(value, digits: int = 4) -> str:

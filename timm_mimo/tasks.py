@@ -205,7 +205,7 @@ class AutoMixTask(MimoTask):
         return columns
 
     def results(self, accelerator) -> dict:
-        mixblock = accelerator.unwrap_model(self.automix.mixblock)
+        mixblock = self.mixblock  # the bare Mix Block (the prepared one may be a DDP wrapper)
         return dict(automix=dict(
             mode='--msda automix' if self.automix.num_members == 1 else '--mix-mode automix',
             feature_level=self.automix.tap.index, feature_module=self.automix.tap.info.get('module'),

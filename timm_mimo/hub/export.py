@@ -17,7 +17,7 @@ from ..engine import is_mimo
 from .card import DEFAULT_LICENSE, RECIPE_FILE, dataset_tag, model_card, training_recipe
 
 # what an export folder holds, and all that push uploads (recipe.yaml when the run recorded its arguments)
-EXPORT_FILES = ('README.md', 'config.json', 'model.safetensors')
+EXPORT_FILES = ('README.md', rundir.CONFIG_FILE, rundir.WEIGHTS_FILE)
 OPTIONAL_FILES = (RECIPE_FILE,)
 TAG_RE = re.compile(r'[a-z0-9][a-z0-9_]*')
 
@@ -158,7 +158,7 @@ def export(source, out_dir, *, which: str = 'best', model_name: Optional[str] = 
 def add_export_arguments(parser):
     """Flags shared by hub/export.py and hub/push.py."""
     parser.add_argument('source', help='training folder (train.py output), checkpoint or model folder, or weights file')
-    parser.add_argument('--which', default='best', choices=['best', 'last', 'ema'],
+    parser.add_argument('--which', default='best', choices=[rundir.BEST_DIR, 'last', rundir.EMA_DIR],
                         help='weights of a training folder (default: best)')
     parser.add_argument('--model', default=None, help='architecture of a weights file; checked against a folder')
     parser.add_argument('--num-classes', type=int, default=None, help='expected class count (checked)')
