@@ -362,7 +362,7 @@ def to_mimo(model: nn.Module, num_members: int = 2, member_blocks: int = 1, ense
     return model
 
 
-def _mimo_pretrained_cfg(model: nn.Module, num_members: int) -> Dict[str, Any]:
+def _mimo_pretrained_cfg(model: nn.Module) -> Dict[str, Any]:
     """The backbone's cfg (preprocessing, first conv, classifier) for the converted model, weight sources
     removed: pretrained=True on it would otherwise load the backbone's weights into the MIMO model."""
     cfg = {k: v for k, v in dict(model.pretrained_cfg).items()
@@ -441,12 +441,16 @@ def mimo_backbone(
     head_pretrained = base_pretrained and model.num_classes == base_cfg.get('num_classes')
     to_mimo(model, num_members, member_blocks, ensemble, pretrained_core=base_pretrained,
             head_pretrained=head_pretrained)
-    model.pretrained_cfg = model.default_cfg = _mimo_pretrained_cfg(model, num_members)
+    cfg = _mimo_pretrained_cfg(model)
+    # a cfg of the MIMO model itself (a saved one: local-dir:, hf-hub:) describes these weights, as timm's
+    # build_model_with_cfg keeps it; the registry default of mimo_backbone does not replace the backbone's
+    if pretrained_cfg is not None:
+        cfg.update({k: v for k, v in own_cfg.items() if v is not None})
+    elif pretrained_cfg_overlay:
+        cfg.update(pretrained_cfg_overlay)
+    model.pretrained_cfg = model.default_cfg = dict(cfg, architecture=ARCHITECTURE)
     model.pretrained_model_args = pretrained_model_args or {}
     if own_weights:
-        # the saved MIMO model: its config's preprocessing, its weights (a local-dir: or hf-hub: folder)
-        model.pretrained_cfg = model.default_cfg = dict(model.pretrained_cfg, **{
-            k: v for k, v in own_cfg.items() if v is not None and k != 'architecture'}, architecture=ARCHITECTURE)
         load_pretrained(model, pretrained_cfg=own_cfg, num_classes=model.num_classes,
                         in_chans=kwargs.get('in_chans', 3), cache_dir=cache_dir)
     if features_only:
