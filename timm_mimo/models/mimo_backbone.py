@@ -243,11 +243,14 @@ class MixViTBackboneMixin(_BackboneMixin, MixViTMixin):
 
     def forward_member_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Features (B, M + R + N, D) -> member logits (B, M, K): class token i to head i, or the pool."""
-        x = x[:, :self.num_members] if self.global_pool == 'token' else self.pool(x)
+        if self.global_pool == 'token':
+            x = x[:, :self.num_members]
+        elif self.global_pool:
+            x = self.pool(x)
         x = self.head_drop(self.fc_norm(x))
         if pre_logits or self.num_classes == 0:
             # timm's contract of one feature vector per image: the member class features averaged
-            return x.mean(1) if x.ndim == 3 else x
+            return x.mean(1) if self.global_pool == 'token' else x
         return self.head(x)
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
