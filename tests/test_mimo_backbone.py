@@ -156,6 +156,26 @@ def test_pretrained_core_gives_the_base_model_exactly(family, images, saved_base
             assert torch.allclose(stem_out, expected, atol=1e-5)
 
 
+def test_both_overlay_forms_load_the_backbone_and_only_the_model_argument_is_recorded(saved_base, tmp_path):
+    path = saved_base('resnet')
+    overlay = dict(file=str(path), num_classes=NUM_CLASSES)
+    # timm's form (what train.py --pretrained-path would pass) and the --model-kwargs form
+    direct = timm.create_model('mimo_backbone', backbone='resnet10t', pretrained=True, num_classes=NUM_CLASSES,
+                               pretrained_cfg_overlay=overlay)
+    as_arg = timm.create_model('mimo_backbone', backbone='resnet10t', pretrained=True, num_classes=NUM_CLASSES,
+                               backbone_pretrained_cfg_overlay=overlay)
+    for name, value in direct.state_dict().items():
+        assert torch.equal(value, as_arg.state_dict()[name]), name
+    assert 'pretrained_cfg_overlay' not in direct._model_args and 'file' not in direct.pretrained_cfg
+    # a saved model reloads its own weights with pretrained=True, whatever the recorded backbone overlay
+    save_model_folder(as_arg, tmp_path / 'saved', dict(as_arg._model_args))
+    path.unlink()  # the backbone's file is gone: nothing may read it
+    loaded = timm.create_model(f'local-dir:{tmp_path / "saved"}', pretrained=True)
+    assert torch.equal(loaded.mimo_stem.weight, as_arg.mimo_stem.weight)
+    with pytest.raises(ValueError, match='no pretrained tags'):
+        timm.create_model('mimo_backbone.in1k', backbone='resnet10t')
+
+
 def test_heads_start_apart_when_the_class_count_differs(saved_base):
     path = saved_base('resnet')
     model = timm_mimo.create_mimo_model('resnet10t', num_members=3, pretrained=True, num_classes=4,

@@ -16,15 +16,17 @@ checkpointing, ...); only these change (see docs/backbones.md):
   which run once per member with the class token, then M heads (``MixViTMixin``'s attribution pieces).
 
 Pretrained core: with ``pretrained=True`` the backbone loads its own pretrained weights (from its
-registered cfg, or ``backbone_pretrained_cfg_overlay=dict(file=...)``), unchanged; each member kernel is
+registered cfg, or ``pretrained_cfg_overlay=dict(file=...)``, which is the backbone's: timm's train.py
+``--pretrained-path`` form), unchanged; each member kernel is
 the pretrained kernel / M, so a single image (which runs through the sum of the kernels) gives the base
 model's features exactly, and binary-masked mixed features x M equal the pretrained stem's. ViT source
 embeddings start at zero for the same reason. Heads copy the pretrained classifier when the class count
 matches; otherwise member 0 keeps the backbone's fresh head and the others are drawn with its std.
 
-``pretrained=True`` with a weights source for the wrapped model itself (``local-dir:``, ``hf-hub:``, or a
-``pretrained_cfg`` / ``pretrained_cfg_overlay`` naming a file) loads those weights instead: that is how a
-saved MIMO model (config.json ``architecture: mimo_backbone`` + ``model_args``) is rebuilt.
+A whole ``pretrained_cfg`` is the MIMO model's own (``local-dir:`` and ``hf-hub:`` pass the saved one):
+it becomes ``model.pretrained_cfg``, and ``pretrained=True`` then loads the weights it names, never the
+backbone's. That is how a saved MIMO model (config.json ``architecture: mimo_backbone`` + ``model_args``)
+is rebuilt.
 """
 from typing import Any, Dict, List, Optional, Tuple, Union
 
@@ -427,19 +429,26 @@ def mimo_backbone(
         num_members: M; 1 is the backbone itself (same weights, same outputs).
         member_blocks: ViTs: the last blocks run once per member after the source attribution (0: none).
         ensemble: 'logits' (mean of member logits, MixMo) or 'probs'.
-        backbone_pretrained_cfg_overlay: the backbone's pretrained_cfg overlay, e.g. dict(file=...) to
-            start from local weights with ``pretrained=True``.
+        pretrained_cfg_overlay: the backbone's pretrained_cfg overlay, e.g. dict(file=...) to start from
+            local weights with ``pretrained=True``.
+        backbone_pretrained_cfg_overlay: the same as a model argument (``--model-kwargs``), recorded in a
+            saved config.json (only used with ``pretrained=True`` and no saved MIMO cfg); wins over the above.
+        pretrained_cfg: the MIMO model's own cfg (a saved model's; ``local-dir:`` / ``hf-hub:`` pass it).
         **kwargs: the backbone's ``timm.create_model`` arguments (num_classes, img_size, drop_path_rate, ...).
     """
     if not backbone or not isinstance(backbone, str):
         raise ValueError('mimo_backbone needs backbone=<a timm model name>, e.g. backbone=resnet18')
     if not timm.is_model(backbone):
         raise ValueError(f'unknown backbone {backbone!r}: not in timm\'s registry')
-    own_cfg = resolve_pretrained_cfg(ARCHITECTURE, pretrained_cfg, pretrained_cfg_overlay).to_dict()
-    own_weights = pretrained and _has_weight_source(own_cfg)
+    if isinstance(pretrained_cfg, str):
+        raise ValueError(f'mimo_backbone has no pretrained tags (got {pretrained_cfg!r}): tag the backbone, e.g. '
+                         f'backbone=resnet18.a1_in1k')
+    own_cfg = None if pretrained_cfg is None else resolve_pretrained_cfg(ARCHITECTURE, pretrained_cfg).to_dict()
+    own_weights = pretrained and own_cfg is not None and _has_weight_source(own_cfg)
     base_pretrained = pretrained and not own_weights
+    base_overlay = dict(pretrained_cfg_overlay or {}, **(backbone_pretrained_cfg_overlay or {}))
     model = timm.create_model(backbone, pretrained=base_pretrained, cache_dir=cache_dir,
-                              pretrained_cfg_overlay=backbone_pretrained_cfg_overlay, **kwargs)
+                              pretrained_cfg_overlay=base_overlay or None, **kwargs)
     base_cfg = model.pretrained_cfg
     head_pretrained = base_pretrained and model.num_classes == base_cfg.get('num_classes')
     to_mimo(model, num_members, member_blocks, ensemble, pretrained_core=base_pretrained,
@@ -447,10 +456,8 @@ def mimo_backbone(
     cfg = _mimo_pretrained_cfg(model)
     # a cfg of the MIMO model itself (a saved one: local-dir:, hf-hub:) describes these weights, as timm's
     # build_model_with_cfg keeps it; the registry default of mimo_backbone does not replace the backbone's
-    if pretrained_cfg is not None:
+    if own_cfg is not None:
         cfg.update({k: v for k, v in own_cfg.items() if v is not None})
-    elif pretrained_cfg_overlay:
-        cfg.update(pretrained_cfg_overlay)
     model.pretrained_cfg = model.default_cfg = dict(cfg, architecture=ARCHITECTURE)
     model.pretrained_model_args = pretrained_model_args or {}
     if own_weights:
@@ -472,7 +479,7 @@ def create_mimo_model(
 
     ``pretrained`` and ``pretrained_cfg_overlay`` are the backbone's, as in ``timm.create_model``; the result
     is ``timm.create_model('mimo_backbone', backbone=backbone, ...)``, so that it saves and reloads in timm's
-    Hub format (config.json records ``backbone`` and the MIMO arguments).
+    Hub format (config.json records ``backbone`` and the MIMO arguments, not the overlay).
     """
     return timm.create_model(ARCHITECTURE, pretrained=pretrained, backbone=backbone, num_members=num_members,
-                             backbone_pretrained_cfg_overlay=pretrained_cfg_overlay, **kwargs)
+                             pretrained_cfg_overlay=pretrained_cfg_overlay, **kwargs)
