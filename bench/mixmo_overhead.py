@@ -30,6 +30,7 @@ Usage:
     python bench/mixmo_overhead.py --model wrn16_4                     # CPU defaults, ~1.5-3 min on 2 cores
     python bench/mixmo_overhead.py --model cait_xxs_mixvit1 --mimo-model cait_xxs_mixvit2 --batch-repeat 1
     python bench/mixmo_overhead.py --model wrn16_4 --threads 1         # steadier on a CPU shared with other jobs
+    python bench/mixmo_overhead.py --model resnet18 --mimo-model mimo_backbone --mimo-model-kwargs backbone=resnet18
     python bench/mixmo_overhead.py --model wrn28_10 --batch-size 128 --amp-dtype bfloat16 --channels-last
 """
 import argparse
@@ -67,6 +68,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--model', default='wrn16_4', help='the M = 1 model')
     p.add_argument('--mimo-model', default=None, help='the M = 2 model (default <model>_mixmo2)')
+    p.add_argument('--model-kwargs', nargs='*', default=[], metavar='K=V', help='create_model kwargs of --model')
+    p.add_argument('--mimo-model-kwargs', nargs='*', default=[], metavar='K=V',
+                   help='create_model kwargs of --mimo-model (e.g. backbone=resnet18 for mimo_backbone)')
     p.add_argument('--batch-size', type=int, default=None, help='mixed samples B (default 64 on CPU, 128 on CUDA)')
     p.add_argument('--batch-repeat', type=int, default=2, help='copies of each unique image, b (U = B / b)')
     p.add_argument('--device', default='auto', help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")
@@ -92,9 +96,10 @@ def parse_args(argv=None):
 
 # ---------------------------------------------------------------------------------------------- helpers
 
-def create(name: str, args, device: torch.device) -> nn.Module:
+def create(name: str, args, device: torch.device, model_kwargs=()) -> nn.Module:
+    from timm_mimo.cli import parse_model_kwargs
     torch.manual_seed(args.seed)  # same seed and init scheme (the model's own _init_weights) for both
-    model = timm.create_model(name, num_classes=args.num_classes)
+    model = timm.create_model(name, num_classes=args.num_classes, **parse_model_kwargs(model_kwargs))
     model.to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -175,7 +180,8 @@ def main(argv=None) -> int:
     sync = make_sync(device)
 
     vanilla_name, mixmo_name = args.model, args.mimo_model or f'{args.model}_mixmo2'
-    models = {'vanilla': create(vanilla_name, args, device), 'mixmo': create(mixmo_name, args, device)}
+    models = {'vanilla': create(vanilla_name, args, device, args.model_kwargs),
+              'mixmo': create(mixmo_name, args, device, args.mimo_model_kwargs)}
     if getattr(models['vanilla'], 'num_members', 1) != 1 or getattr(models['mixmo'], 'num_members', 1) != 2:
         print(f'{vanilla_name} must have one member and {mixmo_name} two', file=sys.stderr)
         return 2

@@ -5,5 +5,6 @@
 from . import models  # noqa: F401  (registration side effect)
 from .batch import MemberSoftTargetCrossEntropy, MimoBatch, MimoBatchBuilder, MimoCollate, unique_batch_size
 from .mimo import MemberClassifierHead, MemberConv2d, MemberLinear, ensemble_logits, mix_members
+from .models.mimo_backbone import create_mimo_model, to_mimo
 
 __version__ = '0.1.0'

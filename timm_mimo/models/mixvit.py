@@ -24,7 +24,9 @@ Design options (spec mixvit.md §3, §7; the paper's exact choices are not publi
 ``inference``: how a single image is attributed (spec §3.7).
     'passes' (I2, default): member i's pass sees every token tagged s_i.
     'duplicate' (I1): the tokens are repeated once per member, copy k tagged s_k, and the class stage
-    reads all M*N tokens (only with attribution at the class stage).
+    reads all M*N tokens in one pass (only with attribution at the class stage). With the 'member' and
+    'shared' class stages that one pass gives one class feature, read by the M heads; with 'tokens', the
+    M class tokens of that pass.
 """
 from typing import List, Optional, Tuple, Union
 
@@ -48,16 +50,19 @@ __all__ = ['MixViTCait', 'MixViTConVit', 'ATTRIBUTION_PLACES', 'CLASS_STAGES', '
 ATTRIBUTION_PLACES = ('class', 'mid', 'input', 'none')
 CLASS_STAGES = ('member', 'tokens', 'shared')
 INFERENCE_MODES = ('passes', 'duplicate')
-DEFAULT_TOKEN_GRID = 8  # patch size defaults to img_size // 8: 64 tokens for CIFAR (p=4) and Tiny ImageNet (p=8)
+# patch size defaults to img_size // 8 up to timm's usual 16: 64 tokens for CIFAR (p=4) and Tiny ImageNet
+# (p=8), and 14x14 patches of 16 px at 224 px, as timm's CaiT and ConViT
+DEFAULT_TOKEN_GRID = 8
+MAX_DEFAULT_PATCH_SIZE = 16
 
 torch.fx.wrap('check_image_input')  # one opaque call in traced graphs (timm's FX feature extraction)
 
 
 def resolve_patch_size(img_size: Union[int, Tuple[int, int]], patch_size: Optional[int]) -> int:
-    """The patch size: given, or img_size // 8 (an 8x8 token grid); the image must tile into patches."""
+    """The patch size: given, or min(img_size // 8, 16); the image must tile into patches."""
     h, w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
     if patch_size is None:
-        patch_size = max(min(h, w) // DEFAULT_TOKEN_GRID, 1)
+        patch_size = min(max(min(h, w) // DEFAULT_TOKEN_GRID, 1), MAX_DEFAULT_PATCH_SIZE)
     if h % patch_size or w % patch_size:
         raise ValueError(f'image size {h}x{w} is not divisible by the patch size {patch_size}')
     return patch_size
@@ -197,6 +202,13 @@ class MixViTMixin(MimoClassifierMixin):
 
     # --- the MixViT forward ---------------------------------------------------------------------------
 
+    # tokens of the shared trunk that are no patch (a ViT's class and register tokens); features skip them
+    trunk_prefix_tokens = 0
+
+    def _prepare_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Embedded (or mixed) patch tokens (B, N, D) -> the shared trunk's input."""
+        return self.pos_drop(tokens)
+
     def _run_trunk(self, x: torch.Tensor, start: int, end: int) -> torch.Tensor:
         for i, blk in enumerate(self.blocks):
             if start <= i < end:
@@ -255,7 +267,8 @@ class MixViTMixin(MimoClassifierMixin):
                 tokens = tokens.repeat(1, m, 1)
                 masks = torch.eye(m, device=tokens.device, dtype=tokens.dtype).repeat_interleave(n, 1)
                 masks = masks.unsqueeze(0).expand(b, -1, -1)
-                per_member = self.class_stage_mode == 'member'
+                # one class-stage pass over all M*N tokens (spec §3.7 I1), whatever the class stage
+                per_member = False
             elif masks is None:
                 # I2: member i's pass sees every token as its own
                 masks = tokens.new_ones(b, m, n)
@@ -295,7 +308,7 @@ class MixViTMixin(MimoClassifierMixin):
             raise ValueError(f'trunk block {max_index} runs after the source attribution (block '
                              f'{self.attribution_depth}), once per member: only earlier blocks are shared features')
         b, _, height, width = x.shape
-        tokens = self.pos_drop(self.embed_tokens(x))
+        tokens = self._prepare_tokens(self.embed_tokens(x))
         intermediates = []
         for i, blk in enumerate(self.blocks):
             if i > max_index:
@@ -305,7 +318,8 @@ class MixViTMixin(MimoClassifierMixin):
                 intermediates.append(self.norm(tokens) if norm else tokens)
         if output_fmt == 'NCHW':
             h, w = self.patch_embed.dynamic_feat_size((height, width))
-            intermediates = [y.reshape(b, h, w, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+            p = self.trunk_prefix_tokens
+            intermediates = [y[:, p:].reshape(b, h, w, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
         if intermediates_only:
             return intermediates
         return self._forward_tokens(tokens, None, start=max_index + 1), intermediates
@@ -328,7 +342,7 @@ class MixViTMixin(MimoClassifierMixin):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """One image per sample (B, C, H, W) -> (B, M + N, D): the trunk runs once."""
         check_image_input(x, self.in_chans, patch=self.patch_embed.patch_size)
-        tokens = self.pos_drop(self.embed_tokens(x))
+        tokens = self._prepare_tokens(self.embed_tokens(x))
         return self._forward_tokens(tokens, None)
 
     def forward_mixed_features(self, x: torch.Tensor, masks: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -346,7 +360,7 @@ class MixViTMixin(MimoClassifierMixin):
             masks = masks.flatten(2).to(tokens.dtype)
         # the shared MIMO mix step, on tokens laid out channels-first (B, M, D, N); scale 1 = token selection
         mixed = mix_members(tokens.transpose(2, 3), masks).transpose(1, 2)
-        return self._forward_tokens(self.pos_drop(mixed), masks)
+        return self._forward_tokens(self._prepare_tokens(mixed), masks)
 
     def forward_member_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Features (B, M + N, D) -> member logits (B, M, K).
