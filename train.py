@@ -84,7 +84,10 @@ def build_model(args, splits):
             model_args[key] = value
     if args.num_classes is not None and args.num_classes != splits.num_classes:
         raise ValueError(f'--num-classes {args.num_classes} does not match the dataset\'s {splits.num_classes} classes')
-    model = create_model(args.model, pretrained=args.pretrained, num_classes=splits.num_classes, **model_args)
+    # --pretrained-path: timm's form, a pretrained_cfg overlay that is not recorded as a model argument
+    overlay = dict(pretrained_cfg_overlay=dict(file=args.pretrained_path)) if args.pretrained_path else {}
+    model = create_model(args.model, pretrained=args.pretrained or bool(overlay), num_classes=splits.num_classes,
+                         **model_args, **overlay)
     if args.initial_checkpoint:
         load_weights(model, Path(args.initial_checkpoint))
     if args.grad_checkpointing:
@@ -358,6 +361,21 @@ def final_evaluation(t: Training) -> dict:
     return results
 
 
+def check_resume(t: Training, checkpoint: Path):
+    """A resumed run keeps its arguments; what the command line changed in its recipe is warned about and
+    recorded in the run folder (resumes.yaml, read by the model card). Fewer epochs than done is refused."""
+    from timm_mimo.train_args import recipe_changes
+    if t.state['epoch'] > t.args.epochs:
+        raise ValueError(f'cannot resume {t.run_dir} with --epochs {t.args.epochs}: it has trained '
+                         f'{t.state["epoch"]} epochs already')
+    changes = recipe_changes(rundir.read_args(t.run_dir), t.args)
+    if changes:
+        _logger.warning(f'resuming {t.run_dir} with a changed recipe: {"; ".join(changes)} (recorded in '
+                        f'{rundir.RESUMES_FILE})')
+        if t.accelerator.is_main_process:
+            rundir.record_resume(t.run_dir, checkpoint, changes)
+
+
 def report(t: Training, results: dict):
     split = 'test' if 'test' in results['best'] else 'validation'
     best = results['best'][split]
@@ -390,15 +408,13 @@ def main(argv=None) -> int:
         t.accelerator.wait_for_everyone()
         if resume_from is not None:
             restore(t, resume_from)
+            check_resume(t, resume_from)
         if args.log_tensorboard:
             t.accelerator.init_trackers('tensorboard')
         for epoch in range(t.state['epoch'], args.epochs):
-            if not train_epoch(t, epoch):
-                end_epoch(t, epoch)
-            if t.state['step'] or (epoch + 1 < args.epochs and stop_agreed(t)):
-                _logger.info(f'{stop.signal}: stopped after a checkpoint; continue with: python train.py --resume '
-                             f'{run_dir}')
+            if train_epoch(t, epoch):  # a signal: its checkpoint is saved
                 return 130 if stop.signal == 'SIGINT' else 0
+            end_epoch(t, epoch)
         if (run_dir / rundir.RESULTS_FILE).exists():
             _logger.info(f'{run_dir} has finished its {args.epochs} epochs: nothing to do')
         else:

@@ -455,6 +455,10 @@ def test_push_dry_run_and_failures_contact_nothing_or_say_so_without_the_token(r
         code, out, err = run_cli('push', capsys, run_dir, '--repo-id', repo)
         assert_one_line_error(code, err, f'upload to {repo} failed', 'HTTP 403: token *** may not write here')
         assert server.requests and SENTINEL not in out + err
+        # --debug shows the traceback, the chained huggingface_hub error included, with the token removed
+        code, out, err = run_cli('push', capsys, run_dir, '--repo-id', repo, '--debug')
+        assert code == 2 and 'Traceback' in err and 'HfHubHTTPError' in err and '***' in err
+        assert SENTINEL not in out + err
 
         monkeypatch.delenv('HF_TOKEN')
         monkeypatch.setattr(constants, 'HF_TOKEN_PATH', str(tmp_path / 'no_token'))

@@ -136,6 +136,29 @@ def test_sigterm_saves_mid_epoch_and_resume_matches(uninterrupted, tmp_path):
     run('train.py', *FAST, '--epochs', 3, '--limit-train-batches', 12, '--resume', tmp_path / 'term')
     ours, theirs = final_weights(tmp_path / 'term'), final_weights(reference)
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    # the interrupted epoch's training loss covers the whole epoch, not only the steps after the resume
+    assert _column(tmp_path / 'term', 'train_loss') == _column(reference, 'train_loss')
+
+
+def _column(folder: Path, name: str):
+    import csv
+    with open(folder / 'summary.csv', newline='') as f:
+        return [row[name] for row in csv.DictReader(f)]
+
+
+def test_ctrl_c_saves_at_the_next_step_and_says_how_to_resume(uninterrupted, tmp_path):
+    reference, _ = uninterrupted
+    args = [*FAST, '--epochs', 3, '--limit-train-batches', 12, '--output', tmp_path, '--experiment', 'int']
+    proc = start('train.py', *args)
+    wait_for('checkpoint-0001', tmp_path / 'int', proc)
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, output
+    assert 'SIGINT' in output and f'--resume {tmp_path / "int"}' in output
+    assert list((tmp_path / 'int').glob('checkpoint-0001-step*')), 'a checkpoint is written at the next step'
+    run('train.py', '--resume', tmp_path / 'int')  # the run's own arguments
+    ours, theirs = final_weights(tmp_path / 'int'), final_weights(reference)
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):

@@ -36,6 +36,7 @@ EMA_DIR = 'ema'
 LOCK_FILE = '.lock'
 MIXED_SAMPLES_DIR = 'mixed_samples'
 MIXBLOCK_FILE = 'mixblock.safetensors'
+RESUMES_FILE = 'resumes.yaml'  # recipe arguments changed on --resume, with the checkpoint they applied from
 # inside a checkpoint or model folder
 WEIGHTS_FILE = 'model.safetensors'
 CONFIG_FILE = 'config.json'
@@ -249,6 +250,19 @@ def read_args(run_dir: Path) -> dict:
     return args if isinstance(args, dict) else {}
 
 
+def read_resumes(run_dir: Path) -> list:
+    path = Path(run_dir) / RESUMES_FILE
+    entries = yaml.safe_load(path.read_text()) if path.exists() else None
+    return entries if isinstance(entries, list) else []
+
+
+def record_resume(run_dir: Path, checkpoint: Path, changes: List[str]):
+    """Append the recipe changes of a resume to the run's record, so that its card does not claim the first
+    arguments alone trained it."""
+    entries = read_resumes(run_dir) + [{'from': Path(checkpoint).name, 'changes': changes}]
+    write_atomic(Path(run_dir) / RESUMES_FILE, yaml.safe_dump(entries, sort_keys=False))
+
+
 class RunLock:
     """An exclusive lock on a run folder, held while one train.py writes it. The kernel releases a flock
     when its process dies, however it dies, so a SIGKILLed run stays resumable."""
@@ -295,6 +309,11 @@ class Checkpoint:
     @property
     def run_args(self) -> dict:
         return read_args(self.run_dir) if self.run_dir is not None else {}
+
+    @property
+    def resumes(self) -> list:
+        """The recipe changes made on --resume (``[{'from': checkpoint, 'changes': [...]}, ...]``)."""
+        return read_resumes(self.run_dir) if self.run_dir is not None else []
 
 
 def resolve(source, which: str = 'best') -> Checkpoint:

@@ -2,7 +2,8 @@
 
 Precedence: the flags' defaults, then the run's own ``args.yaml`` (``--resume``), then a ``-c`` config, then
 the command line. Every value is checked as the command line checks it (type, choices, range), so a config
-cannot bring in what a flag would refuse; a resumed run must keep its recipe (:data:`LOCAL_KEYS` may change).
+cannot bring in what a flag would refuse. A resumed run starts from its own arguments; what the command line
+changes in its recipe (all but :data:`LOCAL_KEYS`) is warned about and recorded (train.py).
 """
 import argparse
 import math
@@ -10,13 +11,11 @@ from pathlib import Path
 
 import yaml
 
-from .rundir import ARGS_FILE
-
 LOWER_IS_BETTER = ('nll', 'ece', 'brier', 'loss')
 EVAL_METRICS = ('top1', 'top5', 'nll', 'ece', 'brier', 'auc', 'member_mean_top1')
 # where a run's files go and how it is watched: these may change on --resume, everything else is the recipe
 LOCAL_KEYS = {'config', 'resume', 'output', 'experiment', 'debug', 'workers', 'device_data', 'data_cache_dir',
-              'data_dir', 'dataset_download', 'log_tensorboard', 'checkpoint_hist', 'log_interval', 'torchcompile',
+              'data_dir', 'dataset_download', 'pretrained_path', 'initial_checkpoint', 'log_tensorboard', 'checkpoint_hist', 'log_interval', 'torchcompile',
               'torchcompile_mode', 'channels_last', 'fused_opt', 'mix_vis_interval'}
 _BOOL_WORDS = {'true': True, 'yes': True, 'on': True, '1': True, 'false': False, 'no': False, 'off': False, '0': False}
 _BOOL_ACTIONS = (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse.BooleanOptionalAction)
@@ -52,6 +51,9 @@ def build_parser(description: str = '') -> argparse.ArgumentParser:
     g.add_argument('--model-kwargs', nargs='*', default=[], metavar='K=V', help='extra create_model kwargs')
     g.add_argument('--pretrained', action='store_true', help='start from the registered pretrained weights')
     g.add_argument('--initial-checkpoint', default='', help='start from these weights (safetensors / .pth)')
+    g.add_argument('--pretrained-path', default=None,
+                   help="load these local weights as the pretrained ones (timm's flag; for mimo_backbone: the "
+                        "backbone's), adapted like pretrained=True weights (classifier, input channels)")
     g = p.add_argument_group('batch and MIMO mixing')
     g.add_argument('-b', '--batch-size', type=int, default=64, help='global mixed samples per optimizer step')
     g.add_argument('--batch-repeat', type=int, default=1, help='copies of each unique image per batch (b)')
@@ -255,9 +257,4 @@ def parse_args(argv=None, description: str = '') -> argparse.Namespace:
     if args.cutmix > 0:
         args.msda, args.msda_alpha = 'cutmix', args.cutmix
     check_values(args)
-    if saved:
-        changes = recipe_changes(saved, args)
-        if changes:
-            raise ValueError(f'cannot resume {pre.resume} with another recipe: {"; ".join(changes)} (a resumed run '
-                             f'keeps the arguments in its {ARGS_FILE}; start a new --experiment to change them)')
     return args

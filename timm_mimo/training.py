@@ -97,7 +97,7 @@ def all_finite(t: Training) -> bool:
 
 def refuse_non_finite(t: Training, what: str):
     last = (rundir.complete_checkpoints(t.run_dir) or ['none'])[-1]
-    raise NonFiniteLoss(f'{what} in epoch {t.state["epoch"]}: stopping. Last good (finite) checkpoint: {last}')
+    raise NonFiniteLoss(f'{what} in epoch {t.state["epoch"]}: stopping. Last good checkpoint (finite weights): {last}')
 
 
 def save_checkpoint(t: Training, keep: int) -> Path:

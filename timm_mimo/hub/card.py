@@ -74,8 +74,8 @@ def citation_keys(architecture: str, pretrained_cfg: dict, run_args: dict) -> Li
 
 
 # train.py arguments that are local (paths, logging) and stay out of the card
-_PRIVATE_ARGS = {'config', 'data_dir', 'output', 'experiment', 'resume', 'initial_checkpoint', 'debug',
-                 'log_tensorboard', 'workers', 'dataset_download', 'checkpoint_hist', 'device'}
+_PRIVATE_ARGS = {'config', 'data_dir', 'output', 'experiment', 'resume', 'initial_checkpoint', 'pretrained_path',
+                 'debug', 'log_tensorboard', 'workers', 'dataset_download', 'checkpoint_hist', 'device'}
 _PATH_RE = re.compile(r'(?<![\w.])(?:~|[A-Za-z]:)?[/\\][^\s:,;()]+')
 
 
@@ -97,6 +97,8 @@ def training_recipe(run_args: dict) -> dict:
         recipe[key] = _scrub_paths(value)
     if run_args.get('initial_checkpoint'):
         recipe['initial_checkpoint'] = '<a local checkpoint>'
+    if run_args.get('pretrained_path'):
+        recipe['pretrained_path'] = '<local pretrained weights>'
     return recipe
 
 
@@ -116,7 +118,7 @@ def metrics_table(splits: Dict[str, dict]) -> str:
 
 
 def model_card(model: nn.Module, name: str, results: dict, run_args: dict, repo_id: Optional[str],
-               license: str) -> str:
+               license: str, resumes: Optional[list] = None) -> str:
     """README.md for the Hub: timm's front matter and details, then results, recipe, usage, license, citations."""
     cfg = model.pretrained_cfg
     arch, tag = cfg['architecture'], cfg.get('tag')
@@ -167,6 +169,9 @@ def model_card(model: nn.Module, name: str, results: dict, run_args: dict, repo_
                  f'flag names; local paths and defaults left out) reproduce the run with `python train.py -c '
                  f'recipe.yaml` (plus `--data-dir` for data read from disk):\n\n'
                  f'```yaml\n{yaml.safe_dump(recipe, sort_keys=False).strip()}\n```\n')
+        for resume in resumes or []:  # the recipe alone would not reproduce a run resumed with other arguments
+            text += (f'\nThe run was resumed from `{resume["from"]}` with changed arguments: '
+                     f'{"; ".join(f"`{c}`" for c in resume["changes"])}.\n')
     else:
         text += '\nThe training arguments were not recorded with these weights.\n'
 

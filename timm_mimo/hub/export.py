@@ -145,8 +145,8 @@ def export(source, out_dir, *, which: str = 'best', model_name: Optional[str] = 
     with rundir.atomic_dir(out_dir) as tmp:
         # model.safetensors and config.json by timm's save_for_hf: saved + recorded constructor arguments
         rundir.write_model_files(model, tmp, model_args)
-        (tmp / 'README.md').write_text(model_card(model, name, run_metrics, run_args, repo_id, license),
-                                       encoding='utf-8')
+        card = model_card(model, name, run_metrics, run_args, repo_id, license, checkpoint.resumes)
+        (tmp / 'README.md').write_text(card, encoding='utf-8')
         if recipe:  # the card's `python train.py -c recipe.yaml`
             (tmp / RECIPE_FILE).write_text(yaml.safe_dump(recipe, sort_keys=False))
         check_round_trip(model, tmp)
