@@ -15,6 +15,7 @@ The MIMO batch (masks, MSDA, soft targets) is built on the device from a generat
 """
 import argparse
 import csv
+import functools
 import json
 import logging
 import os
@@ -83,8 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--mixup', type=float, default=0.0, help='timm alias: --msda mixup --msda-alpha A')
     g.add_argument('--cutmix', type=float, default=0.0, help='timm alias: --msda cutmix --msda-alpha A')
     g.add_argument('--smoothing', type=float, default=0.0, help='label smoothing')
-    g.add_argument('--aug', default='crop-flip', choices=['crop-flip', 'none'],
-                   help='batched pad-4 crop + flip per copy (CIFAR / Tiny ImageNet recipe), or none')
+    g.add_argument('--aug', default=None, choices=['crop-flip', 'crop', 'none'],
+                   help="batched pad-4 crop + flip per member view (CIFAR / Tiny ImageNet recipe), crop only, or "
+                        "none; default: the data set's (crop only where a flip changes the label, e.g. digits)")
     g.add_argument('--aa', default=None, help="timm auto-augment policy per image, e.g. 'rand-m9-mstd0.5-inc1'")
     g.add_argument('--reprob', type=float, default=0.0,
                    help="random erasing probability per batch copy (timm's semantics, batched on the device)")
@@ -150,17 +152,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def batch_augment(crop_flip: bool, erase_prob: float, erase_mode: str):
-    """The batched augmentation of every batch copy: pad-4 crop + flip, then random erasing, all drawn from
-    the step's generator (so a resumed run replays them)."""
+def batch_augment(aug: str, erase_prob: float, erase_mode: str):
+    """The batched augmentation of every member view: pad-4 crop (+ flip for 'crop-flip'), then random
+    erasing, all drawn from the step's generator (so a resumed run replays them)."""
     if not 0.0 <= erase_prob <= 1.0:
         raise ValueError(f'--reprob must be in [0, 1], got {erase_prob}')
+    crop = None if aug == 'none' else functools.partial(random_crop_flip, flip=aug == 'crop-flip')
     if erase_prob == 0:
-        return random_crop_flip if crop_flip else None
+        return crop
 
     def augment(images, generator=None):
-        if crop_flip:
-            images = random_crop_flip(images, generator=generator)
+        if crop is not None:
+            images = crop(images, generator=generator)
         return random_erase(images, erase_prob, erase_mode, generator=generator)
     return augment
 
@@ -431,6 +434,7 @@ def main(argv=None):
                           val_per_class=args.val_per_class,
                           train_transform=auto_augment_transform(args.aa) if args.aa else None)
     num_classes = args.num_classes or splits.num_classes
+    args.aug = args.aug or splits.default_aug  # no flip where it changes the label (digits); recorded in args.yaml
     if num_classes != splits.num_classes:
         raise ValueError(f'--num-classes {num_classes} does not match the dataset\'s {splits.num_classes} classes')
     # timm.create_model, with a one-line error naming the repository when pretrained weights are missing
@@ -462,7 +466,7 @@ def main(argv=None):
         msda=None if args.msda in ('none', 'automix') else args.msda, msda_prob=args.msda_prob,
         msda_alpha=args.msda_alpha,
         label_smoothing=args.smoothing,
-        augment=batch_augment(args.aug == 'crop-flip', args.reprob, args.remode))
+        augment=batch_augment(args.aug, args.reprob, args.remode))
     criterion = MemberSoftTargetCrossEntropy()
 
     eval_batch = max(unique_per_process * repeat, 64)
