@@ -84,9 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--mixup', type=float, default=0.0, help='timm alias: --msda mixup --msda-alpha A')
     g.add_argument('--cutmix', type=float, default=0.0, help='timm alias: --msda cutmix --msda-alpha A')
     g.add_argument('--smoothing', type=float, default=0.0, help='label smoothing')
-    g.add_argument('--aug', default=None, choices=['crop-flip', 'crop', 'none'],
-                   help="batched pad-4 crop + flip per member view (CIFAR / Tiny ImageNet recipe), crop only, or "
-                        "none; default: the data set's (crop only where a flip changes the label, e.g. digits)")
+    g.add_argument('--aug', default=None, choices=['crop-flip', 'crop', 'reflect-crop-flip', 'none'],
+                   help="batched pad-4 crop + flip per member view (CIFAR / Tiny ImageNet recipe), crop only, the "
+                        "same with reflect padding (AutoMix's recipe), or none; default: the data set's (crop "
+                        "only where a flip changes the label, e.g. digits)")
     g.add_argument('--aa', default=None, help="timm auto-augment policy per image, e.g. 'rand-m9-mstd0.5-inc1'")
     g.add_argument('--reprob', type=float, default=0.0,
                    help="random erasing probability per batch copy (timm's semantics, batched on the device)")
@@ -157,7 +158,9 @@ def batch_augment(aug: str, erase_prob: float, erase_mode: str):
     erasing, all drawn from the step's generator (so a resumed run replays them)."""
     if not 0.0 <= erase_prob <= 1.0:
         raise ValueError(f'--reprob must be in [0, 1], got {erase_prob}')
-    crop = None if aug == 'none' else functools.partial(random_crop_flip, flip=aug == 'crop-flip')
+    crop = None if aug == 'none' else functools.partial(
+        random_crop_flip, flip=aug.endswith('flip'),
+        padding_mode='reflect' if aug.startswith('reflect') else 'constant')
     if erase_prob == 0:
         return crop
 

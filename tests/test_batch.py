@@ -237,3 +237,13 @@ def test_patch_decay_reads_the_one_based_epoch_of_the_official_code():
     binary = sum(bool(((m == 0) | (m == 1)).all()) for m in
                  (builder(torch.rand(8, 3, 8, 8), torch.arange(8)).masks for _ in range(50)))
     assert 10 < binary < 40
+
+
+def test_reflect_padding_crops_a_window_of_the_mirrored_border():
+    images = torch.rand(32, 3, 8, 8)
+    out = random_crop_flip(images, padding=2, flip=False, generator=torch.Generator().manual_seed(0),
+                           padding_mode='reflect')
+    padded = torch.nn.functional.pad(images, (2, 2, 2, 2), mode='reflect')
+    for i in range(32):
+        assert any(torch.equal(out[i], padded[i, :, y:y + 8, x:x + 8]) for y in range(5) for x in range(5))
+    assert (out != 0).all()  # no zero border: reflect padding repeats pixels

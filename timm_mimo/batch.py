@@ -34,17 +34,18 @@ class MimoBatch(NamedTuple):
 
 def random_crop_flip(
         images: torch.Tensor, padding: int = 4, flip: bool = True,
-        generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Per-sample random crop after zero padding, and horizontal flip, for a batch (N, C, H, W).
+        generator: Optional[torch.Generator] = None, padding_mode: str = 'constant') -> torch.Tensor:
+    """Per-sample random crop after padding, and horizontal flip, for a batch (N, C, H, W).
 
     The CIFAR / Tiny ImageNet augmentation of MixMo (pad-4 crop + flip, spec §5.2), which timm's
-    transforms do not offer. Batched indexing, independent draws per sample. Padding is zero in the
-    space of ``images``: on normalised inputs that is the mean colour rather than black.
+    transforms do not offer. Batched indexing, independent draws per sample. ``padding_mode`` 'constant'
+    pads zeros in the space of ``images`` (on normalised inputs: the mean colour rather than black);
+    'reflect' mirrors the border (torchvision's RandomCrop(padding_mode='reflect'), AutoMix's recipe).
     """
     n, c, h, w = images.shape
     device = images.device
     if padding > 0:
-        padded = F.pad(images, (padding, padding, padding, padding))
+        padded = F.pad(images, (padding, padding, padding, padding), mode=padding_mode)
         dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=device)
         dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=device)
         rows = (dy[:, None] + torch.arange(h, device=device))[:, None, :, None]
