@@ -138,8 +138,10 @@ def plan_runs(args) -> List[Dict]:
         if recipe.batch_size % repeat:
             raise BadInput(f'the recipe\'s batch size {recipe.batch_size} is not divisible by b = {repeat}')
         for seed in range(args.seed_offset, args.seed_offset + args.seeds):
-            flags_run = ['-c', args.config, '--model', name, '--seed', str(seed), '--batch-repeat', str(repeat),
-                         '--lr', repr(base_lr / repeat), *extra, *flags]
+            # the rule's flags after the shared extras (an extra --lr or --batch-repeat is read into the
+            # recipe above, not passed through); a model spec's own flags come last
+            flags_run = ['-c', args.config, *extra, '--model', name, '--seed', str(seed),
+                         '--batch-repeat', str(repeat), '--lr', repr(base_lr / repeat), *flags]
             runs.append(dict(spec=spec, label=label, model=name, seed=seed, members=members, batch_repeat=repeat,
                              lr=base_lr / repeat, epochs=recipe.epochs, flags=flags_run,
                              folder=Path(args.out) / 'runs' / f'{label}-s{seed}'))

@@ -31,6 +31,10 @@ def test_equal_epochs_rule_b_times_the_steps_at_lr_over_b():
     assert '-b' not in vanilla['flags']  # the global batch stays the recipe's: b = 2 means 2x the steps
     linear = by[('wrn16_2_mixmo2:mix_mode=linear', 0)]
     assert linear['flags'][-2:] == ['--mix-mode', 'linear'] and linear['folder'].name == 'wrn16_2_mixmo2-mix_mode-linear-s0'
+    # shared extras are read into the recipe: an extra --lr is the recipe's lr, still divided by b per run
+    runs = plan('--models', 'wrn16_2', 'wrn16_2_mixmo2', '--seeds', '1', '--', '--lr', '0.05', '--epochs', '3')
+    assert [(r['lr'], r['epochs']) for r in runs] == [(pytest.approx(0.1), 3), (pytest.approx(0.05), 3)]
+    assert all(r['flags'][r['flags'].index('--lr', 4) + 1] == repr(r['lr']) for r in runs)
     # --batch-repeat sets b of the M >= 2 networks only
     runs = plan('--models', 'wrn16_2', 'wrn16_2_mixmo2', '--seeds', '1', '--batch-repeat', '4')
     assert [(r['batch_repeat'], r['lr']) for r in runs] == [(1, pytest.approx(0.2)), (4, pytest.approx(0.05))]
