@@ -124,6 +124,7 @@ def setup(args, run_dir: Path, stop: StopRequest, wall_start: float) -> Training
         cfg.input_size[-1] if cfg is not None else 32), mean=cfg.mean if cfg is not None and args.dataset else None,
         std=cfg.std if cfg is not None and args.dataset else None, val_per_class=args.val_per_class,
         train_transform=auto_augment_transform(args.aa) if args.aa else None)
+    args.aug = args.aug or splits.default_aug  # no flip where it changes the label (digits); recorded in args.yaml
     model, model_args, data_config = build_model(args, splits)
     mix_mode = args.mix_mode or getattr(model, 'default_mix_mode', 'cut')
     builder = build_builder(args, model, splits.num_classes, splits.img_size, mix_mode)

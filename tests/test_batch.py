@@ -197,3 +197,53 @@ def test_loader_workers_draw_different_masks():
     loader = DataLoader(dataset, batch_size=8, num_workers=2, collate_fn=MimoCollate(builder), shuffle=False)
     first, second = list(loader)[:2]
     assert not torch.equal(first.masks, second.masks)
+
+
+def test_every_member_view_is_augmented_on_its_own_as_in_the_official_code():
+    # official MixMo: the dataset wrapper loads and transforms the sample of every (slot, member) pair
+    # separately, so the two members never share an augmented view of the same image
+    torch.manual_seed(0)
+    images = torch.rand(16, 3, 32, 32)
+    builder = MimoBatchBuilder(2, 16, (8, 8), batch_repeat=1, seed=0)
+    batch = builder(images, torch.arange(16))
+    ids = batch.targets.argmax(-1)  # (B, M): which unique image each view holds
+    view_of = {}
+    for member in range(2):
+        for slot in range(16):
+            view_of.setdefault(int(ids[slot, member]), []).append(batch.inputs[slot, member])
+    same = sum(torch.equal(a, b) for a, b in view_of.values())
+    assert same <= 2  # 162 crop x flip outcomes per view: equal views only by chance
+    # each view is still a crop / flip of its own image (nothing mixed across images before the masks)
+    padded = torch.nn.functional.pad(images, (4, 4, 4, 4))
+    for image_id, views in view_of.items():
+        for view in views:
+            windows = [padded[image_id, :, y:y + 32, x:x + 32] for y in range(9) for x in range(9)]
+            assert any(torch.equal(view, w) or torch.equal(view, w.flip(-1)) for w in windows)
+
+
+def test_patch_decay_reads_the_one_based_epoch_of_the_official_code():
+    # official MixMo: ratio_epoch = epoch / nb_epochs with epoch = 1..nb_epochs; train.py counts from 0
+    builder = MimoBatchBuilder(2, 10, (8, 8), mix_prob=0.5, augment=None, seed=0)
+    builder.set_epoch(0, 12)
+    assert builder.progress == pytest.approx(1 / 12)
+    builder.set_epoch(299, 300)
+    assert builder.progress == 1.0  # the last of 300 epochs: p = 0, not 0.02
+    # E = 5: the official code trains its whole last epoch with linear mixing only
+    builder.set_epoch(4, 5)
+    for _ in range(50):
+        masks = builder(torch.rand(8, 3, 8, 8), torch.arange(8)).masks
+        assert not ((masks == 0) | (masks == 1)).all()
+    builder.set_epoch(3, 5)  # progress 0.8 < 11/12: patch mixing at p = 0.5 still
+    binary = sum(bool(((m == 0) | (m == 1)).all()) for m in
+                 (builder(torch.rand(8, 3, 8, 8), torch.arange(8)).masks for _ in range(50)))
+    assert 10 < binary < 40
+
+
+def test_reflect_padding_crops_a_window_of_the_mirrored_border():
+    images = torch.rand(32, 3, 8, 8)
+    out = random_crop_flip(images, padding=2, flip=False, generator=torch.Generator().manual_seed(0),
+                           padding_mode='reflect')
+    padded = torch.nn.functional.pad(images, (2, 2, 2, 2), mode='reflect')
+    for i in range(32):
+        assert any(torch.equal(out[i], padded[i, :, y:y + 8, x:x + 8]) for y in range(5) for x in range(5))
+    assert (out != 0).all()  # no zero border: reflect padding repeats pixels

@@ -54,6 +54,7 @@ TINY_ROWS = {
     'w3_cut_mixmo': ('preactresnet18_w3_mixmo2', 'cut', 'none'),
 }
 MIXVIT_FILES = [CONFIGS / 'mixvit' / 'cifar10_cait_xxs.yaml']
+AUTOMIX_FILES = [CONFIGS / 'automix' / 'cifar100_r18_automix.yaml', CONFIGS / 'automix' / 'cifar100_r18_mixup.yaml']
 PAPER_FILES = [CONFIGS / ds / f'{row}.yaml' for ds in ('cifar10', 'cifar100') for row in CIFAR_ROWS] + \
               [CONFIGS / 'tiny_imagenet' / f'{row}.yaml' for row in TINY_ROWS]
 
@@ -75,9 +76,9 @@ def is_mimo_model(name: str) -> bool:
 def test_all_expected_files_exist():
     others = [CONFIGS / 'cifar10' / 'fast_gpu.yaml', CONFIGS / 'cifar10' / 'time_to_accuracy.yaml',
               CONFIGS / 'digits_mixmo.yaml']
-    missing = [str(p.relative_to(REPO)) for p in PAPER_FILES + others if not p.exists()]
+    missing = [str(p.relative_to(REPO)) for p in PAPER_FILES + AUTOMIX_FILES + others if not p.exists()]
     assert not missing, f'missing configs: {missing}'
-    extra = {p for p in ALL} - set(PAPER_FILES) - set(MIXVIT_FILES) - set(others)
+    extra = {p for p in ALL} - set(PAPER_FILES) - set(MIXVIT_FILES) - set(AUTOMIX_FILES) - set(others)
     assert not extra, f'configs not covered by tests/test_configs.py: {sorted(map(str, extra))}'
 
 
@@ -125,7 +126,7 @@ def test_parse_args_and_model(path):
         assert getattr(args, key) == value, f'{path}: {key} parsed as {getattr(args, key)!r}, file has {value!r}'
     assert timm.is_model(args.model), f'{path}: model {args.model!r} is not registered'
     assert args.batch_size % args.batch_repeat == 0, f'{path}: batch_size not divisible by batch_repeat'
-    if path not in MIXVIT_FILES:
+    if path not in MIXVIT_FILES + AUTOMIX_FILES:
         assert args.opt == 'sgd' and args.momentum == 0.9
     assert args.eval_metric == 'top1'
     if not is_mimo_model(args.model):
@@ -297,3 +298,29 @@ def test_mixvit_recipe_is_the_same_for_the_model_and_its_baseline(model):
     assert args.weight_decay == 0.05 and args.lr == 1.0e-3 and args.batch_size == 128
     assert args.aa.startswith('rand-') and args.reprob > 0 and args.smoothing == 0.1
     assert args.mix_mode == 'box' and args.weight_root == 3.0 and args.mix_alpha == 2.0
+
+
+@pytest.mark.parametrize('path', AUTOMIX_FILES, ids=lambda p: p.name)
+def test_automix_reference_recipe(path):
+    """Spec automix.md §7, CIFAR-100 ResNet-18: SGD (momentum 0.9, no Nesterov) lr 0.1, wd 1e-4 on every
+    parameter, cosine to min_lr 0.05, batch 100, 400 epochs, 4 px reflect-padded crop + flip."""
+    args = train.parse_args(['-c', str(path)])
+    assert args.dataset == 'torch/cifar100' and args.num_classes == 100
+    assert args.model == 'preactresnet18' and args.batch_size == 100 and args.batch_repeat == 1
+    assert args.opt == 'momentum' and args.momentum == 0.9  # timm's 'momentum' = SGD without Nesterov
+    assert args.lr == pytest.approx(0.1) and args.weight_decay == pytest.approx(1e-4) and args.wd_all
+    assert args.sched == 'cosine' and args.min_lr == pytest.approx(0.05) and args.warmup_epochs == 0
+    assert args.epochs == 400 and args.aug == 'reflect-crop-flip'
+    if path.stem.endswith('automix'):
+        assert args.msda == 'automix' and args.automix_alpha == 2 and args.mixblock_lr == pytest.approx(0.1)
+        assert (args.automix_mask_loss, args.automix_margin, args.automix_lam_margin) == (0.1, 0.1, 0.08)
+        assert (args.automix_momentum, args.automix_momentum_end, args.automix_momentum_start) == \
+            (0.999, 0.999999, 0.1)
+        assert args.automix_stage == -2  # stage 3 of 4 (256 channels), the Mix Block input of the reference
+    else:
+        assert args.msda == 'mixup' and args.msda_prob == 1.0 and args.msda_alpha == 1.0
+    # the pair differs in the mixing only
+    other = AUTOMIX_FILES[1 - AUTOMIX_FILES.index(path)]
+    mine, theirs = load(path), load(other)
+    mixing = {k for k in set(mine) | set(theirs) if k.startswith(('msda', 'automix', 'mixblock'))}
+    assert {k: v for k, v in mine.items() if k not in mixing} == {k: v for k, v in theirs.items() if k not in mixing}

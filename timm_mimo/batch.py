@@ -34,17 +34,18 @@ class MimoBatch(NamedTuple):
 
 def random_crop_flip(
         images: torch.Tensor, padding: int = 4, flip: bool = True,
-        generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Per-sample random crop after zero padding, and horizontal flip, for a batch (N, C, H, W).
+        generator: Optional[torch.Generator] = None, padding_mode: str = 'constant') -> torch.Tensor:
+    """Per-sample random crop after padding, and horizontal flip, for a batch (N, C, H, W).
 
     The CIFAR / Tiny ImageNet augmentation of MixMo (pad-4 crop + flip, spec §5.2), which timm's
-    transforms do not offer. Batched indexing, independent draws per sample. Padding is zero in the
-    space of ``images``: on normalised inputs that is the mean colour rather than black.
+    transforms do not offer. Batched indexing, independent draws per sample. ``padding_mode`` 'constant'
+    pads zeros in the space of ``images`` (on normalised inputs: the mean colour rather than black);
+    'reflect' mirrors the border (torchvision's RandomCrop(padding_mode='reflect'), AutoMix's recipe).
     """
     n, c, h, w = images.shape
     device = images.device
     if padding > 0:
-        padded = F.pad(images, (padding, padding, padding, padding))
+        padded = F.pad(images, (padding, padding, padding, padding), mode=padding_mode)
         dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=device)
         dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=device)
         rows = (dy[:, None] + torch.arange(h, device=device))[:, None, :, None]
@@ -109,9 +110,9 @@ def one_hot_smoothed(labels: torch.Tensor, num_classes: int, smoothing: float = 
 class MimoBatchBuilder:
     """Builds :class:`MimoBatch` es from U unique images (U, C, H, W) and integer labels (U,).
 
-    Steps (spec mixmo.md §1-3): repeat every image ``batch_repeat`` times; augment every copy
-    independently (``augment``); draw M independent permutations of the B positions for the M members;
-    sample MixMo masks on the mixing grid; optionally apply MSDA per member; build soft targets
+    Steps (spec mixmo.md §1-3): repeat every image ``batch_repeat`` times; draw M independent permutations
+    of the B positions for the M members; augment each of the M * B member views independently
+    (``augment``, as the official code does); sample MixMo masks on the mixing grid; optionally apply MSDA per member; build soft targets
     weighted by the MixMo loss weights.
 
     Args:
@@ -126,7 +127,7 @@ class MimoBatchBuilder:
         msda: None, 'cutmix' or 'mixup' on each member's image.
         msda_prob / msda_alpha: probability and Beta(alpha, alpha) of the MSDA.
         label_smoothing: timm-style smoothing of the member targets.
-        augment: ``f(images, generator) -> images`` applied to the repeated batch, e.g.
+        augment: ``f(images, generator) -> images`` applied to the (B * M) member views, e.g.
             :func:`random_crop_flip`; None when the loader already augments.
         seed: seed of the builder's generators; None takes torch's seed (per worker in a DataLoader).
     """
@@ -195,8 +196,13 @@ class MimoBatchBuilder:
         return gen
 
     def set_epoch(self, epoch: int, num_epochs: int):
-        """Start of an epoch: the patch-probability schedule follows training progress."""
-        self.progress = epoch / max(num_epochs, 1)
+        """Start of epoch ``epoch`` (0-based, as train.py counts): the patch-probability schedule follows progress.
+
+        Progress is read the way the official MixMo code reads it, from the 1-based epoch:
+        (epoch + 1) / num_epochs, so the last epoch runs at progress 1 (patch probability 0, linear mixing
+        only) and the decay over the last 1/12 of training ends at 0 rather than one epoch short of it.
+        """
+        self.progress = (epoch + 1) / max(num_epochs, 1)
 
     def __call__(
             self, images: torch.Tensor, labels: torch.Tensor,
@@ -211,17 +217,21 @@ class MimoBatchBuilder:
         b = self.batch_repeat
         if not torch.is_floating_point(images):
             images = images.float()
-        # b consecutive copies of each unique image (spec §3), each augmented on its own
-        images = images.repeat_interleave(b, 0)
-        labels = labels.to(device).repeat_interleave(b, 0)
-        if self.augment is not None:
-            images = self.augment(images, generator=gen)
-        batch_size = images.shape[0]
+        # b consecutive copies of each unique image (spec §3)
+        copy_of = torch.arange(images.shape[0], device=device).repeat_interleave(b)
+        labels = labels.to(device)
+        batch_size = copy_of.shape[0]
 
-        # M independent permutations of the B positions: member k of slot i reads image perms[k, i]
+        # M independent permutations of the B positions: member k of slot i reads copy perms[k, i]
         perms = torch.rand(self.num_members, batch_size, generator=gen, device=device).argsort(1)
-        inputs = images[perms.t()]                        # (B, M, C, H, W)
-        member_labels = labels[perms.t()]                 # (B, M)
+        source = copy_of[perms.t()]                       # (B, M) unique-image index of every view
+        member_labels = labels[source]                    # (B, M)
+        inputs = images[source.flatten()]                 # (B * M, C, H, W)
+        if self.augment is not None:
+            # every (slot, member) view is augmented on its own, as the official code does (its dataset
+            # wrapper loads and transforms each member's sample separately): M * B draws, not B shared
+            inputs = self.augment(inputs, generator=gen)
+        inputs = inputs.unflatten(0, (batch_size, self.num_members))  # (B, M, C, H, W)
 
         masks, kappa = sample_mixing(
             batch_size, self.num_members, self.mix_grid, self.mix_mode, self.mix_prob, self.mix_alpha,
@@ -242,7 +252,7 @@ class MimoCollate:
 
     The loader's batch size is the number of *unique* images U; each batch comes out as a
     :class:`MimoBatch` of U * batch_repeat mixed samples. The dataset's transform must return tensors
-    (timm's no-aug transform with ``crop_pct=1.0`` does); crop and flip run here, per copy.
+    (timm's no-aug transform with ``crop_pct=1.0`` does); crop and flip run here, per member view.
     """
 
     def __init__(self, builder: MimoBatchBuilder):

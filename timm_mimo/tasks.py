@@ -9,6 +9,7 @@ optimizer step, which models are evaluated and deployed, and what a checkpoint m
 Both keep their extra models as tensors (:meth:`state_dict`), which train.py saves with safetensors: nothing
 of a checkpoint is ever unpickled to resume it.
 """
+import functools
 from typing import Dict, List, NamedTuple, Optional
 
 import torch
@@ -27,17 +28,19 @@ class StepOutput(NamedTuple):
     what: str                                     # what the samples show
 
 
-def batch_augment(crop_flip: bool, erase_prob: float, erase_mode: str):
-    """The batched augmentation of every batch copy: pad-4 crop + flip, then random erasing, all drawn from
-    the step's generator (so a resumed run replays them)."""
+def batch_augment(aug: str, erase_prob: float, erase_mode: str):
+    """The batched augmentation of every member view: pad-4 crop (+ flip for 'crop-flip'), then random
+    erasing, all drawn from the step's generator (so a resumed run replays them)."""
     if not 0.0 <= erase_prob <= 1.0:
         raise ValueError(f'--reprob must be in [0, 1], got {erase_prob}')
+    crop = None if aug == 'none' else functools.partial(
+        random_crop_flip, flip=aug.endswith('flip'), padding_mode='reflect' if aug.startswith('reflect') else 'constant')
     if erase_prob == 0:
-        return random_crop_flip if crop_flip else None
+        return crop
 
     def augment(images, generator=None):
-        if crop_flip:
-            images = random_crop_flip(images, generator=generator)
+        if crop is not None:
+            images = crop(images, generator=generator)
         return random_erase(images, erase_prob, erase_mode, generator=generator)
     return augment
 
@@ -51,7 +54,7 @@ def build_builder(args, model, num_classes: int, img: int, mix_mode: str):
         mix_mode='mimo' if mix_mode == 'automix' else mix_mode, mix_prob=args.mix_prob, mix_alpha=args.mix_alpha,
         weight_root=args.weight_root, msda=None if args.msda in ('none', 'automix') else args.msda,
         msda_prob=args.msda_prob, msda_alpha=args.msda_alpha, label_smoothing=args.smoothing,
-        augment=batch_augment(args.aug == 'crop-flip', args.reprob, args.remode))
+        augment=batch_augment(args.aug, args.reprob, args.remode))
 
 
 

@@ -73,8 +73,10 @@ def build_parser(description: str = '') -> argparse.ArgumentParser:
     g.add_argument('--mixup', type=float, default=0.0, help='timm alias: --msda mixup --msda-alpha A')
     g.add_argument('--cutmix', type=float, default=0.0, help='timm alias: --msda cutmix --msda-alpha A')
     g.add_argument('--smoothing', type=float, default=0.0, help='label smoothing')
-    g.add_argument('--aug', default='crop-flip', choices=['crop-flip', 'none'],
-                   help='batched pad-4 crop + flip per copy (CIFAR / Tiny ImageNet recipe), or none')
+    g.add_argument('--aug', default=None, choices=['crop-flip', 'crop', 'reflect-crop-flip', 'none'],
+                   help="batched pad-4 crop + flip per member view (CIFAR / Tiny ImageNet recipe), crop only, the "
+                        "same with reflect padding (AutoMix's recipe), or none; default: the data set's (crop "
+                        "only where a flip changes the label, e.g. digits)")
     g.add_argument('--aa', default=None, help="timm auto-augment policy per image, e.g. 'rand-m9-mstd0.5-inc1'")
     g.add_argument('--reprob', type=float, default=0.0,
                    help="random erasing probability per batch copy (timm's semantics, batched on the device)")

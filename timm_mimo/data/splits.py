@@ -4,7 +4,7 @@ Model selection uses a validation split carved from the training data (never the
 
 | dataset | train | validation | test |
 |---|---|---|---|
-| '' (default): scikit-learn digits | 70 % per class | 15 % | 15 % |
+| '' (default): scikit-learn digits | 70 % per class (seeded shuffle) | 15 % | 15 % |
 | 'cifar10-zip' or a .zip (``../shared/data``) | 45k | last 500 / class (5k) | none (the zip has none) |
 | 'torch/cifar10', 'torch/cifar100' | train minus validation | last 500 (C10) / 50 (C100) per class | official test |
 | any other timm name, folder or tar | train minus validation | last ``val_per_class`` per class | timm's 'validation' split if present |
@@ -33,6 +33,14 @@ class DataSplits:
     mean: Sequence[float]
     std: Sequence[float]
     description: str
+    # whether a horizontal mirror keeps the label: False for digits (a mirrored 2, 3, 4, 7 or 9 is no
+    # digit or another one); the trainer's default augmentation reads it (crop + flip, or crop only)
+    hflip: bool = True
+
+    @property
+    def default_aug(self) -> str:
+        """The batched augmentation that suits this data set: 'crop-flip', or 'crop' where a flip changes labels."""
+        return 'crop-flip' if self.hflip else 'crop'
 
 
 def dataset_targets(dataset) -> List[int]:
@@ -105,7 +113,8 @@ def build_splits(
         size = img_size or 32
         return DataSplits(
             DigitsDataset('train', size), DigitsDataset('validation', size), DigitsDataset('test', size),
-            10, size, DIGITS_MEAN, DIGITS_STD, 'scikit-learn digits (embedded), 70/15/15 split')
+            10, size, DIGITS_MEAN, DIGITS_STD, 'scikit-learn digits (embedded), 70/15/15 per class after a seeded shuffle',
+            hflip=False)
 
     if data_dir is not None and not dataset.startswith(('torch/', 'hfds/', 'hfids/', 'tfds/', 'wds/')) \
             and not Path(data_dir).exists():

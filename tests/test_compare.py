@@ -1,0 +1,102 @@
+"""bench/compare.py: the equal-epochs plan, the summary table, bad input, and one tiny resumable comparison."""
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / 'bench'))
+import compare  # noqa: E402
+
+RECIPE = str(REPO / 'configs' / 'digits_mixmo.yaml')
+
+
+def plan(*argv):
+    return compare.plan_runs(compare.build_parser().parse_args(['-c', RECIPE, *argv]))
+
+
+def test_equal_epochs_rule_b_times_the_steps_at_lr_over_b():
+    # the recipe: wrn16_2_mixmo2 at b = 2, lr 0.1 -> lr 0.2 at b = 1; every run keeps B and the epochs
+    runs = plan('--models', 'wrn16_2', 'wrn16_2_mixmo2', 'wrn16_2_mixmo2:mix_mode=linear', '--seeds', '2')
+    by = {(r['spec'], r['seed']): r for r in runs}
+    assert len(runs) == 6 and {r['seed'] for r in runs} == {0, 1}
+    vanilla, mimo = by[('wrn16_2', 0)], by[('wrn16_2_mixmo2', 1)]
+    assert (vanilla['members'], vanilla['batch_repeat'], vanilla['lr']) == (1, 1, pytest.approx(0.2))
+    assert (mimo['members'], mimo['batch_repeat'], mimo['lr']) == (2, 2, pytest.approx(0.1))
+    assert vanilla['epochs'] == mimo['epochs']
+    assert '-b' not in vanilla['flags']  # the global batch stays the recipe's: b = 2 means 2x the steps
+    linear = by[('wrn16_2_mixmo2:mix_mode=linear', 0)]
+    assert linear['flags'][-2:] == ['--mix-mode', 'linear'] and linear['folder'].name == 'wrn16_2_mixmo2-mix_mode-linear-s0'
+    # shared extras are read into the recipe: an extra --lr is the recipe's lr, still divided by b per run
+    runs = plan('--models', 'wrn16_2', 'wrn16_2_mixmo2', '--seeds', '1', '--', '--lr', '0.05', '--epochs', '3')
+    assert [(r['lr'], r['epochs']) for r in runs] == [(pytest.approx(0.1), 3), (pytest.approx(0.05), 3)]
+    assert all(r['flags'][r['flags'].index('--lr', 4) + 1] == repr(r['lr']) for r in runs)
+    # --batch-repeat sets b of the M >= 2 networks only
+    runs = plan('--models', 'wrn16_2', 'wrn16_2_mixmo2', '--seeds', '1', '--batch-repeat', '4')
+    assert [(r['batch_repeat'], r['lr']) for r in runs] == [(1, pytest.approx(0.2)), (4, pytest.approx(0.05))]
+
+
+def test_summary_is_mean_and_std_over_seeds():
+    rows = [dict(model='a', seed=s, members=2, batch_repeat=2, lr=0.1, split='test', top1=t, nll=0.1, ece=0.01,
+                 nll_cal=0.1, ece_cal=0.01, temperature=1.0, best_member_top1=t - 1, member_mean_top1=t - 1.5,
+                 ensemble_gain=1.0, disagreement=0.05, member0_top1=t - 1, member1_top1=t - 2, wall_s=10.0,
+                 steps=100) for s, t in enumerate((90.0, 92.0, 94.0))]
+    summary = compare.summarise(rows, ['a', 'missing'])
+    assert len(summary) == 1
+    entry = summary[0]
+    assert entry['top1_mean'] == pytest.approx(92.0) and entry['top1_std'] == pytest.approx(2.0)
+    assert entry['members_top1'] == [pytest.approx(91.0), pytest.approx(90.0)]
+    table = compare.markdown_table(summary, 'test')
+    assert '92.00 ± 2.00' in table and '91.00 / 90.00' in table
+
+
+@pytest.mark.parametrize('argv,message', [
+    (['--models', 'no_such_net'], 'unknown model'),
+    (['--models', 'wrn16_2:mix_mode'], 'is not key=value'),
+    (['--models', 'wrn16_2', 'wrn16_2'], 'model specs repeat'),
+    (['--models', 'wrn16_2', '--seeds', '0'], '--seeds must be >= 1'),
+    (['--models', 'wrn16_2', '--', '--no-such-flag'], 'train.py refuses the flags'),
+])
+def test_bad_input_is_one_error_line_and_exit_2(argv, message, capsys, tmp_path):
+    assert compare.cli(['-c', RECIPE, '--out', str(tmp_path), *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith('error: ') and message in err[0]
+    assert not any(tmp_path.iterdir())  # nothing written, nothing removed
+    assert compare.cli(['-c', str(tmp_path / 'none.yaml'), '--models', 'wrn16_2']) == 2
+
+
+def test_tiny_comparison_writes_reports_and_resumes(tmp_path):
+    out = tmp_path / 'cmp'
+    argv = [sys.executable, str(REPO / 'bench' / 'compare.py'), '-c', RECIPE, '--models', 'wrn16_2',
+            'wrn16_2_mixmo2', '--seeds', '1', '--out', str(out), '--', '--epochs', '2',
+            '--limit-train-batches', '2']
+    env = dict(os.environ, OMP_NUM_THREADS='2')
+    proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for name in ('compare.md', 'compare.csv', 'runs.csv', 'validation_curves.png', 'reliability.png'):
+        assert (out / name).exists(), name
+    with open(out / 'runs.csv') as handle:
+        rows = {r['model']: r for r in csv.DictReader(handle)}
+    # 2 steps per epoch at the limit for both, 2 epochs; b = 2 doubles the steps only without the limit
+    assert rows['wrn16_2']['batch_repeat'] == '1' and rows['wrn16_2_mixmo2']['batch_repeat'] == '2'
+    assert rows['wrn16_2']['steps'] == rows['wrn16_2_mixmo2']['steps'] == '4'
+    assert rows['wrn16_2_mixmo2']['ensemble_gain'] != '' and rows['wrn16_2']['ensemble_gain'] == ''
+    assert float(rows['wrn16_2_mixmo2']['nll_cal']) > 0 and 'ece_cal' in rows['wrn16_2']
+    table = (out / 'compare.md').read_text()
+    assert '`wrn16_2_mixmo2`' in table and 'ECE (TS)' in table
+
+    # a finished run is not rerun; an interrupted one (checkpoint, no results) resumes with --resume
+    vanilla = out / 'runs' / 'wrn16_2-s0'
+    mimo_results = out / 'runs' / 'wrn16_2_mixmo2-s0' / 'results.json'
+    before = mimo_results.stat().st_mtime_ns
+    (vanilla / 'results.json').unlink()
+    (vanilla / 'compare_eval.json').unlink()
+    proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert mimo_results.stat().st_mtime_ns == before
+    assert '--resume' in proc.stdout and 'wrn16_2_mixmo2 seed 0]' not in proc.stdout
+    assert json.loads((vanilla / 'results.json').read_text())['epochs'] == 2
