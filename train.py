@@ -335,7 +335,7 @@ def final_evaluation(t: Training) -> dict:
     if args.channels_last:
         best = best.to(memory_format=torch.channels_last)
     results = dict(model=args.model, num_members=task.outputs.num_members, dataset=t.splits.description,
-                   test_split=getattr(t.splits, 'test_source', None) if t.test is not None else None,
+                   test_split=t.splits.test_source if t.test is not None else None,
                    epochs=args.epochs, selection_metric=args.eval_metric, wall_time_s=t.elapsed(),
                    device=str(accelerator.device), processes=accelerator.num_processes, speed=t.speed)
     for which, model, outputs in (('last', t.model, None), ('best', best, MemberOutputs(best))):

@@ -7,6 +7,7 @@ import torch
 
 from timm_mimo.data.digits import DigitsDataset, load_digits_tensors
 from timm_mimo.data.splits import build_splits
+from timm_mimo.tasks import batch_augment
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train  # noqa: E402
@@ -55,11 +56,11 @@ def test_digits_default_to_crop_without_flip_and_the_flag_overrides():
     padded = torch.nn.functional.pad(images, (4, 4, 4, 4))
 
     def flipped_share(aug):
-        out = train.batch_augment(aug, 0.0, 'pixel')(images, generator=gen)
+        out = batch_augment(aug, 0.0, 'pixel')(images, generator=gen)
         plain = [any(torch.equal(o, padded[i, :, y:y + 8, x:x + 8]) for y in range(9) for x in range(9))
                  for i, o in enumerate(out)]
         return 1 - sum(plain) / len(plain)
     assert flipped_share('crop') == 0.0
     assert 0.35 < flipped_share('crop-flip') < 0.65
-    assert train.batch_augment('none', 0.0, 'pixel') is None
+    assert batch_augment('none', 0.0, 'pixel') is None
     assert train.build_parser().parse_args([]).aug is None  # resolved from the data set after the splits

@@ -216,3 +216,34 @@ def test_bad_inputs_give_clear_errors():
         model(torch.randn(2, 1, 32, 32))
     with pytest.raises(ValueError, match='smaller than the network reduction'):
         model(torch.randn(2, 3, 2, 2))
+
+
+def _fx_model(model):
+    """The model traced as timm's own tests/test_models.py traces it (timm's FX feature extraction)."""
+    from timm.layers import get_notrace_functions, get_notrace_modules
+    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+    tracer_kwargs = dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions(),
+                         param_shapes_constant=True)
+    train_nodes, eval_nodes = get_graph_node_names(model, tracer_kwargs=tracer_kwargs)
+    return create_feature_extractor(model, train_return_nodes=[train_nodes[-1]], eval_return_nodes=[eval_nodes[-1]],
+                                    tracer_kwargs=tracer_kwargs)
+
+
+@pytest.mark.parametrize('name', ['wrn16_2_mixmo2', 'wrn16_2', 'preactresnet18_mixmo2', 'cait_xxs_mixvit2',
+                                  'convit_tiny_mixvit2'])
+def test_torch_fx_traces_the_forward_as_timm_tests_it(name):
+    """timm's test_model_forward_fx / _backward_fx / _forward_fx_torchscript, on our models (the full file,
+    run with `import timm_mimo` first, passes on every registered WRN, PreActResNet and MixViT)."""
+    model = timm.create_model(name).eval()
+    x = _input(model, 1)
+    with torch.no_grad():
+        fx_model = _fx_model(model)
+        assert torch.equal(tuple(fx_model(x).values())[0], model(x))
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore', FutureWarning)
+            scripted = torch.jit.script(fx_model)
+        assert torch.allclose(tuple(scripted(x).values())[0], model(x), atol=1e-5)
+    model.train()
+    out = tuple(_fx_model(model)(_input(model, 2)).values())[0]
+    out.mean().backward()
+    assert all(p.grad is not None for p in model.parameters())

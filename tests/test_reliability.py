@@ -269,3 +269,26 @@ def test_export_refuses_a_symlink_and_a_runs_own_checkpoint(short_run, tmp_path)
     one_line_error(proc.returncode, proc.stderr, 'part of a training run')
     assert rundir.complete_checkpoints(run_copy) == [checkpoint]
     assert (checkpoint / rundir.TRAINING_STATE_DIR).is_dir()
+
+
+# ------------------------------------------------------------------------------------------------------
+# a test split only where the data set has one
+
+def _image_folder(root: Path, classes=('a', 'b'), per_class=4):
+    from PIL import Image
+    for k, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            Image.new('RGB', (8, 8), (40 * k + i, 0, 0)).save(root / name / f'{i}.png')
+
+
+def test_an_image_folder_without_split_folders_has_no_test_split(tmp_path):
+    from timm_mimo.data.splits import build_splits
+    _image_folder(tmp_path / 'flat')
+    splits = build_splits('', str(tmp_path / 'flat'), img_size=8, val_per_class=1)
+    assert splits.test is None and splits.test_source is None and 'no test split' in splits.description
+    _image_folder(tmp_path / 'split' / 'train')
+    _image_folder(tmp_path / 'split' / 'validation', per_class=2)
+    splits = build_splits('', str(tmp_path / 'split'), img_size=8, val_per_class=1)
+    assert len(splits.test) == 4 and splits.test_source == str((tmp_path / 'split' / 'validation').resolve())
+    assert splits.test_source in splits.description

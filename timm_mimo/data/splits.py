@@ -36,6 +36,8 @@ class DataSplits:
     # whether a horizontal mirror keeps the label: False for digits (a mirrored 2, 3, 4, 7 or 9 is no
     # digit or another one); the trainer's default augmentation reads it (crop + flip, or crop only)
     hflip: bool = True
+    # where the test split comes from (a folder, a library's split), None when there is none
+    test_source: Optional[str] = None
 
     @property
     def default_aug(self) -> str:
@@ -114,7 +116,7 @@ def build_splits(
         return DataSplits(
             DigitsDataset('train', size), DigitsDataset('validation', size), DigitsDataset('test', size),
             10, size, DIGITS_MEAN, DIGITS_STD, 'scikit-learn digits (embedded), 70/15/15 per class after a seeded shuffle',
-            hflip=False)
+            hflip=False, test_source='the embedded digits\' test split (15 % per class)')
 
     if data_dir is not None and not dataset.startswith(('torch/', 'hfds/', 'hfids/', 'tfds/', 'wds/')) \
             and not Path(data_dir).exists():
@@ -144,13 +146,22 @@ def build_splits(
         full_train = create_dataset(dataset, root, split='train', is_training=True, download=download)
         full_train.transform = train_tf
     train, val = carve_validation(full, per_class, full_train)
-    test = None
-    try:
-        test = create_dataset(dataset, root, split='validation' if not dataset.startswith('torch/') else 'test',
-                              download=download)
-        test.transform = transform
-    except Exception:  # noqa: BLE001  a dataset without a test / validation split is fine: report none
-        test = None
+    test, test_source = None, None
+    test_split = 'validation' if not dataset.startswith('torch/') else 'test'
+    if dataset.startswith(('torch/', 'hfds/', 'hfids/', 'tfds/', 'wds/')):
+        test_source = f'{dataset} {test_split} split'
+    else:
+        # timm falls back to the folder itself when it has no split subfolder: that would be the training images
+        from timm.data.dataset_factory import _search_split
+        train_folder, test_folder = (Path(_search_split(str(root), s)).resolve() for s in ('train', test_split))
+        test_source = str(test_folder) if test_folder != train_folder else None
+    if test_source is not None:
+        try:
+            test = create_dataset(dataset, root, split=test_split, download=download)
+            test.transform = transform
+        except Exception:  # noqa: BLE001  a dataset without a test / validation split is fine: report none
+            test, test_source = None, None
     return DataSplits(train, val, test, num_classes, size, mean, std,
                       f'{dataset or data_dir}: {len(train)} train / {len(val)} validation (last {per_class} '
-                      f'per class of train) / {len(test) if test is not None else "no"} test')
+                      f'per class of train) / ' + (f'{len(test)} test ({test_source})' if test is not None else
+                                                   'no test split'), test_source=test_source)

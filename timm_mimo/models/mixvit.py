@@ -140,6 +140,7 @@ class MixViTMixin(MimoClassifierMixin):
             trunc_normal_(self.source_embed, std=.02)
         self.num_prefix_tokens = num_members
         num_cls = num_members if class_stage == 'tokens' else 1
+        self.num_class_tokens = num_cls  # a plain int: shape-dependent branches on it stay traceable (torch.fx)
         if num_cls > 1:
             cls_token = torch.zeros(1, num_cls, embed_dim)
             trunc_normal_(cls_token, std=.02)
@@ -238,12 +239,13 @@ class MixViTMixin(MimoClassifierMixin):
         """Class-stage outputs (B * passes, T, D) -> one feature per member (B, M, D)."""
         m = self.num_members
         cls = cls.unflatten(0, (batch_size, passes))                 # (B, P, T, D)
-        if passes == m and cls.shape[2] == m:
+        t = self.num_class_tokens
+        if passes == m and t == m:
             idx = torch.arange(m, device=cls.device)
             return cls[:, idx, idx]                                   # member i's token from pass i
         if passes == m:
             return cls[:, :, 0]
-        if cls.shape[2] == m:
+        if t == m:
             return cls[:, 0]
         return cls[:, 0].expand(-1, m, -1)                            # one token read by M heads
 
@@ -257,12 +259,13 @@ class MixViTMixin(MimoClassifierMixin):
         m = self.num_members
         depth = self.attribution_depth
         trunk_depth = self.trunk_depth
-        passes = 1
+        passes, duplicated = 1, False
         if depth < 0:
             tokens = self._run_trunk(tokens, start, trunk_depth)
         else:
             tokens = self._run_trunk(tokens, start, depth)
-            if masks is None and self.inference == 'duplicate':
+            duplicated = masks is None and self.inference == 'duplicate'
+            if duplicated:
                 # I1: one copy of the tokens per member, copy k entirely member k's
                 tokens = tokens.repeat(1, m, 1)
                 masks = torch.eye(m, device=tokens.device, dtype=tokens.dtype).repeat_interleave(n, 1)
@@ -283,8 +286,8 @@ class MixViTMixin(MimoClassifierMixin):
         member_cls = self._member_class_features(cls, b, passes)
         # patch tokens: averaged over passes (and over copies in I1), for 'avg' pooling and dense features
         tokens = tokens.unflatten(0, (b, passes)).mean(1)
-        if tokens.shape[1] != n:
-            tokens = tokens.unflatten(1, (-1, n)).mean(1)
+        if duplicated:
+            tokens = tokens.unflatten(1, (m, n)).mean(1)
         return self.norm(torch.cat((member_cls, tokens), dim=1))
 
     @torch.jit.ignore
@@ -392,7 +395,7 @@ class MixViTCait(MixViTMixin, Cait):
     def class_stage(self, tokens: torch.Tensor, cls: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         # class attention updates the class tokens only; timm's ClassAttn reads one query, so several
         # class tokens run folded into the batch, each over the same tokens
-        t = cls.shape[1]
+        t = self.num_class_tokens
         if t > 1:
             b = tokens.shape[0]
             kv = tokens.repeat_interleave(t, 0)
@@ -427,7 +430,7 @@ class MixViTConVit(MixViTMixin, ConVit):
         return x + self.pos_embed if self.use_pos_embed else x
 
     def class_stage(self, tokens: torch.Tensor, cls: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        t = cls.shape[1]
+        t = self.num_class_tokens
         x = torch.cat((cls, tokens), dim=1)
         for i, blk in enumerate(self.blocks):
             if i >= self.local_up_to_layer:
