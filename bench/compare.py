@@ -42,6 +42,8 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from timm_mimo.rundir import RESULTS_FILE, SUMMARY_FILE
+
 REPO = Path(__file__).resolve().parents[1]
 STEPS_LINE = re.compile(r'(\d+) steps/epoch')
 # the columns of the table, as (name, metric key in validate.py's results, scale)
@@ -165,14 +167,14 @@ def run_logged(command: Sequence[str], log: Path) -> int:
 
 
 def has_checkpoint(folder: Path) -> bool:
-    from timm_mimo.engine import complete_checkpoints
+    from timm_mimo.rundir import complete_checkpoints
     return folder.is_dir() and bool(complete_checkpoints(folder))
 
 
 def train_run(run: Dict, launcher: str) -> str:
     """Train (or resume) one run: 'done', 'trained', 'resumed' or 'failed: ...'."""
     folder = run['folder']
-    if (folder / 'results.json').exists():
+    if (folder / RESULTS_FILE).exists():
         return 'done'
     log = folder.parent / f'{folder.name}.log'
     if has_checkpoint(folder):
@@ -185,7 +187,7 @@ def train_run(run: Dict, launcher: str) -> str:
                                                      '--experiment', folder.name]), 'trained'
     print(f'[{run["label"]} seed {run["seed"]}] {" ".join(command[1:])}', flush=True)
     rc = run_logged(command, log)
-    if rc != 0 or not (folder / 'results.json').exists():
+    if rc != 0 or not (folder / RESULTS_FILE).exists():
         return f'failed: train.py exited {rc} (log {log})'
     return how
 
@@ -213,7 +215,7 @@ def steps_per_epoch(folder: Path) -> Optional[int]:
 
 
 def read_curve(folder: Path) -> List[float]:
-    with open(folder / 'summary.csv') as handle:
+    with open(folder / SUMMARY_FILE) as handle:
         return [float(row['eval_top1']) for row in csv.DictReader(handle)]
 
 
@@ -222,7 +224,7 @@ def collect(run: Dict) -> Dict:
     folder = run['folder']
     evaluation = json.loads((folder / 'compare_eval.json').read_text())
     metrics = evaluation[evaluation['split']]
-    trained = json.loads((folder / 'results.json').read_text())
+    trained = json.loads((folder / RESULTS_FILE).read_text())
     steps = steps_per_epoch(folder)
     row = dict(model=run['spec'], seed=run['seed'], members=run['members'], batch_repeat=run['batch_repeat'],
                lr=run['lr'], epochs=run['epochs'], split=evaluation['split'])
@@ -289,7 +291,7 @@ def markdown_table(summary: List[Dict], split: str) -> str:
 
 def write_csv(path: Path, rows: List[Dict]):
     """engine's atomic CSV writer, with list cells (per-member top-1) as space-separated numbers."""
-    from timm_mimo.engine import write_csv_atomic
+    from timm_mimo.rundir import write_csv_atomic
     write_csv_atomic(path, [{k: (' '.join(f'{x:.4f}' for x in v) if isinstance(v, list) else v)
                              for k, v in row.items()} for row in rows])
 

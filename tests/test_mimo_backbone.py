@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 import timm
 import timm_mimo
-from timm_mimo.engine import load_model_folder, save_model_folder
+from timm_mimo.rundir import load_model_folder, save_model_folder
 from timm_mimo.mimo import MemberLinear
 from timm_mimo.models.mimo_backbone import MixMoStem
 from timm_mimo.models.mixvit import resolve_patch_size
@@ -258,11 +258,21 @@ def test_member_blocks_choose_where_the_vit_members_separate(images):
     (dict(backbone='vit_tiny_patch16_224', img_size=IMG, patch_size=8, depth=2, class_token=False,
           global_pool='avg'), 'no class token'),
     (dict(backbone='tf_efficientnet_b0'), 'plain nn.Conv2d'),
-    (dict(), 'needs backbone'),
+    (dict(backbone=''), 'needs backbone'),
 ])
 def test_unsupported_backbones_give_one_clear_error(kwargs, message):
     with pytest.raises(ValueError, match=message):
         timm.create_model('mimo_backbone', num_members=2, **kwargs)
+
+
+def test_the_registered_name_builds_without_arguments_and_traces_with_torch_fx():
+    # timm's convention (its own model tests create every registered name bare): resnet18 by default
+    from test_models import _fx_model
+    model = timm.create_model('mimo_backbone', num_classes=5).eval()
+    assert model.pretrained_cfg.get('architecture') == 'mimo_backbone' and model.num_members == 2
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(tuple(_fx_model(model)(x).values())[0], model(x))
 
 
 def test_mask_grid_mismatch_is_reported():

@@ -156,6 +156,9 @@ def _set_classifier(model: nn.Module, copy: bool):
     model.set_submodule(path, member_classifier(model.get_submodule(path), model.num_members, copy))
 
 
+DEFAULT_BACKBONE = 'resnet18'
+
+
 class _BackboneMixin(MimoClassifierMixin):
     """What both conversions share: the timm model's classifier reset, then M heads again."""
     num_members: int
@@ -198,9 +201,12 @@ class MixMoBackboneMixin(_BackboneMixin):
 
     def forward_member_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         out = super(MimoClassifierMixin, self).forward_head(x, pre_logits=pre_logits)
-        if pre_logits or self.num_classes == 0 or out.ndim != 2:
+        # MemberLinear heads give (B, M, K); a conv head gives M * K channels. Decided by the module's type,
+        # not the output's rank, so that torch.fx traces it
+        if pre_logits or self.num_classes == 0 or not isinstance(self.get_submodule(_classifier_path(self)),
+                                                                  nn.Conv2d):
             return out
-        return out.unflatten(-1, (self.num_members, self.num_classes))  # conv heads: (B, M * K)
+        return out.unflatten(1, (self.num_members, self.num_classes))
 
 
 class MixViTBackboneMixin(_BackboneMixin, MixViTMixin):
@@ -425,7 +431,8 @@ def mimo_backbone(
     """Any timm CNN as MixMo / any timm ViT with a class token as MixViT, with M = ``num_members``.
 
     Args:
-        backbone: a timm model name (with an optional pretrained tag), e.g. 'resnet18.a1_in1k'.
+        backbone: a timm model name (with an optional pretrained tag), e.g. 'resnet18.a1_in1k' (default
+            ``DEFAULT_BACKBONE``, resnet18).
         num_members: M; 1 is the backbone itself (same weights, same outputs).
         member_blocks: ViTs: the last blocks run once per member after the source attribution (0: none).
         ensemble: 'logits' (mean of member logits, MixMo) or 'probs'.
@@ -436,6 +443,8 @@ def mimo_backbone(
         pretrained_cfg: the MIMO model's own cfg (a saved model's; ``local-dir:`` / ``hf-hub:`` pass it).
         **kwargs: the backbone's ``timm.create_model`` arguments (num_classes, img_size, drop_path_rate, ...).
     """
+    if backbone is None:
+        backbone = DEFAULT_BACKBONE  # timm's convention: every registered name builds without arguments
     if not backbone or not isinstance(backbone, str):
         raise ValueError('mimo_backbone needs backbone=<a timm model name>, e.g. backbone=resnet18')
     if not timm.is_model(backbone):
