@@ -17,8 +17,9 @@ import torch.nn as nn
 
 from .batch import MemberSoftTargetCrossEntropy, MimoBatch, MimoBatchBuilder, random_crop_flip, random_erase
 from .engine import MemberOutputs
+from .rundir import EMA_DIR
 
-EMA = 'ema'
+EMA = EMA_DIR  # the EMA model's name: its folder in the run, its prefix in results.json
 
 
 class StepOutput(NamedTuple):

@@ -42,7 +42,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from ..mimo import MemberConv2d, MemberLinear, MimoClassifierMixin, check_ensemble_rule, check_num_members, \
     mix_members
-from .mixvit import MixViTMixin
+from ._mixvit import MixViTMixin
 
 __all__ = ['MixMoStem', 'MixMoBackboneMixin', 'MixViTBackboneMixin', 'create_mimo_model', 'to_mimo']
 
