@@ -16,6 +16,7 @@ The MIMO batch (masks, MSDA, soft targets) is built on the device from a generat
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 from datetime import datetime
@@ -25,7 +26,8 @@ import torch
 import yaml
 
 from timm_mimo import rundir
-from timm_mimo.training import NonFiniteLoss, StopRequest, Training, refuse_non_finite, restore, save_checkpoint
+from timm_mimo.training import NonFiniteLoss, StopRequest, Training, all_finite, refuse_non_finite, restore, \
+    save_checkpoint
 from timm_mimo.train_args import LOWER_IS_BETTER, build_parser, parse_args  # noqa: F401  (build_parser: for tools)
 
 _logger = logging.getLogger('train')
@@ -42,8 +44,9 @@ def open_run(args):
     run_dir = Path(args.output) / (args.experiment or f'{datetime.now():%Y%m%d-%H%M%S}-{args.model}')
     if run_dir.exists() and not run_dir.is_dir():
         raise FileExistsError(f'output folder {run_dir} exists and is not a folder')
-    if run_dir.exists() and rundir.is_started(run_dir):
-        raise FileExistsError(f'output folder {run_dir} holds a run: use --resume {run_dir} or another --experiment')
+    if run_dir.exists() and not rundir.is_stub(run_dir):
+        raise FileExistsError(f'output folder {run_dir} exists and is not empty: use --resume {run_dir} or another '
+                              f'--experiment')
     return run_dir, None
 
 
@@ -64,12 +67,17 @@ def make_accelerator(args, run_dir: Path):
                                                                                                   args.mix_mode)):
         raise ValueError('--model-ema and AutoMix keep a whole copy of the model next to the sharded one: '
                          'not supported with FSDP (use DDP)')
-    cores = (os.cpu_count() or 1) // max(int(os.environ.get('LOCAL_WORLD_SIZE', '1')), 1)
-    if accelerator.device.type == 'cpu' and torch.get_num_threads() < cores and accelerator.is_main_process:
-        _logger.warning(f'training on the CPU with {torch.get_num_threads()} thread(s) per process for {cores} '
-                        f'core(s) (accelerate launch sets OMP_NUM_THREADS=1): pass --num_cpu_threads_per_process '
-                        f'{cores} to accelerate launch, or run python train.py')
     return accelerator
+
+
+def warn_cpu_threads(accelerator):
+    """`accelerate launch` gives a CPU process one thread (OMP_NUM_THREADS=1) unless told otherwise."""
+    cores = (os.cpu_count() or 1) // max(int(os.environ.get('LOCAL_WORLD_SIZE', '1')), 1)
+    launched = 'ACCELERATE_MIXED_PRECISION' in os.environ  # set by accelerate launch
+    if launched and accelerator.device.type == 'cpu' and torch.get_num_threads() < cores:
+        _logger.warning(f'training on the CPU with {torch.get_num_threads()} thread(s) per process for {cores} '
+                        f'core(s): accelerate launch sets OMP_NUM_THREADS=1; pass --num_cpu_threads_per_process '
+                        f'{cores} to it (or run python train.py)')
 
 
 def build_model(args, splits):
@@ -164,6 +172,7 @@ def setup(args, run_dir: Path, stop: StopRequest, wall_start: float) -> Training
                    channels_last=args.channels_last, torchcompile=args.torchcompile, fused_optimizer=fused,
                    device_data=on_device)
     _logger.info(f'speed: device {accelerator.device}, ' + ', '.join(f'{k} {v}' for k, v in t.speed.items()))
+    warn_cpu_threads(accelerator)
     return t
 
 
@@ -283,6 +292,8 @@ def evaluate(model, split, task, outputs=None) -> dict:
 def end_epoch(t: Training, epoch: int):
     """Validation, the summary row, best/ (on the deployed model's metric) and the epoch's checkpoint."""
     args, accelerator, task = t.args, t.accelerator, t.task
+    if not all_finite(t):  # before anything of this epoch is written: best/, the summary, the checkpoint
+        refuse_non_finite(t, 'the weights are not finite')
     metrics = {'model': evaluate(t.model, t.validation, task)}
     metrics.update({name: evaluate(m, t.validation, task) for name, m in task.eval_models.items()})
     m, train = metrics['model'], t.epoch_train
@@ -363,13 +374,19 @@ def final_evaluation(t: Training) -> dict:
 
 
 def check_resume(t: Training, checkpoint: Path):
-    """A resumed run keeps its arguments; what the command line changed in its recipe is warned about and
-    recorded in the run folder (resumes.yaml, read by the model card). Fewer epochs than done is refused."""
+    """A resumed run keeps its arguments. Another architecture or fewer epochs than done is refused; what
+    else the command line changed in the recipe is warned about and recorded in the run folder
+    (resumes.yaml, which the model card reads)."""
     from timm_mimo.train_args import recipe_changes
-    if t.state['epoch'] > t.args.epochs:
-        raise ValueError(f'cannot resume {t.run_dir} with --epochs {t.args.epochs}: it has trained '
-                         f'{t.state["epoch"]} epochs already')
-    changes = recipe_changes(rundir.read_args(t.run_dir), t.args)
+    saved = rundir.read_args(t.run_dir)
+    for key in ('model', 'num_members', 'num_classes'):
+        if saved.get(key) is not None and saved.get(key) != getattr(t.args, key):
+            raise ValueError(f'cannot resume {t.run_dir}: it was trained with --{key.replace("_", "-")} '
+                             f'{saved[key]}, not {getattr(t.args, key)}')
+    done = rundir.read_trainer_state(checkpoint)['epoch']
+    if done > t.args.epochs:
+        raise ValueError(f'cannot resume {t.run_dir} with --epochs {t.args.epochs}: it has trained {done} epochs already')
+    changes = recipe_changes(saved, t.args)
     if changes:
         _logger.warning(f'resuming {t.run_dir} with a changed recipe: {"; ".join(changes)} (recorded in '
                         f'{rundir.RESUMES_FILE})')
@@ -378,6 +395,8 @@ def check_resume(t: Training, checkpoint: Path):
 
 
 def report(t: Training, results: dict):
+    if not t.accelerator.is_main_process:
+        return
     split = 'test' if 'test' in results['best'] else 'validation'
     best = results['best'][split]
     where = f'test ({results["test_split"]})' if split == 'test' else 'validation (this data set has no test split)'
@@ -397,6 +416,7 @@ def main(argv=None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     import timm_mimo  # noqa: F401  (registers the models)
     run_dir, resume_from = open_run(args)
+    made = not run_dir.exists()
     lock = rundir.RunLock(run_dir).acquire() if int(os.environ.get('RANK', '0')) == 0 else None
     try:
         t = setup(args, run_dir, stop, wall_start)
@@ -408,8 +428,8 @@ def main(argv=None) -> int:
             logging.getLogger().setLevel(logging.WARNING)
         t.accelerator.wait_for_everyone()
         if resume_from is not None:
-            restore(t, resume_from)
             check_resume(t, resume_from)
+            restore(t, resume_from)
         if args.log_tensorboard:
             t.accelerator.init_trackers('tensorboard')
         for epoch in range(t.state['epoch'], args.epochs):
@@ -422,6 +442,10 @@ def main(argv=None) -> int:
             report(t, final_evaluation(t))
         t.accelerator.end_training()
         return 0
+    except BaseException:
+        if made and lock is not None and rundir.is_stub(run_dir):  # nothing of this run is worth keeping
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     finally:
         stop.restore()
         if lock is not None:

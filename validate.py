@@ -172,8 +172,14 @@ def ood_eval_set(args, splits, img_size: int):
 
 
 def refuse_existing(path_str: str, overwrite: bool):
-    if path_str and Path(path_str).exists() and not overwrite:
+    """Before any evaluation: an existing file is kept unless ``--overwrite``; a path under a file is refused."""
+    if not path_str:
+        return
+    if Path(path_str).exists() and not overwrite:
         raise FileExistsError(f'{path_str} exists: pass --overwrite to replace it')
+    parent = next((p for p in Path(path_str).parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise NotADirectoryError(f'cannot write {path_str}: {parent} is a file, not a folder')
 
 
 def main(argv=None):

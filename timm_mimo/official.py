@@ -386,6 +386,7 @@ def _validate(folder: Path, dataset: str, data_dir: Optional[str], split: Option
     if not validate.is_file():
         raise FileNotFoundError(f'{validate} not found: --dataset runs the validate.py of a source checkout')
     with tempfile.TemporaryDirectory(prefix='timm_mimo_convert-') as tmp:
+        from .rundir import RESULTS_FILE
         results = Path(tmp) / RESULTS_FILE
         cmd = [sys.executable, str(validate), str(folder), '--dataset', dataset, '--results-file', str(results),
                '-b', str(batch_size)]

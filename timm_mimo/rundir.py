@@ -233,10 +233,15 @@ def is_run_dir(path: Path) -> bool:
     return Path(path).is_dir() and (Path(path) / ARGS_FILE).is_file()
 
 
-def is_started(run_dir: Path) -> bool:
-    """Whether a run folder holds anything worth keeping: a checkpoint, best weights or results."""
-    run_dir = Path(run_dir)
-    return bool(complete_checkpoints(run_dir)) or (run_dir / BEST_DIR).exists() or (run_dir / RESULTS_FILE).exists()
+TENSORBOARD_DIR = 'tensorboard'
+# what a run writes before its first checkpoint: a folder holding only these (and leftovers) is started again
+STUB_ENTRIES = {ARGS_FILE, LOCK_FILE, MIXED_SAMPLES_DIR, TENSORBOARD_DIR}
+
+
+def is_stub(run_dir: Path) -> bool:
+    """Whether a folder holds nothing worth keeping: what a run that stopped before its first checkpoint
+    leaves (arguments, lock, pictures, logs), or nothing. Any other file (a user's too) makes it a run."""
+    return all(p.name in STUB_ENTRIES or LEFTOVER_RE.fullmatch(p.name) for p in Path(run_dir).iterdir())
 
 
 def read_args(run_dir: Path) -> dict:
