@@ -312,10 +312,13 @@ def curves_png(curves: Dict[str, List[List[float]]], path: Path, title: str):
     """Validation top-1 per epoch: one colour per model spec, one line per seed."""
     from PIL import Image, ImageDraw
     from timm_mimo.metrics import _font
-    width, height, left, right, top, bottom = 900, 560, 70, 260, 40, 60
+    font, small = _font(15), _font(12)
+    legend = [f'{spec} ({len(runs)})' for spec, runs in curves.items()]
+    probe = ImageDraw.Draw(Image.new('RGB', (1, 1)))
+    legend_w = max(probe.textbbox((0, 0), text, font=small)[2] for text in legend)
+    width, height, left, right, top, bottom = 640 + legend_w + 60, 560, 70, legend_w + 60, 40, 60
     image = Image.new('RGB', (width, height), 'white')
     draw = ImageDraw.Draw(image)
-    font, small = _font(15), _font(12)
     values = [v for runs in curves.values() for curve in runs for v in curve]
     epochs = max(len(curve) for runs in curves.values() for curve in runs)
     lo = max(0.0, math.floor(min(values) / 10) * 10)
@@ -326,8 +329,7 @@ def curves_png(curves: Dict[str, List[List[float]]], path: Path, title: str):
     def xy(epoch, value):
         x = left + (epoch / max(epochs - 1, 1)) * plot_w
         return x, top + (1 - (value - lo) / (hi - lo)) * plot_h
-    for i in range(6):
-        value = lo + (hi - lo) * i / 5
+    for value in range(int(lo), int(hi) + 1, 10 if hi - lo > 20 else 2):
         y = xy(0, value)[1]
         draw.line([(left, y), (left + plot_w, y)], fill=(228, 228, 228))
         draw.text((left - 45, y - 8), f'{value:.0f}', font=small, fill=(20, 20, 20))
@@ -347,7 +349,7 @@ def curves_png(curves: Dict[str, List[List[float]]], path: Path, title: str):
                 draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
         ly = top + 10 + 22 * k
         draw.rectangle([left + plot_w + 16, ly + 3, left + plot_w + 36, ly + 13], fill=colour)
-        draw.text((left + plot_w + 42, ly), f'{spec} ({len(runs)})', font=small, fill=(20, 20, 20))
+        draw.text((left + plot_w + 42, ly), legend[k], font=small, fill=(20, 20, 20))
     draw.text((left, 12), title, font=font, fill=(20, 20, 20))
     draw.text((left + plot_w / 2 - 20, height - 28), 'epoch', font=font, fill=(20, 20, 20))
     draw.text((8, top - 30), 'val top-1 %', font=small, fill=(20, 20, 20))

@@ -258,15 +258,17 @@ def test_time_to_accuracy_recipe():
 def test_digits_main_job():
     path = CONFIGS / 'digits_mixmo.yaml'
     config = load(path)
-    assert config == dict(model='wrn16_2_mixmo2', epochs=8, batch_size=32, batch_repeat=2, lr=0.1, mix_mode='cut')
+    assert config == dict(model='wrn16_2_mixmo2', img_size=16, epochs=20, batch_size=32, batch_repeat=2, lr=0.1,
+                          mix_mode='cut')
     args = train.parse_args(['-c', str(path)])
     assert args.dataset == '' and args.data_dir is None  # the embedded digits
     assert args.experiment == ''                          # a new dated folder per run
+    assert args.aug is None                               # the digits' own default: crop without flip
     text = path.read_text()
-    measured = re.search(r'measured: (\d+ min \d+ s)', text)
+    measured = re.search(r'measured: (\d+ min \d+ s[^)\n]*)', text)
     assert measured and '2 CPU cores' in text
-    # the README quotes the same measurement
-    assert f'measured: {measured.group(1)}' in (REPO / 'README.md').read_text()
+    # docs/results.md quotes the same measurement
+    assert f'measured: {measured.group(1)}' in (REPO / 'docs' / 'results.md').read_text()
 
 
 def test_command_line_overrides_config():
