@@ -26,8 +26,8 @@ import torch
 import yaml
 
 from timm_mimo import rundir
-from timm_mimo.training import NonFiniteLoss, StopRequest, Training, all_finite, refuse_non_finite, restore, \
-    save_checkpoint
+from timm_mimo.training import NonFiniteLoss, StopRequest, Training, all_finite, check_resume, refuse_non_finite, \
+    restore, save_checkpoint
 from timm_mimo.train_args import LOWER_IS_BETTER, build_parser, parse_args  # noqa: F401  (build_parser: for tools)
 
 _logger = logging.getLogger('train')
@@ -373,27 +373,6 @@ def final_evaluation(t: Training) -> dict:
     return results
 
 
-def check_resume(t: Training, checkpoint: Path):
-    """A resumed run keeps its arguments. Another architecture or fewer epochs than done is refused; what
-    else the command line changed in the recipe is warned about and recorded in the run folder
-    (resumes.yaml, which the model card reads)."""
-    from timm_mimo.train_args import recipe_changes
-    saved = rundir.read_args(t.run_dir)
-    for key in ('model', 'num_members', 'num_classes'):
-        if saved.get(key) is not None and saved.get(key) != getattr(t.args, key):
-            raise ValueError(f'cannot resume {t.run_dir}: it was trained with --{key.replace("_", "-")} '
-                             f'{saved[key]}, not {getattr(t.args, key)}')
-    done = rundir.read_trainer_state(checkpoint)['epoch']
-    if done > t.args.epochs:
-        raise ValueError(f'cannot resume {t.run_dir} with --epochs {t.args.epochs}: it has trained {done} epochs already')
-    changes = recipe_changes(saved, t.args)
-    if changes:
-        _logger.warning(f'resuming {t.run_dir} with a changed recipe: {"; ".join(changes)} (recorded in '
-                        f'{rundir.RESUMES_FILE})')
-        if t.accelerator.is_main_process:
-            rundir.record_resume(t.run_dir, checkpoint, changes)
-
-
 def report(t: Training, results: dict):
     if not t.accelerator.is_main_process:
         return
@@ -403,6 +382,10 @@ def report(t: Training, results: dict):
     print(f'best epoch {t.state["best_epoch"]}{" (EMA model, deployed)" if t.task.deployed != "model" else ""} on '
           f'{where}: accuracy {best["top1"]:.2f} % | NLL {best["nll"]:.4f} | ECE {best["ece"]:.4f} | members '
           f'{" ".join(f"{a:.2f}" for a in best["member_top1"])} % | results in {t.run_dir}')
+    if len(best['member_top1']) > 1:  # what one forward pass of the ensemble buys over its members
+        rows = [('ensemble', best['top1'])] + [(f'member {k}', a) for k, a in enumerate(best['member_top1'])]
+        print('\n'.join(f'  {name:<9} {top1:6.2f} %' for name, top1 in rows) +
+              f'\n  ensemble gain over its best member: {best["ensemble_gain"]:+.2f} points')
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -468,3 +468,21 @@ def test_push_dry_run_and_failures_contact_nothing_or_say_so_without_the_token(r
         assert len(server.requests) == count and not (tmp_path / 'none').exists()
     for path, data in _all_written_bytes(tmp_path):
         assert SENTINEL.encode() not in data, path
+
+
+def test_export_with_an_evaluation_report_puts_it_in_the_card_and_uploads_its_pictures(run_dir, tmp_path):
+    from timm_mimo.report import write_report
+    torch.manual_seed(0)
+    logits, members, labels = torch.randn(40, 10), torch.randn(40, 2, 10), torch.randint(0, 10, (40,))
+    results = dict(model=ARCH, split='test', num_members=2,
+                   test=classification_metrics(logits, labels, members))
+    from timm_mimo.uncertainty import uncertainty_metrics
+    results['test'].update(uncertainty_metrics(logits, labels, members))
+    write_report(tmp_path / 'report', results, logits, members, labels)
+    out = tmp_path / 'export'
+    result = hub.export(run_dir, out, report=str(tmp_path / 'report'))
+    pictures = sorted(p.name for p in (out / 'report').glob('*.png'))
+    assert pictures and [f'report/{p}' for p in pictures] == [f for f in result.files if f.startswith('report/')]
+    card = (out / 'README.md').read_text()
+    assert all(f'report/{p}' in card for p in pictures)
+    assert hub.upload_files(out) == result.files

@@ -122,18 +122,23 @@ def test_sigkill_mid_epoch_then_resume_gives_the_same_weights(uninterrupted, tmp
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
-def test_sigterm_saves_mid_epoch_and_resume_matches(uninterrupted, tmp_path):
+@pytest.mark.parametrize('signum,code', [(signal.SIGTERM, 0), (signal.SIGINT, 130)])
+def test_sigterm_and_ctrl_c_save_at_the_next_step_and_resume_matches(uninterrupted, tmp_path, signum, code):
     reference, _ = uninterrupted
+    name = signal.Signals(signum).name
     args = [*FAST, '--epochs', 3, '--limit-train-batches', 12, '--output', tmp_path, '--experiment', 'term']
     proc = start('train.py', *args)
     wait_for('checkpoint-0001', tmp_path / 'term', proc)
-    # at once: the flag is read at step 10 of epoch 1 (every LOG_INTERVAL steps), which must still be ahead
-    proc.send_signal(signal.SIGTERM)
+    # at once: the flag is read after every optimizer step, and the next one is a step of epoch 1
+    proc.send_signal(signum)
     output, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, output
-    assert 'SIGTERM' in output
+    assert proc.returncode == code, output
+    assert name in output and f'--resume {tmp_path / "term"}' in output
     assert list((tmp_path / 'term').glob('checkpoint-0001-step*')), 'a mid-epoch checkpoint is written'
-    run('train.py', *FAST, '--epochs', 3, '--limit-train-batches', 12, '--resume', tmp_path / 'term')
+    if signum == signal.SIGTERM:
+        run('train.py', *FAST, '--epochs', 3, '--limit-train-batches', 12, '--resume', tmp_path / 'term')
+    else:
+        run('train.py', '--resume', tmp_path / 'term')  # the run's own arguments
     ours, theirs = final_weights(tmp_path / 'term'), final_weights(reference)
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
     # the interrupted epoch's training loss covers the whole epoch, not only the steps after the resume
@@ -144,21 +149,6 @@ def _column(folder: Path, name: str):
     import csv
     with open(folder / 'summary.csv', newline='') as f:
         return [row[name] for row in csv.DictReader(f)]
-
-
-def test_ctrl_c_saves_at_the_next_step_and_says_how_to_resume(uninterrupted, tmp_path):
-    reference, _ = uninterrupted
-    args = [*FAST, '--epochs', 3, '--limit-train-batches', 12, '--output', tmp_path, '--experiment', 'int']
-    proc = start('train.py', *args)
-    wait_for('checkpoint-0001', tmp_path / 'int', proc)
-    proc.send_signal(signal.SIGINT)
-    output, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 130, output
-    assert 'SIGINT' in output and f'--resume {tmp_path / "int"}' in output
-    assert list((tmp_path / 'int').glob('checkpoint-0001-step*')), 'a checkpoint is written at the next step'
-    run('train.py', '--resume', tmp_path / 'int')  # the run's own arguments
-    ours, theirs = final_weights(tmp_path / 'int'), final_weights(reference)
-    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):

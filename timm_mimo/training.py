@@ -89,6 +89,27 @@ def restore(t: Training, checkpoint: Path):
     _logger.info(f'resumed from {checkpoint} (epoch {t.state["epoch"]}, step {t.state["step"]})')
 
 
+def check_resume(t: Training, checkpoint: Path):
+    """A resumed run keeps its arguments. Another architecture or fewer epochs than done is refused; what
+    else the command line changed in the recipe is warned about and recorded in the run folder
+    (resumes.yaml, which the model card reads)."""
+    from .train_args import recipe_changes
+    saved = rundir.read_args(t.run_dir)
+    for key in ('model', 'num_members', 'num_classes'):
+        if saved.get(key) is not None and saved.get(key) != getattr(t.args, key):
+            raise ValueError(f'cannot resume {t.run_dir}: it was trained with --{key.replace("_", "-")} '
+                             f'{saved[key]}, not {getattr(t.args, key)}')
+    done = rundir.read_trainer_state(checkpoint)['epoch']
+    if done > t.args.epochs:
+        raise ValueError(f'cannot resume {t.run_dir} with --epochs {t.args.epochs}: it has trained {done} epochs already')
+    changes = recipe_changes(saved, t.args)
+    if changes:
+        _logger.warning(f'resuming {t.run_dir} with a changed recipe: {"; ".join(changes)} (recorded in '
+                        f'{rundir.RESUMES_FILE})')
+        if t.accelerator.is_main_process:
+            rundir.record_resume(t.run_dir, checkpoint, changes)
+
+
 def all_finite(t: Training) -> bool:
     """Whether every weight is finite: one reduction on the device, one host sync (only before saving)."""
     params = [p for m in [t.model, *t.task.trained_modules] for p in m.parameters()]

@@ -1,5 +1,6 @@
 """Export a training run or a checkpoint to a folder in timm's Hub format, checked by loading it back."""
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
@@ -19,6 +20,7 @@ from .card import DEFAULT_LICENSE, RECIPE_FILE, dataset_tag, model_card, trainin
 # what an export folder holds, and all that push uploads (recipe.yaml when the run recorded its arguments)
 EXPORT_FILES = ('README.md', rundir.CONFIG_FILE, rundir.WEIGHTS_FILE)
 OPTIONAL_FILES = (RECIPE_FILE,)
+REPORT_DIR = 'report'  # the pictures of an evaluation report in the card (--report)
 TAG_RE = re.compile(r'[a-z0-9][a-z0-9_]*')
 
 
@@ -90,13 +92,15 @@ def check_round_trip(model: nn.Module, folder: Path):
 
 def export(source, out_dir, *, which: str = 'best', model_name: Optional[str] = None,
            num_classes: Optional[int] = None, results: Optional[str] = None, tag: Optional[str] = None,
-           license: Optional[str] = None, repo_id: Optional[str] = None, overwrite: bool = False) -> ExportResult:
+           license: Optional[str] = None, repo_id: Optional[str] = None, overwrite: bool = False,
+           report: Optional[str] = None) -> ExportResult:
     """Write ``source`` (training folder, checkpoint folder or weights file) to ``out_dir`` in timm's Hub format.
 
     ``out_dir`` is written as a temporary sibling folder and renamed into place once complete and checked
     (it loads back with ``local-dir:`` and reproduces the outputs); an existing non-empty ``out_dir`` is only
     replaced with ``overwrite``. ``tag`` defaults to the run's dataset (cifar10, cifar100, tiny_imagenet);
-    ``repo_id`` only shapes the card's usage snippet.
+    ``repo_id`` only shapes the card's usage snippet. ``report``: a folder of ``validate.py --report``, added
+    to the card as its evaluation section with its pictures under ``report/``.
     """
     out_dir = Path(out_dir)
     if repo_id is not None:
@@ -146,12 +150,19 @@ def export(source, out_dir, *, which: str = 'best', model_name: Optional[str] = 
         # model.safetensors and config.json by timm's save_for_hf: saved + recorded constructor arguments
         rundir.write_model_files(model, tmp, model_args)
         card = model_card(model, name, run_metrics, run_args, repo_id, license, checkpoint.resumes)
+        if report is not None:  # validate.py's evaluation report as a card section, its pictures beside
+            from ..report import report_section
+            card += '\n' + report_section(report, image_dir=REPORT_DIR)
+            (tmp / REPORT_DIR).mkdir()
+            for picture in sorted(Path(report).glob('*.png')):
+                shutil.copyfile(picture, tmp / REPORT_DIR / picture.name)
         (tmp / 'README.md').write_text(card, encoding='utf-8')
         if recipe:  # the card's `python train.py -c recipe.yaml`
             (tmp / RECIPE_FILE).write_text(yaml.safe_dump(recipe, sort_keys=False))
         check_round_trip(model, tmp)
         _check_destination(out_dir, overwrite, checkpoint.weights)  # nothing appeared meanwhile
-    files = list(EXPORT_FILES) + [f for f in OPTIONAL_FILES if (out_dir / f).exists()]
+    files = list(EXPORT_FILES) + [f for f in OPTIONAL_FILES if (out_dir / f).exists()] + \
+        [f'{REPORT_DIR}/{p.name}' for p in sorted((out_dir / REPORT_DIR).glob('*.png'))]
     return ExportResult(out_dir, arch, tag, num_members, model.num_classes, files)
 
 
@@ -170,10 +181,12 @@ def add_export_arguments(parser):
                                                         f'else {DEFAULT_LICENSE})')
     parser.add_argument('--overwrite', action='store_true', help='replace a non-empty export folder')
     parser.add_argument('--debug', action='store_true', help='show tracebacks instead of one-line errors')
+    parser.add_argument('--report', default=None,
+                        help='a validate.py --report folder: its page becomes the card\'s evaluation section')
 
 
 def export_options(args) -> dict:
     return dict(which=args.which, model_name=args.model, num_classes=args.num_classes, results=args.results,
-                tag=args.tag, license=args.license, overwrite=args.overwrite)
+                tag=args.tag, license=args.license, overwrite=args.overwrite, report=args.report)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Callable, List, Optional
 
 from ..cli import _token, http_one_line, redact
-from .export import EXPORT_FILES, OPTIONAL_FILES, check_repo_id, export
+from .export import EXPORT_FILES, OPTIONAL_FILES, REPORT_DIR, check_repo_id, export
 
 
 class HubError(RuntimeError):
@@ -19,10 +19,11 @@ class HubError(RuntimeError):
 def upload_files(folder: Path) -> List[str]:
     """The files of an export folder that push uploads: regular files inside it, never links out of it."""
     folder = Path(folder).resolve()
-    names = list(EXPORT_FILES) + [f for f in OPTIONAL_FILES if (folder / f).exists() or (folder / f).is_symlink()]
+    names = list(EXPORT_FILES) + [f for f in OPTIONAL_FILES if (folder / f).exists() or (folder / f).is_symlink()] + \
+        [f'{REPORT_DIR}/{p.name}' for p in sorted((folder / REPORT_DIR).glob('*.png'))]
     for name in names:
         path = folder / name
-        if path.is_symlink() or not path.is_file() or path.resolve().parent != folder:
+        if path.is_symlink() or not path.is_file() or folder not in path.resolve().parents:
             raise ValueError(f'{path} is not a regular file inside the export folder: refusing to upload')
     return names
 
