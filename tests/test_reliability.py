@@ -300,3 +300,30 @@ def test_an_image_folder_without_split_folders_has_no_test_split(tmp_path):
     splits = build_splits('', str(tmp_path / 'split'), img_size=8, val_per_class=1)
     assert len(splits.test) == 4 and splits.test_source == str((tmp_path / 'split' / 'validation').resolve())
     assert splits.test_source in splits.description
+
+
+def test_an_empty_data_folder_is_one_line(tmp_path, capsys):
+    (tmp_path / 'empty').mkdir()
+    code = train.cli(['--data-dir', str(tmp_path / 'empty'), '--epochs', '1', '--output', str(tmp_path / 'out')])
+    one_line_error(code, capsys.readouterr().err, 'Found 0 images')
+    assert not any((tmp_path / 'out').iterdir())  # the run's own folder was removed
+
+
+def test_a_damaged_member_of_the_cifar_zip_is_named(tmp_path):
+    import io
+    import zipfile
+    from PIL import Image
+    from timm_mimo.data import CifarZipDataset
+    path = tmp_path / 'train.zip'
+    with zipfile.ZipFile(path, 'w') as zf:
+        for k, cls in enumerate(('airplane', 'automobile')):
+            for i in range(3):
+                buffer = io.BytesIO()
+                Image.new('RGB', (32, 32), (k * 100, i, 0)).save(buffer, format='JPEG')
+                zf.writestr(f'train/{cls}/{i:04d}.jpg', buffer.getvalue())
+        zf.writestr('train/automobile/0003.jpg', b'not a jpeg')
+    with pytest.raises(ValueError, match='member train/automobile/0003.jpg is damaged'):
+        for split in ('train', 'validation'):
+            data = CifarZipDataset(str(path), split=split, val_per_class=1)
+            for i in range(len(data)):
+                data[i]

@@ -10,6 +10,7 @@ import logging
 import os
 import tempfile
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
@@ -140,8 +141,13 @@ class CifarZipDataset(data.Dataset):
         return state
 
     def _load_image(self, index: int) -> Image.Image:
-        with Image.open(io.BytesIO(self._zipfile().read(self.samples[index][0]))) as img:
-            return img.convert('RGB')
+        member = self.samples[index][0]
+        try:
+            with Image.open(io.BytesIO(self._zipfile().read(member))) as img:
+                return img.convert('RGB')
+        except (OSError, zipfile.BadZipFile, zlib.error) as e:  # a damaged member: name it, in one line
+            raise ValueError(f'{self.root}: member {member} is damaged ({type(e).__name__}: '
+                             f'{" ".join(str(e).split())[:120]})') from None
 
     def __getitem__(self, index: int):
         img = self._load_image(index)

@@ -137,7 +137,11 @@ def build_splits(
                           f'CIFAR-10 zip {train.root}: {len(train)} train / {len(val)} validation, no test split')
 
     root = data_dir if data_dir is not None else os.path.join('data', dataset.replace('/', '_'))
-    full = create_dataset(dataset, root, split='train', is_training=True, download=download)
+    try:
+        full = create_dataset(dataset, root, split='train', is_training=True, download=download)
+    except (RuntimeError, AssertionError) as e:  # timm's "Found 0 images in ...", or its bare assert on the root
+        raise ValueError(f'cannot read {dataset or root} as an image data set: '
+                         f'{" ".join(str(e).split()) or "no such data set or folder"}') from None
     full.transform = transform
     num_classes = resolve_num_classes(full)
     per_class = val_per_class or (50 if num_classes >= 100 else 500)
