@@ -26,6 +26,8 @@ def build_parser():
     p.add_argument('-m', '--commit-message', default=None)
     p.add_argument('--dry-run', action='store_true', help='export and check everything, upload nothing')
     p.add_argument('--export-dir', default=None, help='keep the exported folder here (default: temporary)')
+    p.add_argument('--as-is', action='store_true',
+                   help='the source is a finished export folder (e.g. hub/convert_official.py\'s): upload it unchanged')
     return p
 
 
@@ -35,7 +37,7 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format='%(message)s')
     logging.getLogger('timm').setLevel(logging.WARNING)
     push(args.source, args.repo_id, revision=args.revision, private=args.private,
-         commit_message=args.commit_message, dry_run=args.dry_run, export_dir=args.export_dir,
+         commit_message=args.commit_message, dry_run=args.dry_run, export_dir=args.export_dir, as_is=args.as_is,
          **export_options(args))
     return 0
 

@@ -393,7 +393,12 @@ def test_converted_weights_uploaded_with_push_and_hf_load_with_timm_and_validate
                                '--repo-type', 'model', '--commit-message', 'Official MixMo checkpoint, converted'],
                               env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
-    pushed_export, uploaded = server.commits
+        # hub/push.py --as-is uploads the converted folder unchanged too
+        proc = subprocess.run([sys.executable, str(REPO / 'hub' / 'push.py'), str(converted), '--repo-id', repo,
+                               '--as-is'], env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    pushed_export, uploaded, as_is = server.commits
+    assert as_is['files'] == uploaded['files']
     assert pushed_export['repo'] == uploaded['repo'] == repo
     # the hf command also asks the Hub for its agent-harness list, no part of the upload (answered 404)
     assert {path for _, path in server.unexpected} <= {'/api/agent-harnesses'}

@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, List, Optional
 
+from .. import rundir
 from ..cli import _token, http_one_line, redact
 from .export import EXPORT_FILES, OPTIONAL_FILES, REPORT_DIR, check_repo_id, export
 
@@ -34,8 +35,11 @@ def _size(num_bytes: int) -> str:
 
 def push(source, repo_id: str, *, revision: Optional[str] = None, private: bool = False,
          commit_message: Optional[str] = None, dry_run: bool = False, export_dir: Optional[str] = None,
-         overwrite: bool = False, log: Callable[[str], None] = print, **export_options) -> Optional[str]:
+         overwrite: bool = False, log: Callable[[str], None] = print, as_is: bool = False,
+         **export_options) -> Optional[str]:
     """Export ``source`` and upload the folder to the Hub repository ``repo_id``; returns the commit URL.
+    ``as_is``: ``source`` is a finished export folder (hub/convert_official.py's, say), uploaded unchanged
+    once it loads back as a timm model.
 
     huggingface_hub does the work (``HfApi.create_repo``, ``create_branch`` for a new ``revision``,
     ``upload_folder`` restricted to :data:`EXPORT_FILES`), with the token of ``HF_TOKEN`` or of
@@ -49,11 +53,15 @@ def push(source, repo_id: str, *, revision: Optional[str] = None, private: bool 
     if not dry_run and not has_token:
         raise HubError('no Hugging Face token: set HF_TOKEN or log in with `hf auth login` (nothing was uploaded)')
     with tempfile.TemporaryDirectory(prefix='timm_mimo_push-') as tmp:
-        folder = Path(export_dir) if export_dir else Path(tmp) / 'export'
-        result = export(source, folder, repo_id=repo_id, overwrite=overwrite, **export_options)
+        if as_is:
+            folder = Path(source)
+            name = rundir.load_model_folder(folder).pretrained_cfg.get('architecture')  # it loads: weights read safely
+        else:
+            folder = Path(export_dir) if export_dir else Path(tmp) / 'export'
+            result = export(source, folder, repo_id=repo_id, overwrite=overwrite, **export_options)
+            name = f'{result.architecture}{"." + result.tag if result.tag else ""}'
         files = upload_files(folder)
-        message = commit_message or f'Add {result.architecture}{"." + result.tag if result.tag else ""} weights ' \
-                                    f'(timm_mimo export)'
+        message = commit_message or f'Add {name} weights (timm_mimo export)'
         where = f'{repo_id}' + (f'@{revision}' if revision else '') + (' (private)' if private else '')
         sizes = ', '.join(f'{f} ({_size((folder / f).stat().st_size)})' for f in files)
         if dry_run:
