@@ -415,11 +415,12 @@ def main(argv=None) -> int:
             restore(t, resume_from)
         if args.log_tensorboard:
             t.accelerator.init_trackers('tensorboard')
-        for epoch in range(t.state['epoch'], args.epochs):
+        first_epoch = t.state['epoch']
+        for epoch in range(first_epoch, args.epochs):
             if train_epoch(t, epoch):  # a signal: its checkpoint is saved
                 return 130 if stop.signal == 'SIGINT' else 0
             end_epoch(t, epoch)
-        if (run_dir / rundir.RESULTS_FILE).exists():
+        if first_epoch == args.epochs and (run_dir / rundir.RESULTS_FILE).exists():
             _logger.info(f'{run_dir} has finished its {args.epochs} epochs: nothing to do')
         else:
             report(t, final_evaluation(t))

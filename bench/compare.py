@@ -110,19 +110,20 @@ def num_members_of(name: str, flags: Sequence[str]) -> int:
 
 def plan_runs(args) -> List[Dict]:
     """Every (model spec, seed) run with its train.py flags under the equal-epochs rule."""
-    sys.path.insert(0, str(REPO))
-    import train
+    from timm_mimo.train_args import parse_args
     extra = list(args.train_args[1:] if args.train_args[:1] == ['--'] else args.train_args)
     if not Path(args.config).exists():
         raise BadInput(f'recipe not found: {args.config}')
     said = io.StringIO()
     try:
         with contextlib.redirect_stderr(said):
-            recipe = train.parse_args(['-c', args.config, *extra])
+            recipe = parse_args(['-c', args.config, *extra])
     except SystemExit as err:  # argparse's usage + message: keep its message as the one error line
         reason = said.getvalue().strip().splitlines()[-1:] or ['invalid flags']
         raise BadInput(f'train.py refuses the flags {extra}: {reason[0].partition("error: ")[2] or reason[0]}') \
             from err
+    except (ValueError, FileNotFoundError) as err:  # a value or config file train.py's checks refuse
+        raise BadInput(f'train.py refuses the flags {extra}: {err}') from err
     if args.seeds < 1:
         raise BadInput(f'--seeds must be >= 1, got {args.seeds}')
     mimo_repeat = args.batch_repeat or recipe.batch_repeat
