@@ -81,7 +81,7 @@ def restore(t: Training, checkpoint: Path):
         t.accelerator.load_state(str(state_dir))
         if (checkpoint / rundir.EXTRA_WEIGHTS_FILE).exists():
             t.task.load_state_dict(load_file(str(checkpoint / rundir.EXTRA_WEIGHTS_FILE), device=str(t.accelerator.device)))
-    except (RuntimeError, KeyError, OSError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001  (torch, safetensors, Accelerate: each has its own errors for a damaged file)
         raise ValueError(f'cannot resume from {checkpoint}: the training state does not match this model or is '
                          f'damaged ({(str(e).strip().splitlines() or [type(e).__name__])[0]})') from e
     t.state.update(rundir.read_trainer_state(checkpoint))
