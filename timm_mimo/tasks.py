@@ -160,7 +160,8 @@ class AutoMixTask(MimoTask):
             alpha=args.automix_alpha, mask_loss_weight=args.automix_mask_loss, margin=args.automix_margin,
             lam_margin=args.automix_lam_margin, weight_root=args.weight_root,
             mix_prob=args.mix_prob if num_members == 2 else 1.0)
-        check_features(self.automix, model, img_size, getattr(model, 'in_chans', 3), device)
+        # the model is not on the training device yet (Accelerate moves it): probe it where it is
+        check_features(self.automix, model, img_size, getattr(model, 'in_chans', 3), next(model.parameters()).device)
         self.momentum = (args.automix_momentum, args.automix_momentum_end, args.automix_momentum_start)
         self.mixblock_lr = args.mixblock_lr if args.mixblock_lr is not None else args.lr
         # the momentum encoder runs AutoMix's passes in train mode, so its BatchNorm statistics mostly follow
