@@ -312,7 +312,7 @@ def save_png(image, path: Path):
 def curves_png(curves: Dict[str, List[List[float]]], path: Path, title: str):
     """Validation top-1 per epoch: one colour per model spec, one line per seed."""
     from PIL import Image, ImageDraw
-    from timm_mimo.metrics import _font
+    from timm_mimo.visualize import _font
     font, small = _font(15), _font(12)
     legend = [f'{spec} ({len(runs)})' for spec, runs in curves.items()]
     probe = ImageDraw.Draw(Image.new('RGB', (1, 1)))
@@ -360,7 +360,7 @@ def curves_png(curves: Dict[str, List[List[float]]], path: Path, title: str):
 def reliability_grid_png(panels: Dict[str, List[Path]], path: Path, scale: float = 0.5):
     """The runs' reliability diagrams side by side: one row per model spec, one column per seed."""
     from PIL import Image, ImageDraw
-    from timm_mimo.metrics import _font
+    from timm_mimo.visualize import _font
     opened = {spec: [Image.open(p).convert('RGB') for p in files] for spec, files in panels.items()}
     first = next(iter(opened.values()))[0]
     w, h = int(first.width * scale), int(first.height * scale)

@@ -96,7 +96,7 @@ def test_two_members_forward_and_backward_on_member_inputs(family, images):
     with torch.no_grad():
         assert model(images).shape == (2, NUM_CLASSES)
         assert model.forward_members(images).shape == (2, 2, NUM_CLASSES)
-        assert model(members).shape == (4, 2, NUM_CLASSES)  # no masks: MIMO summing
+        assert model.forward_members(members).shape == (4, 2, NUM_CLASSES)  # no masks: MIMO summing
 
 
 @pytest.fixture(scope='module')

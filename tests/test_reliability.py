@@ -201,18 +201,22 @@ def test_diverged_weights_are_never_saved_as_a_checkpoint_or_best(tmp_path):
 
 
 def test_a_second_run_in_the_same_folder_is_refused_and_a_killed_run_stays_resumable(tmp_path):
-    args = [*FAST, '--epochs', 3, '--limit-train-batches', 6, '--output', tmp_path, '--experiment', 'both']
+    # long enough to outlive two start-ups of a second train.py, even on an idle machine
+    args = [*FAST, '--epochs', 60, '--limit-train-batches', 6, '--output', tmp_path, '--experiment', 'both']
     first = start('train.py', *args)
     wait_for('args.yaml', tmp_path / 'both', first)
     second = run('train.py', *args, check=False)  # before or after the first's first checkpoint
     assert second.returncode == 2 and ('is in use by another train.py' in second.stderr or 'exists and is not empty'
                                        in second.stderr), second.stderr
-    wait_for('checkpoint-0001', tmp_path / 'both', first)
+    wait_for('checkpoint-*', tmp_path / 'both', first)
     second = run('train.py', '--resume', tmp_path / 'both', check=False)
     one_line_error(second.returncode, second.stderr, 'is in use by another train.py')
+    assert first.poll() is None, 'the first run is still training'
     first.send_signal(signal.SIGKILL)
     first.wait()
-    run('train.py', '--resume', tmp_path / 'both')  # the kernel released the dead run's lock
+    # the kernel released the dead run's lock: it resumes (shortened to its next epoch)
+    done = rundir.read_trainer_state(rundir.complete_checkpoints(tmp_path / 'both')[-1])['epoch']
+    run('train.py', '--resume', tmp_path / 'both', '--epochs', done + 1)
     assert (tmp_path / 'both' / rundir.RESULTS_FILE).exists()
 
 
