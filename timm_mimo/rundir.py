@@ -56,7 +56,7 @@ def _umask() -> int:
     return mask
 
 
-def _apply_umask(path: Path):
+def apply_umask(path: Path):
     """The permissions of a normally created file or folder (mkstemp / mkdtemp make them owner-only)."""
     mask = _umask()
     paths = [path] + (list(path.rglob('*')) if path.is_dir() else [])
@@ -73,7 +73,7 @@ def write_atomic(path: Union[str, Path], data: Union[str, bytes]):
     try:
         with os.fdopen(fd, 'wb') as f:
             f.write(data.encode() if isinstance(data, str) else data)
-        _apply_umask(Path(tmp))
+        apply_umask(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -126,7 +126,7 @@ def atomic_dir(final_dir: Union[str, Path]):
     tmp = Path(tempfile.mkdtemp(prefix=f'.{final_dir.name}.tmp-', dir=final_dir.parent))
     try:
         yield tmp
-        _apply_umask(tmp)
+        apply_umask(tmp)
         replace_dir(tmp, final_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -143,7 +143,7 @@ def save_checkpoint(t: Training, keep: int) -> Path:
             if extra:
                 save_file({k: v.detach().contiguous() for k, v in extra.items()}, str(tmp / rundir.EXTRA_WEIGHTS_FILE))
             rundir.write_json_atomic(tmp / rundir.STATE_FILE, t.state)  # last: it makes the folder a checkpoint
-            rundir._apply_umask(tmp)
+            rundir.apply_umask(tmp)
             rundir.replace_dir(tmp, final)
             for old in rundir.complete_checkpoints(t.run_dir)[:-keep]:
                     shutil.rmtree(old)
