@@ -80,16 +80,21 @@ def warn_cpu_threads(accelerator):
                         f'{cores} to it (or run python train.py)')
 
 
-def build_model(args, splits):
-    """(model, its create_model arguments, the preprocessing recorded with its weights)."""
+def model_arguments(args) -> dict:
+    """The create_model arguments of the run (recorded with its weights): --model-kwargs and the model flags."""
     from timm_mimo.cli import parse_model_kwargs
-    from timm_mimo.factory import create_model
-    from timm_mimo.weights import load_weights
     model_args = parse_model_kwargs(args.model_kwargs)
     for key, value in (('num_members', args.num_members), ('ensemble', args.ensemble),
                        ('drop_rate', args.drop), ('drop_path_rate', args.drop_path)):
         if value is not None:
             model_args[key] = value
+    return model_args
+
+
+def build_model(args, splits, model_args: dict):
+    """(model, the preprocessing recorded with its weights)."""
+    from timm_mimo.factory import create_model
+    from timm_mimo.weights import load_weights
     if args.num_classes is not None and args.num_classes != splits.num_classes:
         raise ValueError(f'--num-classes {args.num_classes} does not match the dataset\'s {splits.num_classes} classes')
     # --pretrained-path: timm's form, a pretrained_cfg overlay that is not recorded as a model argument
@@ -105,7 +110,7 @@ def build_model(args, splits):
     img = splits.img_size
     data_config = dict(input_size=(3, img, img), mean=tuple(splits.mean), std=tuple(splits.std), crop_pct=1.0,
                        interpolation='bilinear')
-    return model, model_args, data_config
+    return model, data_config
 
 
 def setup(args, run_dir: Path, stop: StopRequest, wall_start: float) -> Training:
@@ -114,6 +119,7 @@ def setup(args, run_dir: Path, stop: StopRequest, wall_start: float) -> Training
     from accelerate.utils import set_seed
     from timm_mimo.data.loaders import build_loaders
     from timm_mimo.data.splits import auto_augment_transform, build_splits
+    from timm_mimo.factory import registered_cfg, resolve_img_size
     from timm_mimo.speed import CompiledWithFallback, create_optimizer
     from timm_mimo.tasks import build_builder, create_task
 
@@ -127,13 +133,15 @@ def setup(args, run_dir: Path, stop: StopRequest, wall_start: float) -> Training
         raise ValueError(f'batch size {args.batch_size} is not divisible by processes ({world}) x grad accum '
                          f'steps ({accum}) x batch repetition ({repeat})')
     unique = args.batch_size // (world * accum * repeat)
-    cfg = timm.models.get_pretrained_cfg(args.model)
-    splits = build_splits(args.dataset, args.data_dir, args.dataset_download, args.img_size or (
-        cfg.input_size[-1] if cfg is not None else 32), mean=cfg.mean if cfg is not None and args.dataset else None,
-        std=cfg.std if cfg is not None and args.dataset else None, val_per_class=args.val_per_class,
-        train_transform=auto_augment_transform(args.aa) if args.aa else None)
+    model_args = model_arguments(args)
+    cfg = registered_cfg(args.model, model_args)
+    splits = build_splits(args.dataset, args.data_dir, args.dataset_download,
+                          resolve_img_size(args.model, model_args, args.img_size),
+                          mean=cfg.mean if cfg is not None and args.dataset else None,
+                          std=cfg.std if cfg is not None and args.dataset else None, val_per_class=args.val_per_class,
+                          train_transform=auto_augment_transform(args.aa) if args.aa else None)
     args.aug = args.aug or splits.default_aug  # no flip where it changes the label (digits); recorded in args.yaml
-    model, model_args, data_config = build_model(args, splits)
+    model, data_config = build_model(args, splits, model_args)
     mix_mode = args.mix_mode or getattr(model, 'default_mix_mode', 'cut')
     builder = build_builder(args, model, splits.num_classes, splits.img_size, mix_mode)
     task = create_task(args, model, builder, mix_mode, (splits.img_size,) * 2, accelerator.device)

@@ -1,5 +1,6 @@
 """MIMO from any timm backbone (models/mimo_backbone.py): eight timm families at 32 px, M = 1 and M = 2,
 the pretrained core from locally saved weights, timm's model contract, the local-dir: / Hub round trip."""
+import warnings
 from pathlib import Path
 
 import pytest
@@ -202,6 +203,22 @@ def test_timm_model_contract(family, images):
         assert 'source_embed' in model.no_weight_decay()
 
 
+@pytest.mark.parametrize('family', ('resnet', 'resnetv2', 'convnext', 'vit'))
+def test_torchscript_and_meta_device_as_timm_tests_them(family, images):
+    # timm's test_model_forward_torchscript: a scripted model keeps the single-image paths (the
+    # ensemble and the member logits); test_model_default_cfgs builds on the meta device
+    model = _mimo(family)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # torch.jit.script is deprecated, timm still tests it
+        scripted = torch.jit.script(model)
+    with torch.no_grad():
+        assert torch.allclose(scripted(images), model(images), atol=1e-5)
+        assert torch.allclose(scripted(images, members=True), model.forward_members(images), atol=1e-5)
+    with torch.device('meta'):
+        on_meta = _mimo(family)
+    assert on_meta.forward_features(images.to('meta')).shape == model.forward_features(images).shape
+
+
 @pytest.mark.parametrize('family', ('resnet', 'regnet', 'vit'))
 def test_features_only_gives_the_base_model_intermediates(family, images):
     base = _base(family)
@@ -249,6 +266,37 @@ def test_member_blocks_choose_where_the_vit_members_separate(images):
         naive.head.bias.unflatten(0, (2, -1))[1].copy_(naive.head.bias.unflatten(0, (2, -1))[0])
         members = naive.forward_members(images)
     assert torch.allclose(members[:, 0], members[:, 1]), 'no attribution: one class token for both heads'
+
+
+@pytest.mark.parametrize('member_blocks', (0, 1, 2))
+def test_the_heads_forward_computes_the_last_block_on_the_class_rows_only(member_blocks, images):
+    """model(x) / model(x, masks) skip the last block's patch rows, which a 'token' head never reads:
+    the logits and the gradients are those of the full features."""
+    model = _mimo('vit', member_blocks=member_blocks, reg_tokens=1)
+    assert model.last_block_computes_rows
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * .02)
+    masks = _cut_masks(2, model.mix_grid_size((IMG, IMG)))
+    members = torch.stack((images, images.flip(0)), dim=1)
+    with torch.no_grad():
+        assert torch.allclose(model(images), model.forward_head(model.forward_features(images)), atol=1e-5)
+        assert torch.allclose(model(images, members=True),
+                              model.forward_member_head(model.forward_features(images)), atol=1e-5)
+    model.train()
+    grads = []
+    for logits in (lambda: model(members, masks),
+                   lambda: model.forward_member_head(model.forward_mixed_features(members, masks))):
+        model.zero_grad()
+        out = logits()
+        out.square().sum().backward()
+        grads.append((out.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (fast, fast_grads), (full, full_grads) = grads
+    assert torch.allclose(fast, full, atol=1e-5) and len(fast_grads) == len(full_grads)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(fast_grads, full_grads))
+    # an 'avg' head reads the patch tokens: the full blocks run
+    assert not _mimo('vit_reg_avg')._class_rows_suffice()
 
 
 @pytest.mark.parametrize('kwargs, message', [
@@ -339,3 +387,44 @@ def test_train_export_and_validate_a_wrapped_backbone(tmp_path):
     # the export evaluates exactly as the run's best weights did on the test split
     assert results['test']['top1'] == pytest.approx(trained['best']['test']['top1'])
     assert results['test']['nll'] == pytest.approx(trained['best']['test']['nll'], abs=1e-4)
+
+
+def test_a_weights_file_of_a_wrapped_model_exports_with_its_model_kwargs(images, tmp_path):
+    """A bare safetensors file holds no constructor arguments: --model-kwargs names the backbone and M,
+    and config.json records them, so that local-dir: rebuilds the same wrapped model."""
+    import json
+    from timm_mimo import hub
+    from timm_mimo.metrics import classification_metrics
+    model = _mimo('resnet')
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / 'w.safetensors'))
+    with torch.no_grad():
+        members = model.forward_members(images)
+    metrics = classification_metrics(members.mean(1), torch.tensor([0, 1]), members)
+    (tmp_path / 'val.json').write_text(json.dumps(dict(
+        checkpoint=str(tmp_path / 'w.safetensors'), model='mimo_backbone', num_members=2, split='test', test=metrics)))
+    kwargs = dict(backbone=FAMILIES['resnet'][0], num_members=2)
+    hub.export(tmp_path / 'w.safetensors', tmp_path / 'out', model_name='mimo_backbone', model_kwargs=kwargs,
+               num_classes=NUM_CLASSES, results=str(tmp_path / 'val.json'))
+    assert json.loads((tmp_path / 'out' / 'config.json').read_text())['model_args']['backbone'] == kwargs['backbone']
+    loaded = timm.create_model(f'local-dir:{tmp_path / "out"}', pretrained=True).eval()
+    with torch.no_grad():
+        assert torch.allclose(loaded.forward_members(images), members, atol=1e-6)
+    with pytest.raises(ValueError, match='is for a weights file'):
+        hub.export(tmp_path / 'out', tmp_path / 'again', model_kwargs=kwargs)
+
+
+def test_train_image_size_follows_the_backbone_and_builds_a_vit_for_it():
+    from timm_mimo.factory import resolve_img_size
+    # no --img-size: the backbone's registered input size (mimo_backbone's own cfg is generic), or the kwarg
+    assert resolve_img_size('mimo_backbone', {'backbone': 'resnet10t'}, None) == \
+        timm.models.get_pretrained_cfg('resnet10t').input_size[-1]
+    assert resolve_img_size('mimo_backbone', {'backbone': 'vit_tiny_patch16_224', 'img_size': IMG}, None) == IMG
+    # --img-size builds a fixed-size model (ViT, MixViT) for that size, and leaves a CNN's arguments alone
+    for name, kwargs, side in (('cait_xxs_mixvit2', {}, 16),
+                               ('mimo_backbone', {'backbone': 'vit_tiny_patch16_224', 'depth': 2}, 64)):
+        assert resolve_img_size(name, kwargs, side) == side and kwargs['img_size'] == side
+        assert timm.create_model(name, **kwargs).patch_embed.img_size == (side, side)
+    cnn_args = {'backbone': 'resnet10t'}
+    assert resolve_img_size('mimo_backbone', cnn_args, 16) == 16 and 'img_size' not in cnn_args
+    with pytest.raises(ValueError, match='--img-size 16 contradicts the model argument img_size=32'):
+        resolve_img_size('cait_xxs_mixvit2', {'img_size': 32}, 16)

@@ -128,6 +128,9 @@ class MemberConv2d(nn.Conv2d):
         return out.unflatten(1, (m, out_c))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_summed(x)
+
+    def forward_summed(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, out_chans, h, w): the same image through every encoder, summed."""
         if self.num_members == 1:
             return self._conv_forward(x, self.weight, self.bias)
@@ -257,13 +260,21 @@ class MimoClassifierMixin:
             masks = x.new_full((x.shape[0], self.num_members, *grid), 1.0 / self.num_members)
         return self(x, masks, members=True)
 
+    # What the heads read. By default the features; a model whose heads read a part of them (a ViT's class
+    # tokens) overrides these to skip computing the rest: the outputs are the same
+    def head_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(x)
+
+    def mixed_head_features(self, x: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        return self.forward_mixed_features(x, masks)
+
     def forward(self, x: torch.Tensor, masks: Optional[torch.Tensor] = None, members: bool = False) -> torch.Tensor:
         # torch.fx traces every argument as a Proxy, which is neither a Tensor nor a bool: a traced model
         # (timm's FX feature extraction) follows the single-image ensemble path, timm's forward contract
         if isinstance(masks, torch.Tensor):
             self.check_member_input(x, masks)
-            return self.forward_member_head(self.forward_mixed_features(x, masks))
-        features = self.forward_features(x)
+            return self.forward_member_head(self.mixed_head_features(x, masks))
+        features = self.head_features(x)
         if isinstance(members, bool) and members:
             return self.forward_member_head(features)
         return self.forward_head(features)

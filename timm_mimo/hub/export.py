@@ -91,7 +91,7 @@ def check_round_trip(model: nn.Module, folder: Path):
 
 
 def export(source, out_dir, *, which: str = 'best', model_name: Optional[str] = None,
-           num_classes: Optional[int] = None, results: Optional[str] = None, tag: Optional[str] = None,
+           model_kwargs: Optional[dict] = None, num_classes: Optional[int] = None, results: Optional[str] = None, tag: Optional[str] = None,
            license: Optional[str] = None, repo_id: Optional[str] = None, overwrite: bool = False,
            report: Optional[str] = None) -> ExportResult:
     """Write ``source`` (training folder, checkpoint folder or weights file) to ``out_dir`` in timm's Hub format.
@@ -99,6 +99,8 @@ def export(source, out_dir, *, which: str = 'best', model_name: Optional[str] = 
     ``out_dir`` is written as a temporary sibling folder and renamed into place once complete and checked
     (it loads back with ``local-dir:`` and reproduces the outputs); an existing non-empty ``out_dir`` is only
     replaced with ``overwrite``. ``tag`` defaults to the run's dataset (cifar10, cifar100, tiny_imagenet);
+    ``model_kwargs``: the constructor arguments of a weights file's model (e.g. ``backbone`` and
+    ``num_members`` of a ``mimo_backbone``), recorded in config.json; a folder records its own.
     ``repo_id`` only shapes the card's usage snippet. ``report``: a folder of ``validate.py --report``, added
     to the card as its evaluation section with its pictures under ``report/``.
     """
@@ -110,10 +112,14 @@ def export(source, out_dir, *, which: str = 'best', model_name: Optional[str] = 
     checkpoint = rundir.resolve(source, which)
     if checkpoint.which == 'file' and not model_name:
         raise ValueError(f'{checkpoint.weights} is a weights file: name its architecture with --model')
+    model_kwargs = dict(model_kwargs or {})
+    if model_kwargs and checkpoint.which != 'file':
+        raise ValueError(f'--model-kwargs is for a weights file; {checkpoint.weights} records its own model '
+                         f'arguments in {rundir.CONFIG_FILE}')
     _check_destination(out_dir, overwrite, checkpoint.weights)
     run_metrics = rundir.load_results(checkpoint, results)
     run_args = checkpoint.run_args
-    kwargs = {'num_classes': num_classes} if num_classes is not None else {}
+    kwargs = dict(model_kwargs, **({'num_classes': num_classes} if num_classes is not None else {}))
     model = rundir.load_model(checkpoint, model_name, **kwargs).eval()
     arch = model.pretrained_cfg['architecture']
     num_members = getattr(model, 'num_members', 1)
@@ -138,7 +144,7 @@ def export(source, out_dir, *, which: str = 'best', model_name: Optional[str] = 
     # the source cfg (preprocessing the weights were trained with) is kept; only the tag and license change
     model.pretrained_cfg = dict(model.pretrained_cfg, tag=tag, license=license)
     # constructor arguments: those recorded with the checkpoint (train.py's overrides), M made explicit
-    model_args = rundir.saved_model_args(checkpoint)
+    model_args = rundir.saved_model_args(checkpoint) or model_kwargs
     if is_mimo(model):
         model_args['num_members'] = num_members
         if model.ensemble != 'logits':
@@ -172,6 +178,9 @@ def add_export_arguments(parser):
     parser.add_argument('--which', default='best', choices=[rundir.BEST_DIR, 'last', rundir.EMA_DIR],
                         help='weights of a training folder (default: best)')
     parser.add_argument('--model', default=None, help='architecture of a weights file; checked against a folder')
+    parser.add_argument('--model-kwargs', nargs='*', default=[], metavar='K=V',
+                        help='create_model arguments of a weights file\'s model, e.g. backbone=resnet50 '
+                             'num_members=2 for mimo_backbone (a folder records its own)')
     parser.add_argument('--num-classes', type=int, default=None, help='expected class count (checked)')
     parser.add_argument('--results', default=None,
                         help='metrics file (train.py results.json or validate.py --results-file); default: the '
@@ -186,7 +195,9 @@ def add_export_arguments(parser):
 
 
 def export_options(args) -> dict:
-    return dict(which=args.which, model_name=args.model, num_classes=args.num_classes, results=args.results,
+    from ..cli import parse_model_kwargs
+    return dict(which=args.which, model_name=args.model, model_kwargs=parse_model_kwargs(args.model_kwargs),
+                num_classes=args.num_classes, results=args.results,
                 tag=args.tag, license=args.license, overwrite=args.overwrite, report=args.report)
 
 

@@ -5,9 +5,10 @@ from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from timm.layers import trunc_normal_
+from timm.layers import Attention, trunc_normal_
 from timm.models._features import feature_take_indices
 
 from ..mimo import MemberLinear, MimoClassifierMixin, check_ensemble_rule, check_image_input, check_num_members, \
@@ -24,7 +25,6 @@ DEFAULT_TOKEN_GRID = 8
 MAX_DEFAULT_PATCH_SIZE = 16
 
 
-
 def resolve_patch_size(img_size: Union[int, Tuple[int, int]], patch_size: Optional[int]) -> int:
     """The patch size: given, or min(img_size // 8, 16); the image must tile into patches."""
     h, w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
@@ -33,6 +33,34 @@ def resolve_patch_size(img_size: Union[int, Tuple[int, int]], patch_size: Option
     if h % patch_size or w % patch_size:
         raise ValueError(f'image size {h}x{w} is not divisible by the patch size {patch_size}')
     return patch_size
+
+
+def computes_rows(block: nn.Module) -> bool:
+    """Whether :func:`block_rows` can run ``block``: timm's pre-norm ViT block with its plain attention."""
+    from timm.models.vision_transformer import Block
+    return type(block) is Block and type(block.attn) is Attention and isinstance(block.attn.qkv, nn.Linear)
+
+
+def block_rows(block: nn.Module, x: torch.Tensor, rows: int) -> torch.Tensor:
+    """``block(x)[:, :rows]`` for a timm ViT ``Block``, computing only those rows: keys and values of every
+    token, but queries, projection and MLP of the first ``rows`` tokens only. The last block's other rows
+    feed nothing when the head reads the class token, and they are most of its cost."""
+    attn = block.attn
+    h = block.norm1(x)
+    b, n, _ = h.shape
+    dim, heads = attn.attn_dim, attn.num_heads
+    weight, bias = attn.qkv.weight, attn.qkv.bias
+    q = F.linear(h[:, :rows], weight[:dim], None if bias is None else bias[:dim])
+    kv = F.linear(h, weight[dim:], None if bias is None else bias[dim:])
+    q = q.reshape(b, rows, heads, attn.head_dim).transpose(1, 2)
+    k, v = kv.reshape(b, n, 2, heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.)
+    out = attn.norm(out.transpose(1, 2).reshape(b, rows, dim))
+    if attn.gate is not None:
+        out = out * attn.gate(h[:, :rows]).sigmoid()
+    x = x[:, :rows] + block.drop_path1(block.ls1(attn.proj_drop(attn.proj(out))))
+    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
 
 
 class MixViTMixin(MimoClassifierMixin):
@@ -311,12 +339,20 @@ class MixViTMixin(MimoClassifierMixin):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """One image per sample (B, C, H, W) -> (B, M + N, D): the trunk runs once."""
+        return self._forward_tokens(self._image_tokens(x), None)
+
+    def _image_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """One image per sample (B, C, H, W) -> its tokens as the trunk takes them (B, N, D)."""
         check_image_input(x, self.in_chans, patch=self.patch_embed.patch_size)
-        tokens = self._prepare_tokens(self.embed_tokens(x))
-        return self._forward_tokens(tokens, None)
+        return self._prepare_tokens(self.embed_tokens(x))
 
     def forward_mixed_features(self, x: torch.Tensor, masks: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Member inputs (B, M, C, H, W) mixed token by token with masks (B, M, h, w) on the token grid."""
+        tokens, masks = self._mixed_tokens(x, masks)
+        return self._forward_tokens(tokens, masks)
+
+    def _mixed_tokens(self, x: torch.Tensor, masks: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(the mixed tokens as the trunk takes them (B, N, D), their source masks (B, M, N))."""
         check_image_input(x, self.in_chans, patch=self.patch_embed.patch_size, members=True)
         b, m = x.shape[:2]
         tokens = self.embed_tokens(x.flatten(0, 1)).unflatten(0, (b, m))     # (B, M, N, D)
@@ -330,7 +366,7 @@ class MixViTMixin(MimoClassifierMixin):
             masks = masks.flatten(2).to(tokens.dtype)
         # the shared MIMO mix step, on tokens laid out channels-first (B, M, D, N); scale 1 = token selection
         mixed = mix_members(tokens.transpose(2, 3), masks).transpose(1, 2)
-        return self._forward_tokens(self._prepare_tokens(mixed), masks)
+        return self._prepare_tokens(mixed), masks
 
     def forward_member_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Features (B, M + N, D) -> member logits (B, M, K).

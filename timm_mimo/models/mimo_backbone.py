@@ -28,6 +28,7 @@ it becomes ``model.pretrained_cfg``, and ``pretrained=True`` then loads the weig
 backbone's. That is how a saved MIMO model (config.json ``architecture: mimo_backbone`` + ``model_args``)
 is rebuilt.
 """
+import types
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
@@ -40,107 +41,13 @@ from timm.models._builder import _resolve_pretrained_source, resolve_pretrained_
 from timm.models._features import FeatureGetterNet
 from timm.models.vision_transformer import VisionTransformer
 
-from ..mimo import MemberConv2d, MemberLinear, MimoClassifierMixin, check_ensemble_rule, check_num_members, \
-    mix_members
-from ._mixvit import MixViTMixin
+from ..mimo import MemberLinear, MimoClassifierMixin, check_ensemble_rule, check_num_members
+from ._member_layers import MixMoStem, member_classifier
+from ._mixvit import MixViTMixin, block_rows, computes_rows
 
 __all__ = ['MixMoStem', 'MixMoBackboneMixin', 'MixViTBackboneMixin', 'create_mimo_model', 'to_mimo']
 
 ARCHITECTURE = 'mimo_backbone'
-
-
-class MixMoStem(MemberConv2d):
-    """M member encoders in place of a timm CNN's first convolution, mixing member inputs right after.
-
-    The timm model calls it as it called its first convolution: with an image (B, C, H, W) it runs the
-    sum of the member kernels; with ``(member inputs (B, M, C, H, W), masks (B, M, h, w) or None)`` it
-    runs every encoder on its own input and returns the mixed map, x M (spec mixmo.md §1.7), or the plain
-    sum of the member features without masks (MIMO).
-    """
-
-    @classmethod
-    def from_conv(cls, conv: nn.Conv2d, num_members: int) -> 'MixMoStem':
-        """Member encoders that each hold ``conv``'s kernel (and bias) / M."""
-        if type(conv) is not nn.Conv2d or conv.groups != 1 or conv.padding_mode != 'zeros' \
-                or isinstance(conv.padding, str):
-            raise ValueError(
-                f'the first convolution is a {type(conv).__name__} (groups={conv.groups}, padding='
-                f'{conv.padding!r}, padding_mode={conv.padding_mode!r}): member encoders replace a plain '
-                f'nn.Conv2d with static zero padding and groups=1 only (its output is linear in the kernel)')
-        stem = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
-                   padding=conv.padding, num_members=num_members, bias=conv.bias is not None)
-        stem.dilation = conv.dilation
-        stem = stem.to(device=conv.weight.device, dtype=conv.weight.dtype)
-        with torch.no_grad():
-            stem.weight.copy_(conv.weight.repeat(num_members, 1, 1, 1) / num_members)
-            if conv.bias is not None:
-                stem.bias.copy_(conv.bias.repeat(num_members) / num_members)
-        stem.train(conv.training)
-        return stem
-
-    def output_grid(self, img_size: Tuple[int, int]) -> Tuple[int, int]:
-        """Spatial size of the encoder output (the MixMo mixing grid), any kernel, stride and dilation."""
-        return tuple(
-            (size + 2 * p - d * (k - 1) - 1) // s + 1
-            for size, k, s, p, d in zip(img_size, self.kernel_size, self.stride, self.padding, self.dilation))
-
-    def forward(self, x: Union[torch.Tensor, Tuple[torch.Tensor, Optional[torch.Tensor]]]) -> torch.Tensor:
-        if not isinstance(x, (tuple, list)):
-            return super().forward(x)
-        members, masks = x
-        features = self.forward_members(members)
-        if masks is None:
-            # no masks = MIMO: kappa = 1/M, so M * mean = sum of the member features
-            return features.sum(1)
-        if masks.shape[-2:] != features.shape[-2:]:
-            raise ValueError(
-                f'mixing masks are {masks.shape[-2]}x{masks.shape[-1]} but the stem output is '
-                f'{features.shape[-2]}x{features.shape[-1]}: build masks with model.mix_grid_size()')
-        return mix_members(features, masks, float(self.num_members))
-
-
-# --- the M heads ----------------------------------------------------------------------------------------
-
-def _draw_like_(weight: torch.Tensor, reference: torch.Tensor):
-    """Fill ``weight`` with a truncated normal of ``reference``'s std (zeros if it is all zeros)."""
-    std = float(reference.float().std()) if reference.numel() > 1 else 0.
-    if std == 0.:
-        nn.init.zeros_(weight)
-    else:
-        nn.init.trunc_normal_(weight, std=std, a=-2 * std, b=2 * std)
-
-
-def member_classifier(classifier: nn.Module, num_members: int, copy: bool) -> nn.Module:
-    """M heads in place of a classifier (``nn.Linear`` or 1x1 ``nn.Conv2d``; ``nn.Identity`` stays).
-
-    ``copy``: every member starts from ``classifier``'s weights (a pretrained head); otherwise member 0
-    keeps them and the others are drawn with their std, so that the members start apart.
-    """
-    if isinstance(classifier, nn.Identity):
-        return classifier
-    if isinstance(classifier, MemberLinear):
-        raise ValueError('the classifier already holds member heads')
-    if isinstance(classifier, nn.Linear):  # timm's own Linear too (MobileNetV3)
-        heads = MemberLinear(classifier.in_features, classifier.out_features, num_members,
-                             bias=classifier.bias is not None)
-    elif isinstance(classifier, nn.Conv2d) and classifier.kernel_size == (1, 1) and classifier.groups == 1:
-        # a conv classifier (ResNetV2, ...): M * K output channels, split into members after the head
-        heads = nn.Conv2d(classifier.in_channels, classifier.out_channels * num_members, 1,
-                          bias=classifier.bias is not None)
-    else:
-        raise ValueError(f'the classifier is a {type(classifier).__name__}: M heads replace an nn.Linear or a '
-                         f'1x1 nn.Conv2d only')
-    heads = heads.to(device=classifier.weight.device, dtype=classifier.weight.dtype)
-    with torch.no_grad():
-        weight = heads.weight.unflatten(0, (num_members, -1))
-        weight.copy_(classifier.weight.expand_as(weight))
-        if not copy:
-            for member in range(1, num_members):
-                _draw_like_(weight[member], classifier.weight)
-        if classifier.bias is not None:
-            heads.bias.copy_(classifier.bias.repeat(num_members))
-    heads.train(classifier.training)
-    return heads
 
 
 def _classifier_path(model: nn.Module) -> str:
@@ -153,7 +60,9 @@ def _classifier_path(model: nn.Module) -> str:
 
 def _set_classifier(model: nn.Module, copy: bool):
     path = _classifier_path(model)
-    model.set_submodule(path, member_classifier(model.get_submodule(path), model.num_members, copy))
+    heads = member_classifier(model.get_submodule(path), model.num_members, copy)
+    model.set_submodule(path, heads)
+    model.heads_are_conv = isinstance(heads, nn.Conv2d)
 
 
 DEFAULT_BACKBONE = 'resnet18'
@@ -176,13 +85,16 @@ class _BackboneMixin(MimoClassifierMixin):
         if not isinstance(heads, nn.Identity):
             heads.reset_parameters()  # M independent draws of the fresh head's (nn.Linear's) init
         self.set_submodule(path, heads)
+        self.heads_are_conv = isinstance(heads, nn.Conv2d)
 
 
 class MixMoBackboneMixin(_BackboneMixin):
     """A timm CNN as MixMo: :class:`MixMoStem` at its first convolution, M heads at its classifier."""
     default_mix_mode = 'cut'  # Cut-MixMo, MixMo's best mix for M = 2 (spec mixmo.md)
+    __jit_unused_properties__ = ['mimo_stem']  # TorchScript compiles properties; this one serves Python only
     stem_path: str
     ensemble: str
+    heads_are_conv: bool  # M heads as one 1x1 conv of M * K channels (ResNetV2, ...), split after the head
 
     @property
     def mimo_stem(self) -> MixMoStem:
@@ -192,6 +104,9 @@ class MixMoBackboneMixin(_BackboneMixin):
         """Size (h, w) of the MixMo masks for inputs of ``img_size``: the first convolution's output grid."""
         return self.mimo_stem.output_grid(tuple(img_size))
 
+    # timm's forward_features takes a Tensor: TorchScript cannot pass it the (inputs, masks) pair, so a
+    # scripted model keeps the single-image paths (ensemble and member logits) and drops this training one
+    @torch.jit.unused
     def forward_mixed_features(self, x: torch.Tensor, masks: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Member inputs (B, M, C, H, W) mixed right after the member encoders, then the timm core."""
         if x.shape[2] != self.mimo_stem.member_in_chans:
@@ -200,11 +115,10 @@ class MixMoBackboneMixin(_BackboneMixin):
         return self.forward_features((x, masks))
 
     def forward_member_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        out = super(MimoClassifierMixin, self).forward_head(x, pre_logits=pre_logits)
+        out = self.base_forward_head(x, pre_logits=pre_logits)
         # MemberLinear heads give (B, M, K); a conv head gives M * K channels. Decided by the module's type,
         # not the output's rank, so that torch.fx traces it
-        if pre_logits or self.num_classes == 0 or not isinstance(self.get_submodule(_classifier_path(self)),
-                                                                  nn.Conv2d):
+        if pre_logits or self.num_classes == 0 or not self.heads_are_conv:
             return out
         return out.unflatten(1, (self.num_members, self.num_classes))
 
@@ -227,14 +141,48 @@ class MixViTBackboneMixin(_BackboneMixin, MixViTMixin):
     def embed_tokens(self, x: torch.Tensor) -> torch.Tensor:
         return self.patch_embed(x)
 
+    def head_features(self, x: torch.Tensor) -> torch.Tensor:
+        if self._class_rows_suffice() and not torch.jit.is_scripting():
+            return self._class_features(self._image_tokens(x), None)
+        return self.forward_features(x)
+
+    def mixed_head_features(self, x: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        if self._class_rows_suffice() and not torch.jit.is_scripting():
+            return self._class_features(*self._mixed_tokens(x, masks))
+        return self.forward_mixed_features(x, masks)
+
+    def _class_rows_suffice(self) -> bool:
+        # a 'token' head reads the member class tokens only: the last block need not compute the others
+        return self.global_pool == 'token' and self.last_block_computes_rows
+
+    @torch.jit.unused  # TorchScript passes no module to a function: a scripted model runs the full blocks
+    def _class_features(self, tokens: torch.Tensor, masks: Optional[torch.Tensor]) -> torch.Tensor:
+        """(B, M, D): the member class tokens of the features, the last block computed on class rows only."""
+        b = tokens.shape[0]
+        tokens, passes = self._trunk_passes(tokens, masks, end=self.trunk_depth - 1)
+        tokens = self.norm(block_rows(self.blocks[self.trunk_depth - 1], tokens, rows=1))
+        return self._member_class_features(tokens, b, passes)
+
     def _forward_tokens(self, tokens: torch.Tensor, masks: Optional[torch.Tensor], start: int = 0) -> torch.Tensor:
-        """Blocks from ``start``, source attribution before the member blocks, norm; (B, P + N, D) tokens."""
+        """Blocks from ``start``, source attribution before the member blocks, norm; (B, M + R + N, D)."""
+        b = tokens.shape[0]
+        tokens, passes = self._trunk_passes(tokens, masks, start)
+        tokens = self.norm(tokens)
+        member_cls = self._member_class_features(tokens[:, :1], b, passes)
+        others = tokens[:, 1:].unflatten(0, (b, passes)).mean(1)
+        return torch.cat((member_cls, others), dim=1)
+
+    def _trunk_passes(self, tokens: torch.Tensor, masks: Optional[torch.Tensor], start: int = 0,
+                      end: int = -1) -> Tuple[torch.Tensor, int]:
+        """Blocks ``start`` .. ``end`` (default: the last), source attribution before the member blocks:
+        (tokens (B * passes, P + N, D), passes), one pass per member after the attribution."""
+        end = self.trunk_depth if end < 0 else end
         b = tokens.shape[0]
         prefix = self.trunk_prefix_tokens
         depth = self.attribution_depth
         passes = 1
         if depth < 0:
-            tokens = self._run_trunk(tokens, start, self.trunk_depth)
+            tokens = self._run_trunk(tokens, start, end)
         else:
             tokens = self._run_trunk(tokens, start, depth)
             if masks is None:
@@ -243,11 +191,8 @@ class MixViTBackboneMixin(_BackboneMixin, MixViTMixin):
             # the class and register tokens come from no member's input: no source embedding
             tokens = self._attribute(tokens, F.pad(masks.to(tokens.dtype), (prefix, 0)), per_member=True)
             passes = self.num_members
-            tokens = self._run_trunk(tokens, max(depth, start), self.trunk_depth)
-        tokens = self.norm(tokens)
-        member_cls = self._member_class_features(tokens[:, :1], b, passes)
-        others = tokens[:, 1:].unflatten(0, (b, passes)).mean(1)
-        return torch.cat((member_cls, others), dim=1)
+            tokens = self._run_trunk(tokens, max(depth, start), end)
+        return tokens, passes
 
     def forward_member_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Features (B, M + R + N, D) -> member logits (B, M, K): class token i to head i, or the pool."""
@@ -274,6 +219,7 @@ class MixViTBackboneMixin(_BackboneMixin, MixViTMixin):
     def _prune_trunk(self, keep: int):
         self.blocks = self.blocks[:keep]
         self.trunk_depth = keep
+        self.last_block_computes_rows = computes_rows(self.blocks[-1])
         if self.attribution_depth >= keep:
             self.attribution_depth = -1  # the member blocks are gone: what is left is the shared trunk
 
@@ -283,12 +229,21 @@ class MixViTBackboneMixin(_BackboneMixin, MixViTMixin):
 _CONVERTED_CLASSES: Dict[Tuple[type, type], type] = {}
 
 
+def _renamed(method, name: str = 'base_forward_head'):
+    """A copy of ``method`` under another name. The mixins reach the timm model's own head through it:
+    TorchScript compiles no ``super()`` call and names a compiled method after its function's name."""
+    copy = types.FunctionType(method.__code__, method.__globals__, name, method.__defaults__, method.__closure__)
+    copy.__qualname__, copy.__kwdefaults__ = name, method.__kwdefaults__
+    return copy
+
+
 def _converted_class(mixin: type, base: type) -> type:
     """``class <Base><MixMo|MixViT>(mixin, Base)``, one per timm class: the model keeps timm's methods."""
     key = (mixin, base)
     if key not in _CONVERTED_CLASSES:
         suffix = 'MixViT' if mixin is MixViTBackboneMixin else 'MixMo'
-        _CONVERTED_CLASSES[key] = type(f'{base.__name__}{suffix}', (mixin, base), {'__module__': __name__})
+        _CONVERTED_CLASSES[key] = type(f'{base.__name__}{suffix}', (mixin, base),
+                                       {'__module__': __name__, 'base_forward_head': _renamed(base.forward_head)})
     return _CONVERTED_CLASSES[key]
 
 
@@ -327,6 +282,7 @@ def _convert_vit(model: VisionTransformer, num_members: int, member_blocks: int,
     model._init_mimo(num_members, depth - member_blocks if member_blocks else 'none', 'member', 'passes',
                      ensemble, depth, model.patch_embed.num_patches)
     model.member_blocks = member_blocks
+    model.last_block_computes_rows = computes_rows(model.blocks[-1])
     model.num_prefix_tokens = num_members + prefix - 1  # in the features: M class tokens, then registers
     # timm's features API reads the shared blocks only: those before the attribution
     model.feature_info = model.feature_info[:depth if model.attribution_depth < 0 else model.attribution_depth]
