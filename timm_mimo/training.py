@@ -111,9 +111,14 @@ def check_resume(t: Training, checkpoint: Path):
 
 
 def all_finite(t: Training) -> bool:
-    """Whether every weight is finite: one reduction on the device, one host sync (only before saving)."""
+    """Whether every weight is finite on every process: one reduction on the device, one host sync (only
+    before saving). Agreed across processes: under FSDP each holds a shard, and a process that stopped
+    alone would leave the others waiting at the checkpoint's collectives."""
     params = [p for m in [t.model, *t.task.trained_modules] for p in m.parameters()]
-    return bool(torch.stack([p.detach().isfinite().all() for p in params]).all())
+    finite = torch.stack([p.detach().isfinite().all() for p in params]).all()
+    if t.accelerator.num_processes > 1:
+        finite = t.accelerator.reduce(finite.to(torch.float32), reduction='sum') == t.accelerator.num_processes
+    return bool(finite)
 
 
 def refuse_non_finite(t: Training, what: str):
