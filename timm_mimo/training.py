@@ -115,7 +115,9 @@ def all_finite(t: Training) -> bool:
     before saving). Agreed across processes: under FSDP each holds a shard, and a process that stopped
     alone would leave the others waiting at the checkpoint's collectives."""
     params = [p for m in [t.model, *t.task.trained_modules] for p in m.parameters()]
-    finite = torch.stack([p.detach().isfinite().all() for p in params]).all()
+    # FSDP2 holds DTensors: each process checks its own shard, as a plain tensor the reduction can take
+    local = [p.to_local() if hasattr(p, 'to_local') else p for p in params]
+    finite = torch.stack([p.detach().isfinite().all() for p in local]).all()
     if t.accelerator.num_processes > 1:
         finite = t.accelerator.reduce(finite.to(torch.float32), reduction='sum') == t.accelerator.num_processes
     return bool(finite)
