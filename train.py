@@ -136,7 +136,7 @@ def setup(args, run_dir: Path, stop: StopRequest, wall_start: float) -> Training
     model_args = model_arguments(args)
     cfg = registered_cfg(args.model, model_args)
     splits = build_splits(args.dataset, args.data_dir, args.dataset_download,
-                          resolve_img_size(args.model, model_args, args.img_size),
+                          resolve_img_size(cfg, model_args, args.img_size),
                           mean=cfg.mean if cfg is not None and args.dataset else None,
                           std=cfg.std if cfg is not None and args.dataset else None, val_per_class=args.val_per_class,
                           train_transform=auto_augment_transform(args.aa) if args.aa else None)

@@ -414,17 +414,20 @@ def test_a_weights_file_of_a_wrapped_model_exports_with_its_model_kwargs(images,
 
 
 def test_train_image_size_follows_the_backbone_and_builds_a_vit_for_it():
-    from timm_mimo.factory import resolve_img_size
+    from timm_mimo.factory import registered_cfg, resolve_img_size
+
+    def resolve(name, kwargs, size):
+        return resolve_img_size(registered_cfg(name, kwargs), kwargs, size)
     # no --img-size: the backbone's registered input size (mimo_backbone's own cfg is generic), or the kwarg
-    assert resolve_img_size('mimo_backbone', {'backbone': 'resnet10t'}, None) == \
+    assert resolve('mimo_backbone', {'backbone': 'resnet10t'}, None) == \
         timm.models.get_pretrained_cfg('resnet10t').input_size[-1]
-    assert resolve_img_size('mimo_backbone', {'backbone': 'vit_tiny_patch16_224', 'img_size': IMG}, None) == IMG
+    assert resolve('mimo_backbone', {'backbone': 'vit_tiny_patch16_224', 'img_size': IMG}, None) == IMG
     # --img-size builds a fixed-size model (ViT, MixViT) for that size, and leaves a CNN's arguments alone
     for name, kwargs, side in (('cait_xxs_mixvit2', {}, 16),
                                ('mimo_backbone', {'backbone': 'vit_tiny_patch16_224', 'depth': 2}, 64)):
-        assert resolve_img_size(name, kwargs, side) == side and kwargs['img_size'] == side
+        assert resolve(name, kwargs, side) == side and kwargs['img_size'] == side
         assert timm.create_model(name, **kwargs).patch_embed.img_size == (side, side)
     cnn_args = {'backbone': 'resnet10t'}
-    assert resolve_img_size('mimo_backbone', cnn_args, 16) == 16 and 'img_size' not in cnn_args
+    assert resolve('mimo_backbone', cnn_args, 16) == 16 and 'img_size' not in cnn_args
     with pytest.raises(ValueError, match='--img-size 16 contradicts the model argument img_size=32'):
-        resolve_img_size('cait_xxs_mixvit2', {'img_size': 32}, 16)
+        resolve('cait_xxs_mixvit2', {'img_size': 32}, 16)

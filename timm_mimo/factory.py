@@ -12,7 +12,7 @@ import timm
 from timm.models import PretrainedCfg, split_model_name_tag
 
 from .models._pretrained import _download_error
-from .models.mimo_backbone import DEFAULT_BACKBONE
+from .models.mimo_backbone import ARCHITECTURE as MIMO_BACKBONE, DEFAULT_BACKBONE
 
 
 def create_model(model_name: str, pretrained: bool = False, **kwargs) -> nn.Module:
@@ -41,17 +41,16 @@ def registered_cfg(model_name: str, model_args: Dict[str, Any]) -> Optional[Pret
     """The registered pretrained_cfg whose input size and normalisation the built model will have: the
     backbone's for ``mimo_backbone`` (the wrapper keeps its backbone's preprocessing), None where the name
     is a hf-hub: / local-dir: source (its config is read when the model is built)."""
-    if split_model_name_tag(model_name)[0] == 'mimo_backbone':
+    if split_model_name_tag(model_name)[0] == MIMO_BACKBONE:
         model_name = model_args.get('backbone') or DEFAULT_BACKBONE
     return timm.models.get_pretrained_cfg(model_name)
 
 
-def resolve_img_size(model_name: str, model_args: Dict[str, Any], img_size: Optional[int]) -> int:
+def resolve_img_size(cfg: Optional[PretrainedCfg], model_args: Dict[str, Any], img_size: Optional[int]) -> int:
     """The training image side: ``img_size`` (``--img-size``) if given, else the model argument, else the
-    model's registered input size (32 if none is known). A model built for one input size (a ViT: timm's
+    input size of ``cfg`` (:func:`registered_cfg`; 32 if None). A model built for one input size (a ViT: timm's
     ``fixed_input_size``) is built for ``img_size``: it is added to ``model_args``, so that the patch grid
     matches the data and the saved model is rebuilt the same."""
-    cfg = registered_cfg(model_name, model_args)
     given = model_args.get('img_size')
     side = given if isinstance(given, int) else given[-1] if given else None
     if img_size is None:
