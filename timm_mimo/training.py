@@ -67,9 +67,12 @@ class Training:
     rows: list = field(default_factory=list)
     speed: dict = field(default_factory=dict)         # the speed settings, logged and kept in results.json
     epoch_train: dict = field(default_factory=dict)   # the last epoch's training loss, samples and time
+    elapsed_before_s: float = 0.0   # wall time of the processes this run resumed from
 
     def elapsed(self) -> float:
-        return self.state['elapsed_s'] + time.time() - self.wall_start
+        """Wall time of the whole run: earlier processes (from the checkpoint) plus this one so far. What is
+        saved in ``state['elapsed_s']`` is this total; it is read back once, at ``restore``, never re-added."""
+        return self.elapsed_before_s + time.time() - self.wall_start
 
 
 def restore(t: Training, checkpoint: Path):
@@ -85,6 +88,7 @@ def restore(t: Training, checkpoint: Path):
         raise ValueError(f'cannot resume from {checkpoint}: the training state does not match this model or is '
                          f'damaged ({(str(e).strip().splitlines() or [type(e).__name__])[0]})') from e
     t.state.update(rundir.read_trainer_state(checkpoint))
+    t.elapsed_before_s = t.state['elapsed_s']
     t.rows = [r for r in rundir.read_csv(t.run_dir / rundir.SUMMARY_FILE) if int(r['epoch']) < t.state['epoch']]
     _logger.info(f'resumed from {checkpoint} (epoch {t.state["epoch"]}, step {t.state["step"]})')
 
