@@ -26,8 +26,8 @@ import torch
 import yaml
 
 from timm_mimo import rundir
-from timm_mimo.training import NonFiniteLoss, StopRequest, Training, all_finite, check_resume, refuse_non_finite, \
-    restore, save_checkpoint
+from timm_mimo.training import NonFiniteLoss, StopRequest, Training, all_finite, check_resume, epoch_sums_at_start, \
+    refuse_non_finite, restore, save_checkpoint
 from timm_mimo.train_args import LOWER_IS_BETTER, build_parser, parse_args  # noqa: F401  (build_parser: for tools)
 
 _logger = logging.getLogger('train')
@@ -200,9 +200,10 @@ def train_epoch(t: Training, epoch: int) -> bool:
     args, accelerator, task = t.args, t.accelerator, t.task
     task.set_epoch(epoch, args.epochs)
     t.train_loader.set_epoch(epoch)
+    # a resumed epoch carries on the sums of the steps before the stop (saved in the trainer state)
     step, micro, seen, start = t.state['step'], 0, 0, time.time()
     loss_sum = torch.full((), t.state['loss_sum'], device=accelerator.device)  # on the device: no sync per step
-    loss_count, part_sums = t.state['loss_count'], {}
+    loss_count, part_sums = t.state['loss_count'], dict(t.state['part_sums'])
     main = accelerator.is_main_process
     terminal = sys.stderr.isatty()
     bar = tqdm(total=t.steps_per_epoch, initial=step, desc=f'epoch {epoch}', leave=False, dynamic_ncols=True,
@@ -246,7 +247,9 @@ def train_epoch(t: Training, epoch: int) -> bool:
                              f'{t.optimizer.param_groups[0]["lr"]:.4g} | {rate:.0f} samples/s | ETA {eta:.0f}s')
         if stopping and step < t.steps_per_epoch:
             t.state.update(epoch=epoch, step=step, elapsed_s=t.elapsed(), loss_sum=float(loss_sum),
-                           loss_count=loss_count)
+                           loss_count=loss_count, part_sums={k: float(v) for k, v in part_sums.items()},
+                           epoch_seen=t.state['epoch_seen'] + seen,
+                           epoch_time_s=t.state['epoch_time_s'] + time.time() - start)
             path = save_checkpoint(t, args.checkpoint_hist + 1)
             _logger.info(f'{t.stop.signal}: saved {path}; continue with: python train.py --resume {t.run_dir}')
             return True
@@ -254,7 +257,8 @@ def train_epoch(t: Training, epoch: int) -> bool:
             break
     bar.close()
     t.scheduler.step(epoch + 1)
-    t.epoch_train = dict(train_loss=check_loss(t, loss_sum, loss_count), seen=seen, time=time.time() - start,
+    t.epoch_train = dict(train_loss=check_loss(t, loss_sum, loss_count), seen=t.state['epoch_seen'] + seen,
+                         time=t.state['epoch_time_s'] + time.time() - start,
                          parts={k: float(v) / max(loss_count, 1) for k, v in part_sums.items()})
     return False
 
@@ -320,7 +324,7 @@ def end_epoch(t: Training, epoch: int):
                  f' | EMA (deployed) top1 {deployed["top1"]:.2f} nll {deployed["nll"]:.4f}'))
     if args.log_tensorboard:
         accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=epoch)
-    t.state.update(epoch=epoch + 1, step=0, elapsed_s=t.elapsed(), loss_sum=0.0, loss_count=0)
+    t.state.update(epoch=epoch + 1, step=0, elapsed_s=t.elapsed(), **epoch_sums_at_start())
     value, best = deployed[args.eval_metric], t.state['best_metric']
     if best is None or (value < best if args.eval_metric in LOWER_IS_BETTER else value > best):
         t.state.update(best_metric=value, best_epoch=epoch)

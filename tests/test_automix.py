@@ -21,6 +21,8 @@ from timm_mimo.automix import AutoMix, FeatureTap, MixBlock, build_automix, chec
 from timm_mimo.batch import MimoBatchBuilder
 from timm_mimo.visualize import mimo_samples, msda_samples, save_mix_grid
 
+from test_train import summary_column
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(channels=(8, 16, 32))  # WRN-16 at 1/4 width: the code paths of wrn16_2, a fraction of the time
 TINY_CLI = ['--model-kwargs', 'channels=[8,16,32]']
@@ -299,10 +301,19 @@ def test_automix_training_outputs_and_exact_resume(tmp_path):
     output, _ = proc.communicate(timeout=240)
     assert proc.returncode == 0, output
     assert 'SIGTERM' in output and list((tmp_path / 'term').glob('checkpoint-0001-step*'))
+    [mid_epoch] = (tmp_path / 'term').glob('checkpoint-0001-step*')
+    state = json.loads((mid_epoch / 'trainer_state.json').read_text())
+    # the interrupted epoch's sums travel with the checkpoint: loss parts, images seen, time spent
+    assert set(state['part_sums']) >= {'mix', 'mask', 'mask_mean'}
+    assert state['epoch_seen'] == state['step'] * 16 and state['epoch_time_s'] > 0
     run(*AUTOMIX_RUN, '--resume', tmp_path / 'term')
     for ours, theirs in zip(final_state(tmp_path / 'term'), final_state(ref)):
         assert ours.keys() == theirs.keys()
         assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    # so the resumed epoch's summary covers all its steps, as the uninterrupted run's does
+    for column in ('train_loss', 'train_loss_mix', 'train_loss_one', 'train_loss_mb', 'train_loss_mask',
+                   'train_mask_mean'):
+        assert summary_column(tmp_path / 'term', column) == pytest.approx(summary_column(ref, column), rel=1e-5), column
 
 
 def test_mixmo_automix_training_run(tmp_path):

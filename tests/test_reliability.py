@@ -14,7 +14,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from test_train import FAST, REPO, run, start, wait_for
+from test_train import FAST, REPO, final_weights, run, start, wait_for
 
 from timm_mimo import rundir
 
@@ -261,6 +261,42 @@ def test_ema_checkpoint_resumes_to_the_same_ema_weights(short_run, tmp_path):
     ema = load_file(str(run_copy / rundir.EMA_DIR / rundir.WEIGHTS_FILE))
     assert all(k.startswith('ema.module.') for k in saved)
     assert all((saved[f'ema.module.{k}'] == v).all() for k, v in ema.items())
+
+
+def test_ema_added_on_resume_starts_from_the_resumed_weights(tmp_path):
+    """A run trained without --model-ema, resumed with it: the EMA starts from the checkpoint's weights (as
+    timm's train.py builds its EMA after loading), not from the weights the model had before the load."""
+    run('train.py', *TINY, '--epochs', 1, '--output', tmp_path, '--experiment', 'plain')
+    folder = tmp_path / 'plain'
+    [checkpoint] = rundir.complete_checkpoints(folder)
+    resumed = load_file(str(checkpoint / rundir.WEIGHTS_FILE))
+    run('train.py', '--resume', folder, '--epochs', 2, '--model-ema')
+    ema = load_file(str(folder / rundir.EMA_DIR / rundir.WEIGHTS_FILE))
+    trained = final_weights(folder)
+
+    def distance(a, b):
+        return sum(float((a[k].float() - b[k].float()).norm()) for k in a if a[k].is_floating_point())
+    # decay 0.9998 over 2 steps: the EMA has barely left the resumed weights, while the model moved on
+    assert distance(ema, resumed) < 0.05 * distance(trained, resumed)
+
+
+def test_a_best_newer_than_the_checkpoint_stays_the_best_on_resume(tmp_path):
+    """Killed after best/ of epoch 1 was written and before checkpoint-0002: the resume replays epoch 1 from
+    checkpoint-0001, keeps best/ as the best so far (its epoch and metric) and overwrites it only if the
+    replay does better, so results.json's best epoch is the epoch of the weights best/ holds."""
+    import shutil
+    run('train.py', *TINY, '--epochs', 2, '--checkpoint-hist', 2, '--output', tmp_path, '--experiment', 'k')
+    folder = tmp_path / 'k'
+    shutil.rmtree(rundir.complete_checkpoints(folder)[-1])
+    (folder / rundir.RESULTS_FILE).unlink()
+    best_metrics = folder / rundir.BEST_DIR / rundir.METRICS_FILE
+    lost = json.loads(best_metrics.read_text())
+    lost.update(epoch=1, validation=dict(lost['validation'], top1=100.0))  # the lost attempt: unbeatable
+    best_metrics.write_text(json.dumps(lost))
+    proc = run('train.py', '--resume', folder)
+    assert 'newer than the checkpoint' in proc.stderr + proc.stdout
+    assert json.loads(best_metrics.read_text())['validation']['top1'] == 100.0  # not overwritten by the replay
+    assert json.loads((folder / rundir.RESULTS_FILE).read_text())['best']['epoch'] == 1
 
 
 # ------------------------------------------------------------------------------------------------------

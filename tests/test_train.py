@@ -142,13 +142,13 @@ def test_sigterm_and_ctrl_c_save_at_the_next_step_and_resume_matches(uninterrupt
     ours, theirs = final_weights(tmp_path / 'term'), final_weights(reference)
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
     # the interrupted epoch's training loss covers the whole epoch, not only the steps after the resume
-    assert _column(tmp_path / 'term', 'train_loss') == _column(reference, 'train_loss')
+    assert summary_column(tmp_path / 'term', 'train_loss') == summary_column(reference, 'train_loss')
 
 
-def _column(folder: Path, name: str):
+def summary_column(folder: Path, name: str):
     import csv
     with open(folder / 'summary.csv', newline='') as f:
-        return [row[name] for row in csv.DictReader(f)]
+        return [float(row[name]) for row in csv.DictReader(f)]
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):

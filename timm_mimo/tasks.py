@@ -144,6 +144,13 @@ class MimoTask:
             prefix = f'{EMA}.'
             self.ema.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
 
+    def start_copies_from(self, model: nn.Module):
+        """A resume from a checkpoint that holds no copies (the run was trained without ``--model-ema``): start
+        them from the resumed weights, as timm's train.py builds its EMA after loading a checkpoint. They were
+        built from the weights before the load."""
+        if self.ema is not None:
+            self.ema.set(model)
+
 
 class AutoMixTask(MimoTask):
     """AutoMix: the Mix Block learns masks through a frozen momentum encoder (an EMA of the model with a

@@ -1,5 +1,6 @@
 """A training run's record and what keeps it safe: signals that stop it cleanly, checkpoints that are complete
 and finite, and a resume that unpickles nothing but tensors."""
+import json
 import logging
 import shutil
 import signal
@@ -41,6 +42,12 @@ class StopRequest:
         print(f'{self.signal}: saving a checkpoint after this step (Ctrl-C again to stop at once)', file=sys.stderr)
 
 
+# the running sums of the current epoch, saved with a mid-epoch checkpoint so that a resumed epoch's summary
+# (mean loss and loss parts, images/s, epoch time) covers all of its steps, not only those after the resume
+def epoch_sums_at_start() -> dict:
+    return dict(loss_sum=0.0, loss_count=0, part_sums={}, epoch_seen=0, epoch_time_s=0.0)
+
+
 @dataclass
 class Training:
     """Everything a run holds, built once by train.py's ``setup``."""
@@ -63,7 +70,7 @@ class Training:
     stop: StopRequest
     wall_start: float
     state: dict = field(default_factory=lambda: dict(epoch=0, step=0, num_updates=0, best_metric=None,
-                                                     best_epoch=None, elapsed_s=0.0, loss_sum=0.0, loss_count=0))
+                                                     best_epoch=None, elapsed_s=0.0, **epoch_sums_at_start()))
     rows: list = field(default_factory=list)
     speed: dict = field(default_factory=dict)         # the speed settings, logged and kept in results.json
     epoch_train: dict = field(default_factory=dict)   # the last epoch's training loss, samples and time
@@ -84,13 +91,31 @@ def restore(t: Training, checkpoint: Path):
         t.accelerator.load_state(str(state_dir))
         if (checkpoint / rundir.EXTRA_WEIGHTS_FILE).exists():
             t.task.load_state_dict(load_file(str(checkpoint / rundir.EXTRA_WEIGHTS_FILE), device=str(t.accelerator.device)))
+        else:
+            t.task.start_copies_from(t.bare)
     except Exception as e:  # noqa: BLE001  (torch, safetensors, Accelerate: each has its own errors for a damaged file)
         raise ValueError(f'cannot resume from {checkpoint}: the training state does not match this model or is '
                          f'damaged ({(str(e).strip().splitlines() or [type(e).__name__])[0]})') from e
     t.state.update(rundir.read_trainer_state(checkpoint))
     t.elapsed_before_s = t.state['elapsed_s']
+    adopt_newer_best(t)
     t.rows = [r for r in rundir.read_csv(t.run_dir / rundir.SUMMARY_FILE) if int(r['epoch']) < t.state['epoch']]
     _logger.info(f'resumed from {checkpoint} (epoch {t.state["epoch"]}, step {t.state["step"]})')
+
+
+def adopt_newer_best(t: Training):
+    """best/ is written just before the epoch's checkpoint: a run killed between the two resumes from the
+    previous checkpoint with a best/ of the epoch it is about to replay. best/ is what gets deployed and
+    evaluated, so its epoch and metric become the tracked best; the replay overwrites it only if it does better."""
+    path = t.run_dir / rundir.BEST_DIR / rundir.METRICS_FILE
+    if not path.is_file():
+        return
+    saved = json.loads(path.read_text())
+    metric = saved.get('validation', {}).get(t.args.eval_metric)
+    if saved.get('epoch') is not None and saved['epoch'] >= t.state['epoch'] and metric is not None:
+        _logger.warning(f'{rundir.BEST_DIR}/ is of epoch {saved["epoch"]}, newer than the checkpoint: kept as the '
+                        f'best so far ({t.args.eval_metric} {metric:.4g})')
+        t.state.update(best_metric=metric, best_epoch=saved['epoch'])
 
 
 def check_resume(t: Training, checkpoint: Path):
