@@ -42,9 +42,9 @@ class StopRequest:
         print(f'{self.signal}: saving a checkpoint after this step (Ctrl-C again to stop at once)', file=sys.stderr)
 
 
-# the running sums of the current epoch, saved with a mid-epoch checkpoint so that a resumed epoch's summary
-# (mean loss and loss parts, images/s, epoch time) covers all of its steps, not only those after the resume
 def epoch_sums_at_start() -> dict:
+    """The running sums of an epoch, as it starts. A mid-epoch checkpoint saves them, so that a resumed epoch's
+    summary (mean loss and loss parts, images/s, epoch time) covers all of its steps, not only the later ones."""
     return dict(loss_sum=0.0, loss_count=0, part_sums={}, epoch_seen=0, epoch_time_s=0.0)
 
 
@@ -107,10 +107,10 @@ def adopt_newer_best(t: Training):
     """best/ is written just before the epoch's checkpoint: a run killed between the two resumes from the
     previous checkpoint with a best/ of the epoch it is about to replay. best/ is what gets deployed and
     evaluated, so its epoch and metric become the tracked best; the replay overwrites it only if it does better."""
-    path = t.run_dir / rundir.BEST_DIR / rundir.METRICS_FILE
-    if not path.is_file():
+    try:
+        saved = json.loads((t.run_dir / rundir.BEST_DIR / rundir.METRICS_FILE).read_text())
+    except (OSError, ValueError):  # no best/ yet (or one without readable metrics): the checkpoint's best stands
         return
-    saved = json.loads(path.read_text())
     metric = saved.get('validation', {}).get(t.args.eval_metric)
     if saved.get('epoch') is not None and saved['epoch'] >= t.state['epoch'] and metric is not None:
         _logger.warning(f'{rundir.BEST_DIR}/ is of epoch {saved["epoch"]}, newer than the checkpoint: kept as the '
