@@ -28,7 +28,7 @@ import yaml
 from timm_mimo import rundir
 from timm_mimo.training import NonFiniteLoss, StopRequest, Training, all_finite, check_resume, epoch_sums_at_start, \
     refuse_non_finite, restore, save_checkpoint
-from timm_mimo.train_args import LOWER_IS_BETTER, build_parser, parse_args  # noqa: F401  (build_parser: for tools)
+from timm_mimo.train_args import LOWER_IS_BETTER, build_parser, parse_args, recipes_for  # noqa: F401  (for tools)
 
 _logger = logging.getLogger('train')
 
@@ -70,14 +70,48 @@ def make_accelerator(args, run_dir: Path):
     return accelerator
 
 
-def warn_cpu_threads(accelerator):
-    """`accelerate launch` gives a CPU process one thread (OMP_NUM_THREADS=1) unless told otherwise."""
-    cores = (os.cpu_count() or 1) // max(int(os.environ.get('LOCAL_WORLD_SIZE', '1')), 1)
+def report_cpu_threads(accelerator) -> int:
+    """On the CPU: the threads of this process, said once; a warning where they are fewer than the cores
+    (`accelerate launch` gives each process one thread, OMP_NUM_THREADS=1, unless told otherwise) or more than
+    the cores that other jobs leave free (OpenMP threads then spin on busy cores: an epoch measured 20-60x
+    slower with two threads on two cores next to another torch job than with one). Returns the threads."""
+    if accelerator.device.type != 'cpu' or not accelerator.is_main_process:
+        return 0
+    processes = max(int(os.environ.get('LOCAL_WORLD_SIZE', '1')), 1)
+    total = os.cpu_count() or 1
+    cores, threads = max(total // processes, 1), torch.get_num_threads()
+    _logger.info(f'CPU: {threads} thread(s) per process, {processes} process(es) on {total} core(s)')
     launched = 'ACCELERATE_MIXED_PRECISION' in os.environ  # set by accelerate launch
-    if launched and accelerator.device.type == 'cpu' and torch.get_num_threads() < cores:
-        _logger.warning(f'training on the CPU with {torch.get_num_threads()} thread(s) per process for {cores} '
-                        f'core(s): accelerate launch sets OMP_NUM_THREADS=1; pass --num_cpu_threads_per_process '
-                        f'{cores} to it (or run python train.py)')
+    busy = os.getloadavg()[0] if hasattr(os, 'getloadavg') else 0.0  # the last minute's, before we add ours
+    free = total - busy
+    fit = max(int(free + 0.5) // processes, 1)  # half a core of slack: this process's start-up adds to the load
+    if threads > fit:
+        _logger.warning(f'the machine is busy: load average {busy:.1f} on {total} core(s) leaves ~{max(free, 0):.1f} '
+                        f'free for {threads * processes} thread(s); threads that share busy cores wait on each '
+                        f'other (epochs up to 20-60x slower): set OMP_NUM_THREADS={fit} (accelerate launch: '
+                        f'--num_cpu_threads_per_process {fit}), or wait for idle cores')
+    elif launched and threads < min(cores, fit):
+        _logger.warning(f'training on the CPU with {threads} thread(s) per process for {cores} core(s): accelerate '
+                        f'launch sets OMP_NUM_THREADS=1; pass --num_cpu_threads_per_process {min(cores, fit)} to it '
+                        f'(or run python train.py)')
+    return threads
+
+
+def say_where_the_data_comes_from(args):
+    """Without --dataset: one line that the embedded digits are used, and which config runs the paper's
+    setting for the model (configs/ beside train.py), or that none does."""
+    if args.dataset or args.data_dir:
+        return
+    configs = Path(__file__).resolve().parent / 'configs'
+    rows, others = recipes_for(args.model, configs) if configs.is_dir() else ([], [])
+    shown = [os.path.relpath(p) for p in rows[:1] or others]
+    if rows:
+        where = f'the paper\'s settings for {args.model}: -c {shown[0]}' + \
+                (f' and {len(rows) - 1} more (configs/README.md)' if len(rows) > 1 else '')
+    else:
+        where = f'no config runs a paper setting for {args.model}' + \
+                (f' (its recipes: {", ".join(shown)})' if shown else '') + '; the paper rows: configs/README.md'
+    _logger.info(f'no --dataset: training on the embedded digits (scikit-learn, 1,797 8x8 images, offline); {where}')
 
 
 def model_arguments(args) -> dict:
@@ -117,15 +151,15 @@ def setup(args, run_dir: Path, stop: StopRequest, wall_start: float) -> Training
     import timm
     import timm.scheduler
     from accelerate.utils import set_seed
+    from timm_mimo.data import native_img_size
     from timm_mimo.data.loaders import build_loaders
     from timm_mimo.data.splits import auto_augment_transform, build_splits
-    from timm_mimo.factory import registered_cfg, resolve_img_size
+    from timm_mimo.factory import registered_cfg, resolve_img_size, unknown_model_error
     from timm_mimo.speed import CompiledWithFallback, create_optimizer
     from timm_mimo.tasks import build_builder, create_task
 
     if not timm.is_model(args.model):
-        raise ValueError(f'unknown model {args.model!r}: not in timm\'s registry (timm_mimo models need '
-                         f'"import timm_mimo", which train.py does)')
+        raise unknown_model_error(args.model)
     accelerator = make_accelerator(args, run_dir)
     set_seed(args.seed)
     world, accum, repeat = accelerator.num_processes, args.grad_accum_steps, args.batch_repeat
@@ -135,8 +169,8 @@ def setup(args, run_dir: Path, stop: StopRequest, wall_start: float) -> Training
     unique = args.batch_size // (world * accum * repeat)
     model_args = model_arguments(args)
     cfg = registered_cfg(args.model, model_args)
-    splits = build_splits(args.dataset, args.data_dir, args.dataset_download,
-                          resolve_img_size(cfg, model_args, args.img_size),
+    img_size, why = resolve_img_size(cfg, model_args, args.img_size, native_img_size(args.dataset, args.data_dir))
+    splits = build_splits(args.dataset, args.data_dir, args.dataset_download, img_size,
                           mean=cfg.mean if cfg is not None and args.dataset else None,
                           std=cfg.std if cfg is not None and args.dataset else None, val_per_class=args.val_per_class,
                           train_transform=auto_augment_transform(args.aa) if args.aa else None)
@@ -169,6 +203,9 @@ def setup(args, run_dir: Path, stop: StopRequest, wall_start: float) -> Training
         if args.torchcompile else model
     t = Training(args, accelerator, run_dir, model, bare, task, optimizer, scheduler, train_loader, validation, test,
                  splits, model_args, data_config, steps, train_model, stop, wall_start)
+    if accelerator.is_main_process:  # once everything is built: bad input is one error line, alone
+        say_where_the_data_comes_from(args)
+        _logger.info(f'image size {img_size} px: {why}')
     _logger.info(f'model {args.model}: M={task.outputs.num_members}, '
                  f'{sum(p.numel() for p in bare.parameters()) / 1e6:.2f}M params | data {splits.description}')
     _logger.info(f'global batch {args.batch_size} mixed samples = {args.batch_size // repeat} unique x {repeat} '
@@ -180,7 +217,7 @@ def setup(args, run_dir: Path, stop: StopRequest, wall_start: float) -> Training
                    channels_last=args.channels_last, torchcompile=args.torchcompile, fused_optimizer=fused,
                    device_data=on_device)
     _logger.info(f'speed: device {accelerator.device}, ' + ', '.join(f'{k} {v}' for k, v in t.speed.items()))
-    warn_cpu_threads(accelerator)
+    report_cpu_threads(accelerator)
     return t
 
 
@@ -395,8 +432,11 @@ def report(t: Training, results: dict):
           f'{where}: accuracy {best["top1"]:.2f} % | NLL {best["nll"]:.4f} | ECE {best["ece"]:.4f} | members '
           f'{" ".join(f"{a:.2f}" for a in best["member_top1"])} % | results in {t.run_dir}')
     if len(best['member_top1']) > 1:  # what one forward pass of the ensemble buys over its members
-        rows = [('ensemble', best['top1'])] + [(f'member {k}', a) for k, a in enumerate(best['member_top1'])]
-        print('\n'.join(f'  {name:<9} {top1:6.2f} %' for name, top1 in rows) +
+        rows = [('ensemble', best['top1'], best['nll'], best['ece'])] + [
+            (f'member {k}', *values) for k, values in enumerate(zip(best['member_top1'], best['member_nll'],
+                                                                     best['member_ece']))]
+        print(f'  {"":<9} {"top-1":>8} {"NLL":>7} {"ECE":>7}\n' +
+              '\n'.join(f'  {name:<9} {top1:6.2f} % {nll:7.4f} {ece:7.4f}' for name, top1, nll, ece in rows) +
               f'\n  ensemble gain over its best member: {best["ensemble_gain"]:+.2f} points')
 
 

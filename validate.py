@@ -88,9 +88,9 @@ def resolve_model(args):
     if not args.checkpoint:
         if not args.model:
             raise ValueError('give a checkpoint, or --model NAME --pretrained')
+        from timm_mimo.factory import create_model, unknown_model_error  # one-line errors for names and weights
         if not timm.is_model(args.model):
-            raise ValueError(f'unknown model {args.model!r} (timm_mimo models are registered by validate.py)')
-        from timm_mimo.factory import create_model  # one-line errors naming unpublished / uncached weights
+            raise unknown_model_error(args.model)
         return create_model(args.model, pretrained=args.pretrained, **kwargs), {}
     checkpoint = rundir.resolve(args.checkpoint, args.which)
     return rundir.load_model(checkpoint, args.model or None, **kwargs), checkpoint.run_args

@@ -417,7 +417,7 @@ def test_train_image_size_follows_the_backbone_and_builds_a_vit_for_it():
     from timm_mimo.factory import registered_cfg, resolve_img_size
 
     def resolve(name, kwargs, size):
-        return resolve_img_size(registered_cfg(name, kwargs), kwargs, size)
+        return resolve_img_size(registered_cfg(name, kwargs), kwargs, size)[0]
     # no --img-size: the backbone's registered input size (mimo_backbone's own cfg is generic), or the kwarg
     assert resolve('mimo_backbone', {'backbone': 'resnet10t'}, None) == \
         timm.models.get_pretrained_cfg('resnet10t').input_size[-1]

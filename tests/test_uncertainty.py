@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from timm_mimo.metrics import brier_score, expected_calibration_error, misclassification_auc, nll
+from timm_mimo.metrics import brier_score, classification_metrics, expected_calibration_error, misclassification_auc, nll
 from timm_mimo.uncertainty import (
     adaptive_calibration_error, average_precision, binary_auroc, classwise_calibration_error, fpr_at_tpr,
     member_disagreement, mutual_information, ood_detection_metrics, ood_metrics, predictive_entropy,
@@ -167,8 +167,12 @@ def test_uncertainty_metrics_keys_and_member_ece():
     labels = torch.randint(0, 5, (40,), generator=gen)
     metrics = uncertainty_metrics(members.mean(1), labels, members)
     assert set(metrics) == {'aurc', 'augrc', 'risk_at_80', 'risk_at_90', 'risk_at_95', 'ece_adaptive',
-                            'ece_classwise', 'member_ece', 'member_ece_adaptive'}
-    assert metrics['member_ece'][1] == pytest.approx(expected_calibration_error(members[:, 1], labels))
+                            'ece_classwise', 'member_ece_adaptive'}
+    # each member's ECE and NLL come with its top-1, from classification_metrics (train.py's report reads them)
+    plain = classification_metrics(None, labels, members)
+    assert plain['member_ece'][1] == pytest.approx(expected_calibration_error(members[:, 1], labels))
+    assert plain['member_nll'][0] == pytest.approx(nll(members[:, 0], labels))
+    assert plain['member_nll'][0] != pytest.approx(plain['member_nll'][1])
     scores = ood_metrics(members.mean(1), members.mean(1) * 0.1, members, members * 0.1)
     assert set(scores) == {'msp', 'entropy', 'mutual_info', 'disagreement'}
     # shrunken logits are less confident everywhere: MSP and entropy rank every OOD sample higher

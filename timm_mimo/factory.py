@@ -4,7 +4,8 @@ Our registered names already fail loudly inside timm for unpublished or uncached
 (``timm_mimo.models._pretrained``); this adds one-line errors for what happens before our code runs: an
 unknown architecture (a plugin not imported), an unknown tag, and ``hf-hub:`` downloads that fail.
 """
-from typing import Any, Dict, Optional
+import difflib
+from typing import Any, Dict, Optional, Tuple
 
 import torch.nn as nn
 
@@ -21,9 +22,8 @@ def create_model(model_name: str, pretrained: bool = False, **kwargs) -> nn.Modu
     except RuntimeError as e:
         message = str(e)
         if message.startswith('Unknown model'):
-            raise ValueError(
-                f'{message}: not in timm\'s registry. timm_mimo architectures are registered by "import timm_mimo", '
-                f'which must run before timm.create_model (for hf-hub: and local-dir: names too)') from e
+            raise unknown_model_error(model_name, 'timm_mimo architectures are registered by "import timm_mimo", '
+                                                  'which must run before timm.create_model') from e
         if message.startswith('Invalid pretrained tag'):
             arch = split_model_name_tag(model_name)[0]
             tags = [n.partition('.')[2] for n in timm.models.get_arch_pretrained_cfgs(arch)]
@@ -37,6 +37,16 @@ def create_model(model_name: str, pretrained: bool = False, **kwargs) -> nn.Modu
         raise error from e
 
 
+def unknown_model_error(model_name: str, hint: str = '') -> ValueError:
+    """The error for a name that is not in timm's registry, with the nearest registered names (a typo is the
+    usual cause: ``wrn16_2_mixm2`` -> ``wrn16_2_mixmo2``)."""
+    arch = split_model_name_tag(model_name)[0]
+    near = difflib.get_close_matches(arch, timm.list_models(), n=3, cutoff=0.6)
+    return ValueError(f'unknown model {model_name!r}: not in timm\'s registry' +
+                      (f'; did you mean {", ".join(near)}?' if near else '') +
+                      (f' ({hint})' if hint else ' (timm.list_models("*pattern*") lists the names)'))
+
+
 def registered_cfg(model_name: str, model_args: Dict[str, Any]) -> Optional[PretrainedCfg]:
     """The registered pretrained_cfg whose input size and normalisation the built model will have: the
     backbone's for ``mimo_backbone`` (the wrapper keeps its backbone's preprocessing), None where the name
@@ -46,17 +56,36 @@ def registered_cfg(model_name: str, model_args: Dict[str, Any]) -> Optional[Pret
     return timm.models.get_pretrained_cfg(model_name)
 
 
-def resolve_img_size(cfg: Optional[PretrainedCfg], model_args: Dict[str, Any], img_size: Optional[int]) -> int:
-    """The training image side: ``img_size`` (``--img-size``) if given, else the model argument, else the
-    input size of ``cfg`` (:func:`registered_cfg`; 32 if None). A model built for one input size (a ViT: timm's
-    ``fixed_input_size``) is built for ``img_size``: it is added to ``model_args``, so that the patch grid
-    matches the data and the saved model is rebuilt the same."""
+def resolve_img_size(cfg: Optional[PretrainedCfg], model_args: Dict[str, Any], img_size: Optional[int],
+                     data_size: Optional[int] = None) -> Tuple[int, str]:
+    """(training image side, why that side), for the run's log. In order: ``img_size`` (``--img-size``), the
+    model argument, the registered input size of a model built for one size (timm's ``fixed_input_size``: a
+    ViT), ``data_size`` (the data set's own side) for a model that takes any size, else the registered size
+    of ``cfg`` (:func:`registered_cfg`; 32 if None). Training a CNN at its registered ImageNet size would
+    upscale 32 px images 7x (and cost ~49x the compute) for nothing. A fixed-size model given ``img_size`` is
+    built for it: it is added to ``model_args``, so that the patch grid matches the data and the saved model
+    is rebuilt the same."""
     given = model_args.get('img_size')
     side = given if isinstance(given, int) else given[-1] if given else None
     if img_size is None:
-        return side or (cfg.input_size[-1] if cfg is not None else 32)
+        if side:
+            return side, f'the model argument img_size={given}'
+        if cfg is None:  # hf-hub: / local-dir: names: their config is read when the model is built
+            return data_size or 32, 'the data set\'s own size' if data_size else 'the default for a model read ' \
+                'from a config (give --img-size)'
+        registered = cfg.input_size[-1]
+        if cfg.fixed_input_size:
+            return registered, f'the model is built for its registered {registered} px only (--img-size N builds ' \
+                               f'it for N)'
+        if data_size == registered:
+            return data_size, 'the data set\'s own size and the model\'s registered one'
+        if data_size:
+            return data_size, f'the data set\'s own size; the model takes any input size (registered at ' \
+                              f'{registered} px; --img-size N to rescale the images)'
+        return registered, 'the model\'s registered size: the data set\'s images have no single size ' \
+                           '(--img-size N to change it)'
     if given is not None and side != img_size:
         raise ValueError(f'--img-size {img_size} contradicts the model argument img_size={given}: give one of them')
     if cfg is not None and cfg.fixed_input_size and given is None:
         model_args['img_size'] = img_size
-    return img_size
+    return img_size, '--img-size'

@@ -208,9 +208,10 @@ def classification_metrics(
 
     ``ensemble_logits`` may be None when ``member_logits`` are given: it is then their mean (spec §4.4).
     Keys: ``top1``, ``top5``, ``member_top1`` (list), ``member_mean_top1`` (all in %), ``nll``, ``ece``,
-    ``brier``, ``auc`` (None if undefined), and for M >= 2 members ``best_member_top1``, ``ensemble_gain``
-    (top1 − best member top1, in points), ``disagreement``, ``ratio_errors``; those four are None when
-    there is a single member. Without ``member_logits`` the model counts as one member: member_top1 = [top1].
+    ``member_nll``, ``member_ece`` (lists), ``brier``, ``auc`` (None if undefined), and for M >= 2 members
+    ``best_member_top1``, ``ensemble_gain`` (top1 − best member top1, in points), ``disagreement``,
+    ``ratio_errors``; those four are None when there is a single member. Without ``member_logits`` the model
+    counts as one member: member_top1 = [top1] (and its NLL and ECE).
     """
     if ensemble_logits is None:
         if member_logits is None:
@@ -227,13 +228,16 @@ def classification_metrics(
         'auc': misclassification_auc(logits, labels),
     }
     if member_logits is None:
-        member_top1 = [top1]
+        member_top1, metrics['member_nll'], metrics['member_ece'] = [top1], [metrics['nll']], [metrics['ece']]
     else:
         if member_logits.dim() != 3 or member_logits.shape[0] != logits.shape[0]:
             raise ValueError(
                 f'expected member logits ({logits.shape[0]}, M, K), got shape {tuple(member_logits.shape)}')
         preds = member_logits.argmax(dim=-1)
         member_top1 = (100.0 * (preds == labels.to(preds.device)[:, None]).float().mean(0)).tolist()
+        members = member_logits.float().unbind(1)
+        metrics['member_nll'] = [nll(m, labels) for m in members]
+        metrics['member_ece'] = [expected_calibration_error(m, labels, num_bins) for m in members]
     metrics['member_top1'] = member_top1
     metrics['member_mean_top1'] = sum(member_top1) / len(member_top1)
     diverse = member_logits is not None and member_logits.shape[1] >= 2

@@ -360,7 +360,8 @@ def load_model(checkpoint: Checkpoint, model_name: Optional[str] = None, **kwarg
         if not model_name:
             raise ValueError(f'{checkpoint.weights} is a weights file: name its architecture with --model')
         if not timm.is_model(model_name):
-            raise ValueError(f'unknown model {model_name!r}: not in timm\'s registry')
+            from .factory import unknown_model_error
+            raise unknown_model_error(model_name)
         model = timm.create_model(model_name, **kwargs)
         load_weights(model, checkpoint.weights)
         return model

@@ -7,7 +7,9 @@ changes in its recipe (all but :data:`LOCAL_KEYS`) is warned about and recorded 
 """
 import argparse
 import math
+import re
 from pathlib import Path
+from typing import List, Tuple
 
 import yaml
 
@@ -57,7 +59,7 @@ def build_parser(description: str = '') -> argparse.ArgumentParser:
     g = p.add_argument_group('batch and MIMO mixing')
     g.add_argument('-b', '--batch-size', type=int, default=64, help='global mixed samples per optimizer step')
     g.add_argument('--batch-repeat', type=int, default=1, help='copies of each unique image per batch (b)')
-    g.add_argument('--grad-accum-steps', type=int, default=1)
+    g.add_argument('--grad-accum-steps', type=int, default=1, help='micro-steps summed per optimizer step')
     g.add_argument('--mix-mode', default=None, choices=['mimo', 'linear', 'cut', 'box', 'token', 'automix'],
                    help="MIMO masks; default the model's ('cut' for MixMo CNNs, binary 'box' for MixViT); "
                         "'automix' (M = 2, experimental): Cut-MixMo with a learned Mix Block mask in place of "
@@ -68,8 +70,8 @@ def build_parser(description: str = '') -> argparse.ArgumentParser:
     g.add_argument('--weight-root', type=float, default=3.0, help='root r of the member loss weights')
     g.add_argument('--msda', default='none', choices=['none', 'cutmix', 'mixup', 'automix'],
                    help="per-member pixel MSDA; 'automix' (M = 1): AutoMix's learned Mix Block")
-    g.add_argument('--msda-prob', type=float, default=0.5)
-    g.add_argument('--msda-alpha', type=float, default=1.0)
+    g.add_argument('--msda-prob', type=float, default=0.5, help='probability of --msda per batch')
+    g.add_argument('--msda-alpha', type=float, default=1.0, help='MSDA ratio ~ Beta(alpha, alpha)')
     g.add_argument('--mixup', type=float, default=0.0, help='timm alias: --msda mixup --msda-alpha A')
     g.add_argument('--cutmix', type=float, default=0.0, help='timm alias: --msda cutmix --msda-alpha A')
     g.add_argument('--smoothing', type=float, default=0.0, help='label smoothing')
@@ -99,24 +101,27 @@ def build_parser(description: str = '') -> argparse.ArgumentParser:
                    help='write a PNG grid of mixed samples every N epochs (0 = off)')
     g = p.add_argument_group('optimizer and schedule (timm factories)')
     g.add_argument('--opt', default='sgd', help="timm optimizer name ('sgd' is Nesterov SGD)")
-    g.add_argument('--lr', type=float, default=0.05)
-    g.add_argument('--weight-decay', type=float, default=5e-4)
+    g.add_argument('--lr', type=float, default=0.05, help='peak learning rate for the global batch -b')
+    g.add_argument('--weight-decay', type=float, default=5e-4,
+                   help="weight decay, applied by the optimizer's own rule (decoupled for AdamW); BN and biases "
+                        "excluded unless --wd-all")
     g.add_argument('--wd-all', action='store_true',
                    help='decay every parameter incl. BN and biases (MixMo\'s L2 on all parameters)')
-    g.add_argument('--momentum', type=float, default=0.9)
-    g.add_argument('--clip-grad', type=float, default=None)
+    g.add_argument('--momentum', type=float, default=0.9,
+                   help='momentum of SGD / RMSprop-type optimizers (Adam-type ones use their betas)')
+    g.add_argument('--clip-grad', type=float, default=None, help='clip the gradient norm to this (None: no clipping)')
     g.add_argument('--sched', default='cosine', help='timm scheduler: cosine, multistep, step, ...')
-    g.add_argument('--epochs', type=int, default=10)
+    g.add_argument('--epochs', type=int, default=10, help='epochs to train')
     g.add_argument('--warmup-epochs', type=float, default=1, help='linear warmup, per optimizer step')
-    g.add_argument('--warmup-lr', type=float, default=1e-5)
-    g.add_argument('--min-lr', type=float, default=0.0)
+    g.add_argument('--warmup-lr', type=float, default=1e-5, help='learning rate at the first warmup step')
+    g.add_argument('--min-lr', type=float, default=0.0, help='lowest learning rate of the cosine / step schedules')
     g.add_argument('--decay-milestones', type=int, nargs='+', default=[90, 180, 270],
                    help='multistep: epochs (0-based) at which the lr is multiplied by --decay-rate')
-    g.add_argument('--decay-rate', type=float, default=0.1)
+    g.add_argument('--decay-rate', type=float, default=0.1, help='step / multistep: lr factor at each milestone')
     g = p.add_argument_group('speed and precision')
     g.add_argument('--amp', action=argparse.BooleanOptionalAction, default=False,
                    help='mixed precision through Accelerate (--no-amp overrides a config)')
-    g.add_argument('--amp-dtype', default='bfloat16', choices=['bfloat16', 'float16'])
+    g.add_argument('--amp-dtype', default='bfloat16', choices=['bfloat16', 'float16'], help='autocast type with --amp')
     g.add_argument('--channels-last', action=argparse.BooleanOptionalAction, default=False,
                    help='channels-last memory format (--no-channels-last overrides a config)')
     g.add_argument('--torchcompile', nargs='?', const='inductor', default=None, metavar='BACKEND',
@@ -125,22 +130,22 @@ def build_parser(description: str = '') -> argparse.ArgumentParser:
     g.add_argument('--torchcompile-mode', default=None, help="torch.compile mode, e.g. 'max-autotune'")
     g.add_argument('--fused-opt', action=argparse.BooleanOptionalAction, default=None,
                    help="PyTorch's fused optimizer step (SGD, Adam, AdamW); default: on for CUDA where available")
-    g.add_argument('--grad-checkpointing', action='store_true')
+    g.add_argument('--grad-checkpointing', action='store_true', help='recompute activations in backward (less memory)')
     g.add_argument('--limit-train-batches', type=int, default=None, help='at most this many steps per epoch')
     g.add_argument('--log-interval', type=int, default=50,
                    help='optimizer steps between host syncs: loss check, progress bar, and a log line when stderr '
                         'is not a terminal')
     g = p.add_argument_group('EMA')
     g.add_argument('--model-ema', action='store_true', help='keep an EMA of the weights, evaluated each epoch')
-    g.add_argument('--model-ema-decay', type=float, default=0.999)
+    g.add_argument('--model-ema-decay', type=float, default=0.999, help='EMA decay per optimizer step')
     g = p.add_argument_group('output')
-    g.add_argument('--seed', type=int, default=42)
+    g.add_argument('--seed', type=int, default=42, help='seeds the weights, the data order and every mixing draw')
     g.add_argument('--output', default='output/train', help='parent folder of the experiment folders')
     g.add_argument('--experiment', default='', help='experiment folder name (default: date-model)')
     g.add_argument('--resume', default='', help='experiment folder (or checkpoint) to continue from, with its own arguments (args.yaml)')
     g.add_argument('--checkpoint-hist', type=int, default=1, help='complete checkpoints to keep')
     g.add_argument('--eval-metric', default='top1', help='validation metric that selects the best epoch')
-    g.add_argument('--log-tensorboard', action='store_true')
+    g.add_argument('--log-tensorboard', action='store_true', help='log the summary columns to <run>/tensorboard/')
     g.add_argument('--debug', action='store_true', help='show tracebacks instead of one-line errors')
     return p
 
@@ -197,6 +202,26 @@ def read_config(path: Path, parser: argparse.ArgumentParser) -> dict:
     if unknown:
         raise ValueError(f'unknown config key(s) in {path}: {", ".join(unknown)}')
     return {k: _config_value(actions[k], k, v, str(path)) for k, v in config.items()}
+
+
+# the first line of a config that runs a row of a paper: "# MixMo paper row: ..." (configs/README.md)
+_PAPER_ROW = re.compile(r'# \w+ paper (row|baseline):')
+
+
+def recipes_for(model: str, configs_dir: Path) -> Tuple[List[Path], List[Path]]:
+    """(configs that run a paper's row, the other configs) in ``configs_dir`` that train ``model``'s
+    architecture (its tag aside), each list sorted. A file is a paper row when its first line says so."""
+    arch = model.partition('.')[0]
+    rows, others = [], []
+    for path in sorted(configs_dir.rglob('*.yaml')):
+        try:
+            text = path.read_text()
+            config = yaml.safe_load(text)
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            continue  # not ours to judge here: -c reports a broken config when it is used
+        if isinstance(config, dict) and str(config.get('model', '')).partition('.')[0] == arch:
+            (rows if _PAPER_ROW.match(text) else others).append(path)
+    return rows, others
 
 
 def check_values(args: argparse.Namespace):

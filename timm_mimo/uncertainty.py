@@ -20,7 +20,7 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
-from .metrics import _check, _probs, expected_calibration_error
+from .metrics import _check, _probs
 
 __all__ = [
     'predictive_entropy', 'mutual_information', 'member_disagreement', 'uncertainty_scores',
@@ -249,13 +249,13 @@ def classwise_calibration_error(scores: torch.Tensor, labels: torch.Tensor, num_
 def uncertainty_metrics(logits: torch.Tensor, labels: torch.Tensor, member_logits: Optional[torch.Tensor] = None,
                         num_bins: int = 15) -> Dict[str, object]:
     """Selective classification and calibration metrics of one set (keys of :func:`selective_metrics` plus
-    ``ece_adaptive``, ``ece_classwise`` and, with member logits, ``member_ece`` / ``member_ece_adaptive``)."""
+    ``ece_adaptive``, ``ece_classwise`` and, with member logits, ``member_ece_adaptive``; ``member_ece`` is
+    :func:`timm_mimo.metrics.classification_metrics`'s)."""
     metrics: Dict[str, object] = dict(selective_metrics(logits, labels))
     metrics['ece_adaptive'] = adaptive_calibration_error(logits, labels, num_bins)
     metrics['ece_classwise'] = classwise_calibration_error(logits, labels, num_bins)
     if member_logits is not None and member_logits.dim() == 3:
         members = member_logits.unbind(1)
-        metrics['member_ece'] = [expected_calibration_error(m, labels, num_bins) for m in members]
         metrics['member_ece_adaptive'] = [adaptive_calibration_error(m, labels, num_bins) for m in members]
     return metrics
 

@@ -8,7 +8,7 @@ import timm.data
 from ..constants import CIFAR10_CLASSES
 from .cifar_zip import CifarZipDataset, default_cifar10_zip
 
-__all__ = ['create_dataset', 'resolve_num_classes']
+__all__ = ['create_dataset', 'native_img_size', 'resolve_num_classes']
 
 _ZIP_NAMES = ('cifar10-zip',)
 
@@ -43,13 +43,26 @@ def create_dataset(
         path = Path(root) if root is not None else default_cifar10_zip()
         if path.is_dir():
             path = path / 'train.zip'
+        if root is None and not path.exists():
+            where = 'where $TIMM_MIMO_CIFAR10_ZIP points' if os.environ.get('TIMM_MIMO_CIFAR10_ZIP') else \
+                'its default place'
+            raise FileNotFoundError(f'the CIFAR-10 zip is not at {path} ({where}): give the zip (or its folder) with '
+                                    f'--data-dir, or set TIMM_MIMO_CIFAR10_ZIP')
     elif _is_zip(name):
         path = Path(name)
     elif not name and _is_zip(root):
         path = Path(root)
     else:
-        return timm.data.create_dataset(
-            name, root=root, split=split, is_training=is_training, download=download, **kwargs)
+        try:
+            return timm.data.create_dataset(
+                name, root=root, split=split, is_training=is_training, download=download, **kwargs)
+        except OSError as e:  # urllib's URLError offline: "<urlopen error ...>" alone says nothing of the cure
+            if not download:
+                raise
+            raise OSError(f'downloading {name} into {root} failed ({" ".join(str(e).split())}): offline, put the '
+                          f'files the library reads there yourself (torchvision\'s layout: e.g. '
+                          f'{Path(root or ".") / "cifar-10-batches-py"} for torch/cifar10), give that folder with '
+                          f'--data-dir and leave out --dataset-download') from e
 
     if download:
         raise ValueError(f'Zip datasets cannot be downloaded; expected the archive at {path}.')
@@ -68,6 +81,18 @@ def create_dataset(
         # a wrong archive would otherwise only show up as a silently mislabelled run
         raise ValueError(f'{path} does not hold the CIFAR-10 classes, found {ds.classes}.')
     return ds
+
+
+def native_img_size(name: str, root: Optional[Union[str, os.PathLike]] = None) -> Optional[int]:
+    """The side every image of the data set ``name`` (``root``) has, where the name tells it without reading the
+    files: 32 for the CIFAR sets (a CIFAR zip, ``torch/cifar10``, ``torch/cifar100``) and for the embedded
+    digits (``name == ''`` without ``root``: 8 px images served at 32 px, the CIFAR networks' size); None where
+    the files decide (image folders, tars, other libraries' sets)."""
+    if not name and not root:
+        return 32
+    if name in (*_ZIP_NAMES, 'torch/cifar10', 'torch/cifar100') or _is_zip(name) or (not name and _is_zip(root)):
+        return 32
+    return None
 
 
 def resolve_num_classes(dataset) -> int:
