@@ -11,11 +11,13 @@ from PIL import Image
 
 from timm_mimo.report import model_card_section, report_section, write_report
 from timm_mimo.uncertainty import risk_coverage_curve
-from timm_mimo.visualize import risk_coverage_plot, score_histogram
+from timm_mimo.visualize import _ACC_FILL, _GAP_FILL, _HIST_ALPHA, _SERIES, _nice_ticks, _over, \
+    reliability_diagram, risk_coverage_plot, save_mix_grid, score_histogram
 
 REPO = Path(__file__).resolve().parents[1]
-# _chart's plot area on the default 640 x 480 canvas: x from 84 to 620, y from 48 (top) to 416 (bottom)
-LEFT, WIDTH, TOP, HEIGHT = 84, 536, 48, 368
+# _chart's plot area on the default 640 x 480 canvas: x from 84 to 608, y from 48 (top) to 416 (bottom)
+LEFT, WIDTH, TOP, HEIGHT = 84, 524, 48, 368
+WHITE = (255, 255, 255)
 
 
 def column_colours(image: Image.Image, x: int):
@@ -44,7 +46,7 @@ def test_risk_coverage_plot_draws_the_curve_at_its_values(tmp_path):
     correct = torch.rand(1000, generator=torch.Generator().manual_seed(0)) > torch.linspace(0, 0.8, 1000)
     coverage, risk = risk_coverage_curve(confidence, correct)
     path = risk_coverage_plot({'model': (coverage, risk)}, tmp_path / 'rc.png')
-    top = float(torch.ceil(risk.max() * 20) / 20)  # the y range ends at the next 5 % step
+    top = _nice_ticks(0.0, float(torch.ceil(risk.max() * 20) / 20))[0][-1]  # the next 5 % step, then a round tick
     with Image.open(path) as image:
         image = image.convert('RGB')
         for index in (400, 700, 999):
@@ -54,6 +56,96 @@ def test_risk_coverage_plot_draws_the_curve_at_its_values(tmp_path):
             assert any(b > r + 80 for r, _, b in window), index  # the first series colour, (40, 90, 190)
     with pytest.raises(ValueError):
         risk_coverage_plot({}, tmp_path / 'none.png')
+
+
+def near(colour, target, tolerance=3) -> bool:
+    return all(abs(a - b) <= tolerance for a, b in zip(colour, target))
+
+
+def test_overlapping_histograms_show_both_sets_and_their_overlap_colour_in_the_legend(tmp_path):
+    scores = torch.linspace(0.0, 1.0, 300)
+    path = score_histogram(scores, scores[::2], tmp_path / 'h.png', 'score')  # the same range: all overlap
+    in_colour = _over((*_SERIES[0], _HIST_ALPHA), WHITE)
+    both = _over((*_SERIES[1], _HIST_ALPHA), in_colour)
+    with Image.open(path) as image:
+        image = image.convert('RGB')
+        middle = column_colours(image, LEFT + WIDTH // 2 + 3)
+        legend = [image.getpixel((x, y)) for x in range(LEFT + 280, LEFT + 300) for y in range(TOP, TOP + 80)]
+    # where both sets have samples the second one no longer hides the first: their colours mix
+    assert any(near(c, both) for c in middle) and not any(near(c, _over((*_SERIES[1], _HIST_ALPHA), WHITE))
+                                                           for c in middle)
+    assert any(near(c, both) for c in legend)  # the mixed colour is explained
+
+
+@pytest.mark.parametrize('low,high,ticks,form', [
+    (0.0296, 0.849, [0.0, 0.2, 0.4, 0.6, 0.8, 1.0], '.1f'),   # was 0.0296, 0.193, 0.357, ... 0.849
+    (0.0, 0.151, [0.0, 0.05, 0.1, 0.15, 0.2], '.2f'),
+    (0.0, 1.0, [0.0, 0.2, 0.4, 0.6, 0.8, 1.0], '.1f'),
+    (3.0, 47.0, [0.0, 10.0, 20.0, 30.0, 40.0, 50.0], '.0f'),
+    (0.0, 0.0125, [0.0, 0.0025, 0.005, 0.0075, 0.01, 0.0125], '.4f'),
+])
+def test_chart_ticks_are_round_numbers_that_cover_the_range(low, high, ticks, form):
+    assert _nice_ticks(low, high) == (pytest.approx(ticks), form)
+
+
+def test_every_tick_label_of_a_chart_lies_inside_the_picture(tmp_path):
+    # a range ending far from a round number used to put its last label across the right edge
+    path = score_histogram(torch.linspace(0, 123456, 50), torch.linspace(0, 123456, 50), tmp_path / 'w.png', 's')
+    with Image.open(path) as image:
+        image = image.convert('RGB')
+        labels = [image.getpixel((x, y)) for x in range(image.width - 40, image.width)
+                  for y in range(TOP + HEIGHT + 4, TOP + HEIGHT + 26)]
+        edge = [image.getpixel((image.width - 1, y)) for y in range(image.height)]
+    assert any(sum(c) < 300 for c in labels)  # the last label is there...
+    assert all(c == WHITE for c in edge)      # ...and nothing is cut at the edge
+
+
+def test_reliability_legend_shows_the_colour_of_the_gap_inside_the_bars(tmp_path):
+    # underconfident: every prediction right at confidence ~0.55, so the gap is drawn over the blue bar
+    labels = torch.arange(200) % 4
+    logits = torch.zeros(200, 4)
+    logits[torch.arange(200), labels] = 1.3
+    path = reliability_diagram(logits, labels, tmp_path / 'r.png')
+    purple = _over(_GAP_FILL, _ACC_FILL)
+    with Image.open(path) as image:
+        image = image.convert('RGB')
+        pixels = list(image.getdata())
+        legend = [image.getpixel((x, y)) for x in range(80 + 12, 80 + 34) for y in range(56 + 12, 56 + 100)]
+    assert any(near(c, purple) for c in pixels)
+    assert any(near(c, purple) for c in legend)
+
+
+def test_mix_grid_of_small_images_is_readable_and_its_long_title_is_wrapped_not_cut(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    samples = dict(image=torch.rand(3, 3, 8, 8, generator=gen), partner=torch.rand(3, 3, 8, 8, generator=gen),
+                   mask=torch.ones(3, 1, 8, 8) * 0.3, mixed=torch.rand(3, 3, 8, 8, generator=gen), lam=0.7)
+    title = 'epoch 2: MixMo cut masks (members 0 and 1; mixed = pixel illustration); this batch linear, ' \
+            'patch probability 0.00 this epoch (decayed to 0 over the last 1/12 of training: linear mixing only)'
+    short = save_mix_grid(tmp_path / 'short.png', samples, title='epoch 2')
+    long = save_mix_grid(tmp_path / 'long.png', samples, title=title)
+    with Image.open(short) as a, Image.open(long) as b:
+        assert a.width >= 4 * 80 and a.width == b.width  # 8 px images drawn at 80 px, whatever the title
+        assert b.height > a.height  # the title took more lines
+        b = b.convert('RGB')
+        assert all(b.getpixel((b.width - 1, y)) == WHITE for y in range(b.height - a.height + 40))
+
+
+def test_mix_picture_title_says_when_cut_mixmo_mixes_linearly(tmp_path):
+    import timm
+    import timm_mimo  # noqa: F401
+    from timm_mimo.batch import MimoBatchBuilder
+    from timm_mimo.tasks import MimoTask
+    model = timm.create_model('wrn16_2_mixmo2')
+    builder = MimoBatchBuilder.from_model(model, (32, 32), batch_repeat=2, mix_mode='cut', mix_prob=1.0, seed=0)
+    task = MimoTask(model, builder)
+    images, labels = torch.randn(4, 3, 32, 32), torch.arange(4)
+    titles = []
+    for epoch in (0, 2):  # a 3-epoch run: the last epoch is in the decay, at patch probability 0
+        task.set_epoch(epoch, 3)
+        gen = torch.Generator().manual_seed(0)
+        titles.append(task._pictures(builder(images, labels, generator=gen), images, gen)[1])
+    assert 'this batch patches, patch probability 1.00' in titles[0] and 'linear mixing only' not in titles[0]
+    assert 'this batch linear, patch probability 0.00 this epoch' in titles[1] and 'linear mixing only' in titles[1]
 
 
 def single_model_results():

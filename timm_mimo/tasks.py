@@ -104,13 +104,25 @@ class MimoTask:
         from .visualize import mimo_samples, msda_samples
         if batch.inputs.shape[1] >= 2:
             return mimo_samples(batch.inputs, batch.masks), \
-                f'MixMo {self.builder.mix_mode} masks (members 0 and 1; mixed = pixel illustration)'
+                f'MixMo {self.builder.mix_mode} masks (members 0 and 1; mixed = pixel illustration)' + \
+                self._patch_note(batch)
         if self.builder.msda is not None:
             # fresh draws of the same MSDA on this step's images (the builder keeps its partners to itself)
             alpha = self.builder.msda_alpha
             return msda_samples(images.float(), self.builder.msda, alpha, generator), \
                 f'{self.builder.msda} (alpha {alpha}, drawn for the picture)'
         return None, 'nothing is mixed in this run (M = 1, no MSDA)'
+
+    def _patch_note(self, batch: MimoBatch) -> str:
+        """Cut-MixMo mixes a batch with patches or linearly (plain grey masks): say which, and the epoch's
+        patch probability, which decays to 0 over the last 1/12 of training (a short run's last epoch)."""
+        from .mixing import patch_mix_prob
+        if self.builder.mix_mode != 'cut':
+            return ''
+        p = patch_mix_prob(self.builder.progress, self.builder.mix_prob)
+        patches = bool(((batch.masks == 0) | (batch.masks == 1)).all())
+        return f'; this batch {"patches" if patches else "linear"}, patch probability {p:.2f} this epoch' + \
+            (' (decayed to 0 over the last 1/12 of training: linear mixing only)' if p == 0 else '')
 
     # --- evaluation and what is kept ------------------------------------------------------------------
 

@@ -31,6 +31,7 @@ from .mixing import box_masks, sample_beta
 from .msda import check_msda_mode
 
 COLUMNS = ('image', 'partner', 'mask', 'mixed')
+_MIN_CELL = 80  # pixels per drawn image: an 8 x 8 digit at scale 3 is too small to read
 
 
 def mimo_samples(inputs: torch.Tensor, masks: torch.Tensor) -> Dict[str, torch.Tensor]:
@@ -106,24 +107,30 @@ def save_mix_grid(path, samples: Dict[str, torch.Tensor], mean: Sequence[float] 
     lam = lam.expand(n) if lam.numel() == 1 else lam[:n]
 
     own_px = 1 - columns[2][..., 0].float().mean((1, 2)) / 255
-    cell_h, cell_w, pad, label_w, header = h * scale, w * scale, 4, 72, 16
-    title_h = 14 if title else 0
+    scale = max(scale, math.ceil(_MIN_CELL / max(h, w)))  # 8-16 px images: cells a reader can see
+    cell_h, cell_w, pad = h * scale, w * scale, 6
+    font = _font(14)
+    probe = ImageDraw.Draw(Image.new('RGB', (1, 1)))
+    label_w = _text_size(probe, 'lambda / px', font)[0] + 2 * pad
     width = pad + len(COLUMNS) * (cell_w + pad) + label_w
+    lines = _wrap(probe, title, font, width - 2 * pad) if title else []
+    line_h = _text_size(probe, 'Ag', font)[1] + 6
+    title_h, header = len(lines) * line_h + (pad if lines else 0), line_h + 2
     height = title_h + header + pad + n * (cell_h + pad)
     canvas = Image.new('RGB', (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
-    if title:
-        draw.text((pad, 1), title, fill=(0, 0, 0))
+    for k, line in enumerate(lines):
+        draw.text((pad, pad // 2 + k * line_h), line, font=font, fill=_TEXT)
     for j, name in enumerate(COLUMNS):
-        draw.text((pad + j * (cell_w + pad), title_h + 2), name, fill=(0, 0, 0))
-    draw.text((pad + len(COLUMNS) * (cell_w + pad), title_h + 2), 'lambda / px', fill=(0, 0, 0))
+        draw.text((pad + j * (cell_w + pad), title_h + 2), name, font=font, fill=_TEXT)
+    draw.text((pad + len(COLUMNS) * (cell_w + pad) + pad, title_h + 2), 'lambda / px', font=font, fill=_TEXT)
     for i in range(n):
         top = title_h + header + pad + i * (cell_h + pad)
         for j, col in enumerate(columns):
             tile = Image.fromarray(col[i].numpy(), 'RGB').resize((cell_w, cell_h), Image.NEAREST)
             canvas.paste(tile, (pad + j * (cell_w + pad), top))
-        draw.text((pad + len(COLUMNS) * (cell_w + pad), top + cell_h // 2 - 12),
-                  f'{float(lam[i]):.3f}\n{float(own_px[i]):.3f}', fill=(0, 0, 0))
+        draw.text((pad + len(COLUMNS) * (cell_w + pad) + pad, top + cell_h // 2 - line_h),
+                  f'{float(lam[i]):.3f}\n{float(own_px[i]):.3f}', font=font, fill=_TEXT, spacing=6)
     return save_png(canvas, path)
 
 
@@ -144,6 +151,34 @@ def _font(size: int) -> ImageFont.ImageFont:
 def _text_size(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont) -> Tuple[int, int]:
     left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
     return right - left, bottom - top
+
+
+def _wrap(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont, width: int) -> list:
+    """``text`` cut at spaces into lines no wider than ``width`` pixels (a longer single word stays whole)."""
+    lines = []
+    for word in text.split(' '):
+        if lines and _text_size(draw, f'{lines[-1]} {word}', font)[0] <= width:
+            lines[-1] = f'{lines[-1]} {word}'
+        else:
+            lines.append(word)
+    return lines
+
+
+def _over(colour: Tuple[int, int, int, int], base: Tuple[int, ...]) -> Tuple[int, int, int]:
+    """The RGB that the translucent ``colour`` shows over ``base`` (what alpha compositing draws)."""
+    alpha = colour[3] / 255
+    return tuple(round(c * alpha + b * (1 - alpha)) for c, b in zip(colour[:3], base[:3]))
+
+
+def _nice_ticks(low: float, high: float, count: int = 5) -> Tuple[list, str]:
+    """About ``count`` + 1 round tick values (steps of 1, 2, 2.5 or 5 x 10^k) from at or below ``low`` to at
+    or above ``high``, and the format that prints them without spurious digits."""
+    span = max(high - low, 1e-12)
+    magnitude = 10 ** math.floor(math.log10(span / count))
+    step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if span / (m * magnitude) <= count)
+    start, stop = math.floor(low / step + 1e-9), math.ceil(high / step - 1e-9)
+    decimals = max(0, -math.floor(math.log10(step) + 1e-9) + (1 if round(step / magnitude, 1) == 2.5 else 0))
+    return [round(i * step, decimals + 2) for i in range(start, stop + 1)], f'.{decimals}f'
 
 
 def _vertical_text(image: Image.Image, text: str, font: ImageFont.ImageFont, center: Tuple[int, int]) -> None:
@@ -249,13 +284,17 @@ def reliability_diagram(
     draw.text((left + 6, hist_top + 4), share, font=small, fill=_TEXT)
 
     # legend in the upper-left triangle, which the bars of a sensible model leave empty
-    legend = [('Accuracy', _ACC_FILL), ('Gap |confidence - accuracy|', _GAP_FILL[:3]), ('Perfect calibration', None)]
+    # the gap is translucent: over white above a bar (confidence > accuracy), over the bar's blue inside it
+    legend = [('Accuracy', _ACC_FILL, _ACC_LINE),
+              ('Gap, overconfident (confidence > accuracy)', _over(_GAP_FILL, (255, 255, 255)), _GAP_LINE[:3]),
+              ('Gap, underconfident (accuracy > confidence)', _over(_GAP_FILL, _ACC_FILL), _GAP_LINE[:3]),
+              ('Perfect calibration', None, None)]
     lx, ly = left + 12, top + 12
-    for text, colour in legend:
+    for text, colour, line in legend:
         if colour is None:
             draw.line([(lx, ly + 8), (lx + 22, ly + 8)], fill=_DIAGONAL, width=2)
         else:
-            draw.rectangle([lx, ly + 1, lx + 22, ly + 15], fill=colour, outline=_AXIS)
+            draw.rectangle([lx, ly + 1, lx + 22, ly + 15], fill=colour, outline=line)
         draw.text((lx + 30, ly), text, font=small, fill=_TEXT)
         ly += 22
 
@@ -277,17 +316,21 @@ def reliability_diagram(
 
 
 _SERIES = ((40, 90, 190), (210, 80, 30), (40, 150, 70), (150, 60, 170), (120, 120, 120))
+_HIST_ALPHA = 110
 
 
 def _chart(xlim: Tuple[float, float], ylim: Tuple[float, float], xlabel: str, ylabel: str, title: str,
            size: Tuple[int, int] = (640, 480)):
     """A white canvas with a framed, gridded plot area; returns (image, draw, x_px, y_px, font)."""
     width, height = size
-    left, right, top, bottom = 84, 20, 48, 64
+    left, right, top, bottom = 84, 32, 48, 64
     image = Image.new('RGB', size, 'white')
     draw = ImageDraw.Draw(image)
     font, small = _font(16), _font(13)
     plot_w, plot_h = width - left - right, height - top - bottom
+    # round ticks, the axes widened to the outer ones
+    (x_ticks, x_format), (y_ticks, y_format) = _nice_ticks(*xlim), _nice_ticks(*ylim)
+    xlim, ylim = (x_ticks[0], x_ticks[-1]), (y_ticks[0], y_ticks[-1])
 
     def x_px(value: float) -> float:
         return left + (value - xlim[0]) / (xlim[1] - xlim[0]) * plot_w
@@ -295,17 +338,16 @@ def _chart(xlim: Tuple[float, float], ylim: Tuple[float, float], xlabel: str, yl
     def y_px(value: float) -> float:
         return top + plot_h - (value - ylim[0]) / (ylim[1] - ylim[0]) * plot_h
 
-    for i in range(6):
-        for axis, lim in (('x', xlim), ('y', ylim)):
-            value = lim[0] + i * (lim[1] - lim[0]) / 5
-            label = f'{value:.3g}'
-            tw, th = _text_size(draw, label, small)
-            if axis == 'x':
-                draw.line([(x_px(value), top), (x_px(value), top + plot_h)], fill=_GRID)
-                draw.text((x_px(value) - tw / 2, top + plot_h + 8), label, font=small, fill=_TEXT)
-            else:
-                draw.line([(left, y_px(value)), (left + plot_w, y_px(value))], fill=_GRID)
-                draw.text((left - 9 - tw, y_px(value) - th / 2 - 2), label, font=small, fill=_TEXT)
+    for value in x_ticks:
+        label = format(value, x_format)
+        tw, th = _text_size(draw, label, small)
+        draw.line([(x_px(value), top), (x_px(value), top + plot_h)], fill=_GRID)
+        draw.text((min(x_px(value) - tw / 2, width - tw - 2), top + plot_h + 8), label, font=small, fill=_TEXT)
+    for value in y_ticks:
+        label = format(value, y_format)
+        tw, th = _text_size(draw, label, small)
+        draw.line([(left, y_px(value)), (left + plot_w, y_px(value))], fill=_GRID)
+        draw.text((left - 9 - tw, y_px(value) - th / 2 - 2), label, font=small, fill=_TEXT)
     draw.rectangle([left, top, left + plot_w, top + plot_h], outline=_AXIS)
     xw, _ = _text_size(draw, xlabel, font)
     draw.text((left + plot_w / 2 - xw / 2, height - 30), xlabel, font=font, fill=_TEXT)
@@ -313,7 +355,7 @@ def _chart(xlim: Tuple[float, float], ylim: Tuple[float, float], xlabel: str, yl
     title_font = _font(17)
     tw, _ = _text_size(draw, title, title_font)
     draw.text(((width - min(tw, width)) / 2, 14), title, font=title_font, fill=_TEXT)
-    return image, draw, x_px, y_px, small
+    return image, draw, x_px, y_px, small, xlim, ylim
 
 
 def _legend(draw: ImageDraw.ImageDraw, entries, origin: Tuple[float, float], font) -> None:
@@ -331,8 +373,8 @@ def risk_coverage_plot(curves: Dict[str, Tuple[torch.Tensor, torch.Tensor]], pat
         raise ValueError('no risk-coverage curve to draw')
     top_risk = max(float(risk.max()) for _, risk in curves.values())
     ylim = (0.0, max(0.05, min(1.0, math.ceil(top_risk * 20) / 20)))  # next 5 % step above the highest risk
-    image, draw, x_px, y_px, small = _chart((0.0, 1.0), ylim, 'Coverage', 'Risk (error rate)',
-                                            title or 'Risk-coverage curve')
+    image, draw, x_px, y_px, small, _, ylim = _chart((0.0, 1.0), ylim, 'Coverage', 'Risk (error rate)',
+                                                     title or 'Risk-coverage curve')
     entries = []
     for colour, (name, (coverage, risk)) in zip(_SERIES * len(curves), curves.items()):
         coverage, risk = coverage.double().cpu(), risk.double().cpu()
@@ -357,18 +399,22 @@ def score_histogram(scores_in: torch.Tensor, scores_out: torch.Tensor, path, xla
     high = high if high > low else low + 1.0  # a constant score still gets a visible bin
     shares = [torch.histc(v, num_bins, low, high) / v.numel() for v in values]
     top = max(float(s.max()) for s in shares)
-    image, draw, x_px, y_px, small = _chart((low, high), (0.0, top * 1.1), xlabel, 'Share of samples',
-                                            title or xlabel)
-    overlay = Image.new('RGBA', image.size, (0, 0, 0, 0))
-    layer = ImageDraw.Draw(overlay)
+    image, draw, x_px, y_px, small, xlim, ylim = _chart((low, high), (0.0, top * 1.1), xlabel, 'Share of samples',
+                                                        title or xlabel)
     step = (high - low) / num_bins
+    shown = (255, 255, 255)
     for colour, share in zip(_SERIES, shares):
+        # one translucent layer per set, composited in turn: where the sets overlap both colours mix
+        overlay = Image.new('RGBA', image.size, (0, 0, 0, 0))
+        layer = ImageDraw.Draw(overlay)
         for i, value in enumerate(share.tolist()):
             if value > 0:
                 layer.rectangle([x_px(low + i * step), y_px(value), x_px(low + (i + 1) * step), y_px(0)],
-                                fill=(*colour, 110), outline=(*colour, 255))
-    image = Image.alpha_composite(image.convert('RGBA'), overlay).convert('RGB')
+                                fill=(*colour, _HIST_ALPHA), outline=(*colour, 255))
+        image = Image.alpha_composite(image.convert('RGBA'), overlay).convert('RGB')
+        shown = _over((*colour, _HIST_ALPHA), shown)
     draw = ImageDraw.Draw(image)
-    entries = [(f'{name} (N = {v.numel()})', colour) for name, v, colour in zip(names, values, _SERIES)]
-    _legend(draw, entries, (x_px(low) + 280, y_px(top * 1.1) + 10), small)
+    entries = [(f'{name} (N = {v.numel()})', _over((*colour, _HIST_ALPHA), (255, 255, 255)))
+               for name, v, colour in zip(names, values, _SERIES)] + [('both (overlap)', shown)]
+    _legend(draw, entries, (x_px(xlim[0]) + 280, y_px(ylim[1]) + 10), small)
     return save_png(image, path)
