@@ -85,11 +85,16 @@ def report_cpu_threads(accelerator) -> int:
     busy = os.getloadavg()[0] if hasattr(os, 'getloadavg') else 0.0  # the last minute's, before we add ours
     free = total - busy
     fit = max(int(free + 0.5) // processes, 1)  # half a core of slack: this process's start-up adds to the load
-    if threads > fit:
-        _logger.warning(f'the machine is busy: load average {busy:.1f} on {total} core(s) leaves ~{max(free, 0):.1f} '
-                        f'free for {threads * processes} thread(s); threads that share busy cores wait on each '
-                        f'other (epochs up to 20-60x slower): set OMP_NUM_THREADS={fit} (accelerate launch: '
-                        f'--num_cpu_threads_per_process {fit}), or wait for idle cores')
+    if threads * processes > free + 0.5:
+        busy_line = f'the machine is busy: load average {busy:.1f} on {total} core(s) leaves ~{max(free, 0):.1f} ' \
+                    f'free for {threads * processes} thread(s)'
+        if threads > fit:
+            _logger.warning(f'{busy_line}; threads that share busy cores wait on each other (epochs up to 20-60x '
+                            f'slower): set OMP_NUM_THREADS={fit} (accelerate launch: --num_cpu_threads_per_process '
+                            f'{fit}), or wait for idle cores')
+        else:
+            _logger.warning(f'{busy_line}; with one thread per process already, this run shares its core(s) and '
+                            f'takes longer than on idle ones')
     elif launched and threads < min(cores, fit):
         _logger.warning(f'training on the CPU with {threads} thread(s) per process for {cores} core(s): accelerate '
                         f'launch sets OMP_NUM_THREADS=1; pass --num_cpu_threads_per_process {min(cores, fit)} to it '

@@ -79,12 +79,25 @@ def test_without_a_dataset_one_line_names_the_config_of_the_papers_setting(caplo
     assert not caplog.records
 
 
+def test_the_paper_rows_train_py_names_are_those_of_the_configs_table():
+    # configs/README.md's table marks the other recipes "not a paper row"; train.py reads each file's first line
+    from timm_mimo.train_args import _PAPER_ROW
+    table = re.findall(r'^\| `([^`]+\.yaml)` \| ([^|]+) \|', (REPO / 'configs' / 'README.md').read_text(), re.M)
+    assert len(table) >= 30
+    for name, row in table:
+        if name.startswith('accelerate/'):  # accelerate launch configs: no model, no row
+            continue
+        first_line = (REPO / 'configs' / name).read_text()
+        assert bool(_PAPER_ROW.match(first_line)) == (not row.startswith('not a paper row')), name
+
+
 @pytest.mark.parametrize('load,threads,launched,warning', [
     (1.9, 2, False, 'OMP_NUM_THREADS=1 (accelerate launch: --num_cpu_threads_per_process 1)'),
     (0.2, 2, False, None),             # idle cores: nothing to say
     (1.2, 1, False, None),             # one thread already: nothing to cure
     (0.2, 1, True, 'pass --num_cpu_threads_per_process 2'),
     (1.2, 1, True, None),              # launched with one thread, and one core is busy: one is right
+    (9.0, 1, True, 'with one thread per process already, this run shares its core(s)'),
 ])
 def test_busy_cores_warn_once_with_the_cure(load, threads, launched, warning, caplog, monkeypatch):
     monkeypatch.setattr(os, 'getloadavg', lambda: (load, load, load))
