@@ -45,7 +45,7 @@ def test_a_model_that_takes_any_size_trains_at_the_data_sets_own_size(model, dat
     side, reason = resolve_img_size(registered_cfg(model, kwargs), kwargs, None, native_img_size(dataset, data_dir))
     assert side == size and why in reason, reason
     assert resolve_img_size(registered_cfg(model, kwargs), kwargs, 48, native_img_size(dataset, data_dir)) == \
-        (48, '--img-size')
+        (48, 'asked for (--img-size, or img_size in a config)')
 
 
 def test_a_plain_timm_cnn_on_the_digits_says_its_size_data_threads_and_trains_at_32_px(tmp_path):

@@ -88,4 +88,4 @@ def resolve_img_size(cfg: Optional[PretrainedCfg], model_args: Dict[str, Any], i
         raise ValueError(f'--img-size {img_size} contradicts the model argument img_size={given}: give one of them')
     if cfg is not None and cfg.fixed_input_size and given is None:
         model_args['img_size'] = img_size
-    return img_size, '--img-size'
+    return img_size, 'asked for (--img-size, or img_size in a config)'

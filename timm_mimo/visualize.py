@@ -321,7 +321,8 @@ _HIST_ALPHA = 110
 
 def _chart(xlim: Tuple[float, float], ylim: Tuple[float, float], xlabel: str, ylabel: str, title: str,
            size: Tuple[int, int] = (640, 480)):
-    """A white canvas with a framed, gridded plot area; returns (image, draw, x_px, y_px, font)."""
+    """A white canvas with a framed, gridded plot area at round ticks; returns (image, draw, x_px, y_px, font,
+    xlim, ylim), the limits widened to the outer ticks."""
     width, height = size
     left, right, top, bottom = 84, 32, 48, 64
     image = Image.new('RGB', size, 'white')
