@@ -50,7 +50,7 @@ def build_parser():
     p.add_argument('--split', default=None, choices=['train', 'validation', 'test'],
                    help='default: test when the dataset has one, else validation')
     p.add_argument('--val-per-class', type=int, default=None)
-    p.add_argument('--img-size', type=int, default=None)
+    p.add_argument('--img-size', type=int, default=None, help='input side, 1 to 4096 (default: the model\'s)')
     p.add_argument('-b', '--batch-size', type=int, default=256)
     p.add_argument('-j', '--workers', type=int, default=None,
                    help='loader processes; default: 0 for in-memory tensors (digits), else up to 4')
@@ -184,6 +184,9 @@ def refuse_existing(path_str: str, overwrite: bool):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    from timm_mimo.cli import refuse_below_one, usable_device
+    refuse_below_one(args, ('img_size', 'val_per_class', 'ood_val_per_class'))
+    device = usable_device(args.device)
     logging.basicConfig(level=logging.INFO, format='%(message)s')
     logging.getLogger('timm').setLevel(logging.WARNING)
     for path in (args.results_file, args.results_csv, args.reliability_png, args.save_predictions,
@@ -200,7 +203,6 @@ def main(argv=None):
     from timm_mimo.visualize import reliability_diagram
 
     model, run_args = resolve_model(args)
-    device = torch.device(args.device)
     model = model.to(device).eval()
     cfg = getattr(model, 'pretrained_cfg', {}) or {}
     dataset = args.dataset if args.dataset is not None else run_args.get('dataset', '')

@@ -60,8 +60,32 @@ def parse_model_kwargs(items) -> dict:
         if '=' not in item:
             raise ValueError(f'--model-kwargs expects K=V, got {item!r}')
         key, value = item.split('=', 1)
-        kwargs[key] = yaml.safe_load(value)
+        try:
+            kwargs[key] = yaml.safe_load(value)
+        except yaml.YAMLError as e:  # a tag such as !!python/object is refused by safe_load: say so in one line
+            reason = getattr(e, 'problem', None) or one_line(e)
+            raise ValueError(f'--model-kwargs {key}: not a plain YAML value ({reason})') from None
     return kwargs
+
+
+def refuse_below_one(args, keys: Sequence[str]):
+    """A ValueError naming the flag of the first of ``keys`` (argparse names) that is set and below 1."""
+    for key in keys:
+        value = getattr(args, key)
+        if value is not None and value < 1:
+            raise ValueError(f'--{key.replace("_", "-")} must be >= 1, got {value}')
+
+
+def usable_device(name: str):
+    """``torch.device(name)`` once a tensor can be made there; else a ValueError naming the flag (no such
+    device type, no driver or build for it, an index past the devices)."""
+    import torch
+    try:
+        device = torch.device(name)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:  # torch's "Expected one of cpu, cuda, ...", "no NVIDIA driver"
+        raise ValueError(f'--device {name} is not usable here: {one_line(e)}') from None
+    return device
 
 
 def http_one_line(err: BaseException) -> str:

@@ -13,6 +13,8 @@ from typing import List, Tuple
 
 import yaml
 
+from .cli import refuse_below_one
+
 LOWER_IS_BETTER = ('nll', 'ece', 'brier', 'loss')
 EVAL_METRICS = ('top1', 'top5', 'nll', 'ece', 'brier', 'auc', 'member_mean_top1')
 # where a run's files go and how it is watched: these may change on --resume, everything else is the recipe
@@ -229,9 +231,7 @@ def check_values(args: argparse.Namespace):
     for key in ('epochs', 'batch_size', 'batch_repeat', 'grad_accum_steps', 'checkpoint_hist', 'log_interval'):
         if getattr(args, key) < 1:
             raise ValueError(f'--{key.replace("_", "-")} must be >= 1, got {getattr(args, key)}')
-    for key in ('num_members', 'limit_train_batches', 'num_classes'):
-        if getattr(args, key) is not None and getattr(args, key) < 1:
-            raise ValueError(f'--{key.replace("_", "-")} must be >= 1, got {getattr(args, key)}')
+    refuse_below_one(args, ('num_members', 'limit_train_batches', 'num_classes', 'val_per_class', 'img_size'))
     for key in ('lr', 'weight_decay', 'momentum', 'warmup_lr', 'min_lr', 'warmup_epochs', 'mix_alpha', 'msda_alpha',
                 'weight_root', 'model_ema_decay', 'decay_rate'):
         value = getattr(args, key)
