@@ -5,18 +5,36 @@ Our registered names already fail loudly inside timm for unpublished or uncached
 unknown architecture (a plugin not imported), an unknown tag, and ``hf-hub:`` downloads that fail.
 """
 import difflib
+import pickle
+from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 import torch.nn as nn
+from safetensors import SafetensorError
 
 import timm
 from timm.models import PretrainedCfg, split_model_name_tag
 
 from .models._pretrained import _download_error
 from .models.mimo_backbone import ARCHITECTURE as MIMO_BACKBONE, DEFAULT_BACKBONE
+from .weights import checkpoint_error
 
 
 def create_model(model_name: str, pretrained: bool = False, **kwargs) -> nn.Module:
+    # a local weights file (--pretrained-path: timm's pretrained_cfg overlay, or the backbone's): its load
+    # errors (a crafted, truncated or foreign file) are named as the file's, in one line
+    weights_file = next((overlay['file'] for overlay in (kwargs.get('pretrained_cfg_overlay'),
+                                                         kwargs.get('backbone_pretrained_cfg_overlay'))
+                         if isinstance(overlay, dict) and overlay.get('file')), None) if pretrained else None
+    try:
+        return _create_model(model_name, pretrained, **kwargs)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, SafetensorError) as e:
+        if weights_file is None:
+            raise
+        raise checkpoint_error(e, Path(weights_file)) from e
+
+
+def _create_model(model_name: str, pretrained: bool, **kwargs) -> nn.Module:
     try:
         return timm.create_model(model_name, pretrained=pretrained, **kwargs)
     except RuntimeError as e:

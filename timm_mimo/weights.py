@@ -40,16 +40,22 @@ def load_weights(model: nn.Module, path: Path):
         raise FileNotFoundError(f'checkpoint not found: {path}')
     try:
         load_checkpoint(model, str(path), strict=True, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError) as e:
-        # timm re-raises torch's UnpicklingError as a RuntimeError; older timm lets it through
-        refused = e if isinstance(e, pickle.UnpicklingError) else e.__cause__
-        if isinstance(refused, pickle.UnpicklingError):
-            raise UnsafeCheckpointError(
-                f'refusing to load {path}: it is not a plain tensor checkpoint (weights_only load failed: '
-                f'{unpickling_reason(refused, path)})') from e
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if 'size mismatch' in str(e) or 'Missing key' in str(e) or 'Unexpected key' in str(e):
-            raise ValueError(f'checkpoint {path} does not match the model architecture / classes: {first}') from e
-        raise ValueError(f'cannot read checkpoint {path}: {first}') from e
-    except Exception as e:  # safetensors / pickle errors on truncated or foreign files
-        raise ValueError(f'cannot read checkpoint {path} (truncated or not a weights file): {e}') from e
+    except Exception as e:  # noqa: BLE001  (torch / safetensors / pickle errors of a damaged or foreign file)
+        raise checkpoint_error(e, path) from e
+
+
+def checkpoint_error(err: BaseException, path: Path) -> ValueError:
+    """The one-line error for a weights file that could not be loaded into a model: refused (it would need
+    more than tensors to unpickle), not matching the model, or damaged."""
+    # timm re-raises torch's UnpicklingError as a RuntimeError; older timm lets it through
+    refused = err if isinstance(err, pickle.UnpicklingError) else err.__cause__
+    if isinstance(refused, pickle.UnpicklingError):
+        return UnsafeCheckpointError(
+            f'refusing to load {path}: it is not a plain tensor checkpoint (weights_only load failed: '
+            f'{unpickling_reason(refused, path)})')
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if isinstance(err, RuntimeError):
+        if 'size mismatch' in str(err) or 'Missing key' in str(err) or 'Unexpected key' in str(err):
+            return ValueError(f'checkpoint {path} does not match the model architecture / classes: {first}')
+        return ValueError(f'cannot read checkpoint {path}: {first}')
+    return ValueError(f'cannot read checkpoint {path} (truncated or not a weights file): {first}')
