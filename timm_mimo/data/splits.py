@@ -114,7 +114,7 @@ def skip_non_regular_files(dataset):
     reader.samples = kept
 
 
-def test_split_folder(root) -> Optional[Path]:
+def find_test_folder(root) -> Optional[Path]:
     """The folder of ``root``'s test split, or None: a test or validation folder beside a training folder
     (:data:`TEST_FOLDERS`, :data:`TRAIN_FOLDERS`). Never ``root`` itself, nor a folder inside, around or equal to
     the training folder (that would score the model on its training images)."""
@@ -248,7 +248,7 @@ def build_splits(
         except Exception:  # noqa: BLE001  a dataset without a test / validation split is fine: report none
             test = None
     else:
-        test_folder = test_split_folder(root)
+        test_folder = find_test_folder(root)
         test = folder_split(dataset, test_folder, full) if test_folder is not None else None
         if test is not None:
             test.transform, test_source = transform, str(test_folder)
