@@ -81,7 +81,7 @@ def test_members_as_estimators_stacks_members_member_major(networks, images):
 
 
 @pytest.mark.skipif(importlib.util.find_spec('torch_uncertainty') is None,
-                    reason='TorchUncertainty is not installed (pip install timm_mimo[torch-uncertainty])')
+                    reason='TorchUncertainty is not installed (pip install -e .[torch-uncertainty])')
 def test_torch_uncertainty_routine_evaluates_the_adapter_as_we_do(networks, images):
     """TorchUncertainty's own test loop over the adapter gives our accuracy, NLL, ECE, Brier, diversity, OOD
     AUROC and cost (its ensemble rule is the mean of the member probabilities, our mean-prob)."""
