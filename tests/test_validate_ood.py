@@ -169,7 +169,8 @@ def test_bad_ood_input_is_one_error_line(untrained_folder):
 
 
 @pytest.mark.parametrize('args, error, message', [
-    (['--ood-dataset', '', '--ood-max-samples', '0'], ValueError, '--ood-max-samples must be >= 1'),
+    (['--ood-dataset', '', '--ood-split', 'validation', '--ood-max-samples', '0'], ValueError,
+     '--ood-max-samples must be >= 1'),
     (['--ood-dataset', 'cifar10-zip', '--ood-data-dir', '/no/such.zip'], FileNotFoundError, 'not found'),
 ])
 def test_bad_ood_arguments_raise_before_evaluating(untrained_folder, args, error, message, capsys):
