@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
-"""Evaluate a checkpoint with accuracy and uncertainty metrics; works for any timm model (M = 1).
+"""Evaluate a checkpoint, or a deep ensemble of several, with accuracy and uncertainty metrics; works for any
+timm model (M = 1).
 
     python validate.py output/train/my-run                   # a training folder: its best weights
+    python validate.py output/train/run-a output/train/run-b output/train/run-c   # their deep ensemble
     python validate.py output/train/my-run --which last      # ... or its last complete checkpoint
     python validate.py path/to/model_folder                  # a folder with config.json + model.safetensors
     python validate.py weights.safetensors --model wrn16_4_mixmo2 --num-classes 10
@@ -9,11 +11,15 @@
 
     python validate.py output/train/my-run --ood-dataset '' --report report/   # digits as OOD, a report page
 
-Reports top-1, top-5, NLL, ECE (15 bins), adaptive and classwise ECE, Brier, per-member top-1 and ECE, the
-ensemble gain over the best member and member diversity (disagreement, ratio-errors), selective
-classification (AURC, AUGRC, risk at 80 / 90 / 95 % coverage); optionally out-of-distribution detection
-against any data set train.py reads (``--ood-dataset``: AUROC, AUPR-in / -out, FPR at 95 % TPR for MSP,
-entropy and, for M >= 2, mutual information and member disagreement), temperature scaling with MixMo's
+Several checkpoints form a deep ensemble: their members (one per plain network, M per MIMO network) are
+combined by ``--ensemble`` (default mean-prob) and evaluated as one model's members; the runs must predict
+the same classes and have trained on the same data. Reports top-1, top-5, NLL, ECE (15 bins), adaptive and
+classwise ECE, Brier, per-member top-1 and ECE, the ensemble gain over the best member and member diversity
+(disagreement, ratio-errors), selective classification (AURC, AUGRC, risk at 80 / 90 / 95 % coverage), the
+inference cost (parameters, FLOPs per image, forward passes); optionally out-of-distribution detection
+against any data set train.py reads other than the evaluated one (``--ood-dataset``: AUROC, AUPR-in / -out,
+FPR at 95 % TPR for MSP, entropy, energy, max-logit, for M >= 2 mutual information and member disagreement,
+and the single-network scores of every member alone), temperature scaling with MixMo's
 two-fold protocol (``--tempscale``) and CIFAR-10-C / 100-C corruption sets (``--corruptions FOLDER``).
 Writes JSON (``--results-file``), CSV (``--results-csv``), a reliability diagram (``--reliability-png``),
 a markdown report with pictures (``--report DIR``) and the raw predictions (``--save-predictions``); an
@@ -30,16 +36,21 @@ from pathlib import Path
 import torch
 
 from timm_mimo import rundir
+from timm_mimo.ensemble import ENSEMBLE_CHOICES
 
 _logger = logging.getLogger('validate')
 
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('checkpoint', nargs='?', default='',
-                   help='training folder, model folder (config.json + model.safetensors) or weights file')
+    p.add_argument('checkpoints', nargs='*', default=[], metavar='CHECKPOINT',
+                   help='training folder, model folder (config.json + model.safetensors) or weights file; '
+                        'several: their deep ensemble')
     p.add_argument('--which', default='best', choices=[rundir.BEST_DIR, 'last', rundir.EMA_DIR],
                    help='weights of a training folder')
+    p.add_argument('--ensemble', default=None, choices=sorted(ENSEMBLE_CHOICES),
+                   help="how the members' predictions combine: mean of the probabilities or of the logits "
+                        "(default: mean-prob for several checkpoints, a single model's own rule)")
     p.add_argument('--model', default='', help='architecture (for a weights file or --pretrained)')
     p.add_argument('--pretrained', action='store_true', help='registered pretrained weights of --model')
     p.add_argument('--num-classes', type=int, default=None)
@@ -77,23 +88,59 @@ def build_parser():
     return p
 
 
+# run arguments that decide which images a run trained and was selected on: the runs of a deep ensemble share them
+DATA_ARGS = ('dataset', 'data_dir', 'val_per_class')
+
+
 def resolve_model(args):
-    """(model, the run's args.yaml dict or {}) from the checkpoint argument or a registered name."""
+    """(model, the first run's args.yaml dict or {}) from the checkpoints or a registered name; several
+    checkpoints give their :class:`~timm_mimo.ensemble.DeepEnsemble`."""
     import timm
     from timm_mimo import rundir
     from timm_mimo.cli import parse_model_kwargs
+    from timm_mimo.ensemble import DeepEnsemble
     kwargs = parse_model_kwargs(args.model_kwargs)
     if args.num_classes is not None:
         kwargs['num_classes'] = args.num_classes
-    if not args.checkpoint:
+    if not args.checkpoints:
         if not args.model:
             raise ValueError('give a checkpoint, or --model NAME --pretrained')
         from timm_mimo.factory import create_model, unknown_model_error  # one-line errors for names and weights
         if not timm.is_model(args.model):
             raise unknown_model_error(args.model)
-        return create_model(args.model, pretrained=args.pretrained, **kwargs), {}
-    checkpoint = rundir.resolve(args.checkpoint, args.which)
-    return rundir.load_model(checkpoint, args.model or None, **kwargs), checkpoint.run_args
+        model, run_args = create_model(args.model, pretrained=args.pretrained, **kwargs), {}
+    else:
+        resolved = [rundir.resolve(source, args.which) for source in args.checkpoints]
+        models = [rundir.load_model(checkpoint, args.model or None, **kwargs) for checkpoint in resolved]
+        check_same_task(args.checkpoints, models, [checkpoint.run_args for checkpoint in resolved])
+        run_args = resolved[0].run_args
+        model = models[0] if len(models) == 1 else DeepEnsemble(models, ENSEMBLE_CHOICES[args.ensemble or 'mean-prob'])
+    if args.ensemble and len(args.checkpoints) < 2:
+        if getattr(model, 'num_members', 1) < 2:
+            raise ValueError(f'--ensemble {args.ensemble}: {args.checkpoints[0] if args.checkpoints else args.model} '
+                             f'has one member; give several checkpoints or a MIMO model')
+        model.ensemble = ENSEMBLE_CHOICES[args.ensemble]
+    return model, run_args
+
+
+def check_same_task(sources, models, runs_args):
+    """The networks of a deep ensemble must predict the same classes from the same inputs, trained on the
+    same data: the first that differs from the first network is one error naming both."""
+    def setting(model, run_args):
+        cfg = getattr(model, 'pretrained_cfg', {}) or {}
+        found = {'classes': getattr(model, 'num_classes', None), 'input size': tuple(cfg.get('input_size') or ()),
+                 'normalisation mean': tuple(cfg.get('mean') or ()), 'normalisation std': tuple(cfg.get('std') or ())}
+        # a run's data set (model folders without args.yaml say nothing about theirs)
+        found.update({f'--{key.replace("_", "-")}': value for key, value in run_args.items()
+                      if key in DATA_ARGS or 'split' in key})
+        return found
+    first = setting(models[0], runs_args[0])
+    for source, model, run_args in zip(sources[1:], models[1:], runs_args[1:]):
+        other = setting(model, run_args)
+        for key in first:
+            if key in other and other[key] != first[key]:
+                raise ValueError(f'the runs do not match: {sources[0]} has {key} {first[key]!r} but {source} has '
+                                 f'{other[key]!r} (a deep ensemble needs the same classes and data)')
 
 
 def default_workers(dataset) -> int:
@@ -142,8 +189,9 @@ class Renormalized(torch.utils.data.Dataset):
         return image * self.scale + self.shift, target
 
 
-def ood_eval_set(args, splits, img_size: int):
-    """(dataset, description) of the out-of-distribution set, read like train.py reads data sets."""
+def ood_eval_set(args, splits, img_size: int, eval_split: str):
+    """(dataset, description) of the out-of-distribution set, read like train.py reads data sets; refused
+    when it is the evaluated split itself (every score would rank the same images against themselves)."""
     from timm_mimo.data.splits import build_splits
 
     name, data_dir = args.ood_dataset, args.ood_data_dir
@@ -160,6 +208,11 @@ def ood_eval_set(args, splits, img_size: int):
     data = getattr(ood, split)
     if data is None:
         raise ValueError(f'the OOD set {ood.description} has no {split} split')
+    if ood.description == splits.description:  # the same source, read the same way
+        if split == eval_split:
+            raise ValueError(f'--ood-dataset {args.ood_dataset!r} is the in-distribution data ({ood.description}, '
+                             f'{split} split): name another data set, or another split with --ood-split')
+        _logger.warning(f'the OOD set is the {split} split of the in-distribution data: expect AUROC near 50')
     if tuple(ood.mean) != tuple(splits.mean) or tuple(ood.std) != tuple(splits.std):
         data = Renormalized(data, ood.mean, ood.std, splits.mean, splits.std)
     if args.ood_max_samples is not None:
@@ -199,7 +252,8 @@ def main(argv=None):
     from timm_mimo.engine import collect_predictions
     from timm_mimo.metrics import classification_metrics, temperature_scaled_metrics
     from timm_mimo.rundir import write_atomic, write_csv_atomic
-    from timm_mimo.uncertainty import SCORE_LABELS, ood_metrics, uncertainty_metrics
+    from timm_mimo.ensemble import DeepEnsemble, inference_cost
+    from timm_mimo.uncertainty import SCORE_LABELS, member_ood_metrics, ood_metrics, uncertainty_metrics
     from timm_mimo.visualize import reliability_diagram
 
     model, run_args = resolve_model(args)
@@ -219,7 +273,8 @@ def main(argv=None):
         raise ValueError(f'{splits.description} has no {split} split')
 
     # read the OOD set before the long evaluation so that a bad --ood-dataset fails at once
-    ood_set, ood_description = ood_eval_set(args, splits, img_size) if args.ood_dataset is not None else (None, '')
+    ood_set, ood_description = (ood_eval_set(args, splits, img_size, split) if args.ood_dataset is not None
+                                else (None, ''))
 
     def predictions(data, desc):
         workers = default_workers(data) if args.workers is None else args.workers
@@ -236,11 +291,17 @@ def main(argv=None):
         metrics.update(uncertainty_metrics(ens, labels, members))
         return metrics, (ens, members, labels)
 
-    results = dict(checkpoint=args.checkpoint or f'{args.model} (pretrained={args.pretrained})',
+    results = dict(checkpoint=', '.join(args.checkpoints) or f'{args.model} (pretrained={args.pretrained})',
                    model=cfg.get('architecture', args.model), num_members=getattr(model, 'num_members', 1),
                    dataset=splits.description, split=split, num_samples=len(eval_set))
+    if isinstance(model, DeepEnsemble):
+        results.update(checkpoints=list(args.checkpoints), members_per_network=model.members_per_network)
+    if hasattr(model, 'ensemble'):
+        results['ensemble'] = {rule: name for name, rule in ENSEMBLE_CHOICES.items()}[model.ensemble]
+    results['cost'] = inference_cost(model, eval_set[0][0].to(device))
     results[split], (ens, members, labels) = evaluate(eval_set, split)
-    rows = [dict(set=split, **{k: v for k, v in results[split].items() if not isinstance(v, list)})]
+    rows = [dict(set=split, **{k: v for k, v in results[split].items() if not isinstance(v, list)},
+                 **results['cost'])]
     m = results[split]
     line = (f'{split}: top1 {m["top1"]:.2f} top5 {m["top5"]:.2f} NLL {m["nll"]:.4f} ECE {m["ece"]:.4f} '
             f'Brier {m["brier"]:.4f} | members {" ".join(f"{a:.2f}" for a in m["member_top1"])}')
@@ -253,17 +314,26 @@ def main(argv=None):
     print(f'{split}: ECE adaptive {m["ece_adaptive"]:.4f} classwise {m["ece_classwise"]:.4f} | selective: '
           f'AURC {m["aurc"]:.4f} AUGRC {m["augrc"]:.4f} risk@80/90/95 {m["risk_at_80"]:.4f} '
           f'{m["risk_at_90"]:.4f} {m["risk_at_95"]:.4f}')
+    cost = results['cost']
+    print(f'cost per image: {cost["params"] / 1e6:.3f} M parameters, {cost["flops"] / 1e6:.2f} MFLOPs, '
+          f'{cost["forward_passes"]} forward pass(es), {results["num_members"]} member(s)')
 
     ood_ens = ood_members = None
     if args.ood_dataset is not None:
         ood_ens, ood_members, _ = predictions(ood_set, 'ood')
         results['ood'] = dict(dataset=ood_description, num_samples=len(ood_set),
                               scores=ood_metrics(ens, ood_ens, members, ood_members))
+        if members.shape[1] >= 2:
+            results['ood']['member_scores'] = member_ood_metrics(members, ood_members)
         for score, values in results['ood']['scores'].items():
             rows.append(dict(set=f'ood_{score}', **values))
             print(f'OOD {SCORE_LABELS[score]}: AUROC {100 * values["auroc"]:.2f} AUPR-in '
                   f'{100 * values["aupr_in"]:.2f} AUPR-out {100 * values["aupr_out"]:.2f} '
                   f'FPR95 {100 * values["fpr95"]:.2f}  ({ood_description}, {len(ood_set)} images)')
+        for score, per_member in results['ood'].get('member_scores', {}).items():
+            rows += [dict(set=f'ood_member{index}_{score}', **values) for index, values in enumerate(per_member)]
+            print(f'OOD {SCORE_LABELS[score]}, each member alone: AUROC '
+                  + ' / '.join(f'{100 * values["auroc"]:.2f}' for values in per_member))
 
     if args.corruptions:
         from timm_mimo.data.corruptions import CorruptionDataset

@@ -5,6 +5,7 @@
     python bench/compare.py -c configs/digits_mixmo.yaml --seeds 5 --out output/compare/digits \\
         --models wrn16_2 wrn16_2_mixmo2 wrn16_2_mixmo2:mix_mode=linear wrn16_2_mixmo2:mix_mode=mimo
     python bench/compare.py -c configs/digits_mixmo.yaml --models wrn16_2:msda=mixup wrn16_2:msda=automix
+    python bench/compare.py -c configs/digits_mixmo.yaml --models wrn16_2 wrn16_2_mixmo2 --seeds 5 --deep-ensemble 5
 
 Every run is ``train.py -c RECIPE --model NAME --seed S`` plus the flags below, in ``<out>/runs/<label>-s<S>``.
 The rule (MixMo / MIMO papers): all runs keep the recipe's global batch B (mixed samples per step) and its
@@ -15,11 +16,18 @@ network runs b = 1. The recipe's ``lr`` belongs to its own ``batch_repeat`` b_r:
 the same for every run. A model spec ``NAME:key=value,...`` adds ``--key value`` flags to that model's runs
 (``wrn16_2_mixmo2:mix_mode=mimo``), and flags after ``--`` go to every run.
 
+``--deep-ensemble N`` adds, for every M = 1 model spec, the row of the deep ensemble of its first N seeds
+(the paper's baseline: N independently trained networks, N forward passes); the seeds already trained serve
+it, so it costs training only where N exceeds ``--seeds`` (those extra seeds count in no other row).
+
 After training, each run is scored on its test split (validation if the data set has none) with
-``validate.py --tempscale`` (temperature scaling, MixMo's two-fold protocol). Printed and written to
-``<out>/compare.md`` and ``<out>/compare.csv``: mean +- std over seeds of test top-1, NLL, ECE, calibrated
-NLL / ECE, the temperature, per-member top-1, the ensemble gain over the best member, member disagreement,
-wall time (train.py's whole run) and optimizer steps; ``<out>/runs.csv`` has one row per run.
+``validate.py --tempscale`` (temperature scaling, MixMo's two-fold protocol), a deep ensemble by one
+``validate.py RUN1 ... RUNN --tempscale`` (mean of the member probabilities). Printed and written to
+``<out>/compare.md`` and ``<out>/compare.csv``, in the order M = 1 networks, deep ensembles, M >= 2 networks:
+mean +- std over seeds of test top-1, NLL, ECE, calibrated NLL / ECE, the temperature, per-member top-1, the
+ensemble gain over the best member, member disagreement, the inference cost per image (parameters, FLOPs,
+forward passes), wall time (train.py's whole run; a deep ensemble: the sum over its networks) and optimizer
+steps (likewise); ``<out>/runs.csv`` has one row per run.
 ``<out>/validation_curves.png``: validation top-1 per epoch of every run; ``<out>/reliability.png``: the
 reliability diagrams of all runs side by side (one row per model, one column per seed).
 
@@ -67,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--seed-offset', type=int, default=0, help='first seed')
     p.add_argument('--batch-repeat', type=int, default=None,
                    help="b of the M >= 2 networks (default: the recipe's batch_repeat)")
+    p.add_argument('--deep-ensemble', type=int, default=0, metavar='N',
+                   help='add the deep ensemble of N seeds of every M = 1 model (trains seeds beyond --seeds)')
     p.add_argument('--out', default='output/compare', help='folder of the runs and the reports')
     p.add_argument('--launcher', default='', help="command before train.py / validate.py, e.g. 'accelerate launch'")
     p.add_argument('--dry-run', action='store_true', help='print the train.py commands and exit')
@@ -126,6 +136,8 @@ def plan_runs(args) -> List[Dict]:
         raise BadInput(f'train.py refuses the flags {extra}: {err}') from err
     if args.seeds < 1:
         raise BadInput(f'--seeds must be >= 1, got {args.seeds}')
+    if args.deep_ensemble == 1 or args.deep_ensemble < 0:
+        raise BadInput(f'--deep-ensemble needs N >= 2 networks, got {args.deep_ensemble}')
     mimo_repeat = args.batch_repeat or recipe.batch_repeat
     if mimo_repeat < 1:
         raise BadInput(f'--batch-repeat must be >= 1, got {mimo_repeat}')
@@ -140,15 +152,23 @@ def plan_runs(args) -> List[Dict]:
         repeat = mimo_repeat if members > 1 else 1
         if recipe.batch_size % repeat:
             raise BadInput(f'the recipe\'s batch size {recipe.batch_size} is not divisible by b = {repeat}')
-        for seed in range(args.seed_offset, args.seed_offset + args.seeds):
+        # an M = 1 model trains the deep ensemble's seeds too; those beyond --seeds serve only the ensemble
+        seeds = max(args.seeds, args.deep_ensemble) if members == 1 else args.seeds
+        for seed in range(args.seed_offset, args.seed_offset + seeds):
             # the rule's flags after the shared extras (an extra --lr or --batch-repeat is read into the
             # recipe above, not passed through); a model spec's own flags come last
             flags_run = ['-c', args.config, *extra, '--model', name, '--seed', str(seed),
                          '--batch-repeat', str(repeat), '--lr', repr(base_lr / repeat), *flags]
             runs.append(dict(spec=spec, label=label, model=name, seed=seed, members=members, batch_repeat=repeat,
                              lr=base_lr / repeat, epochs=recipe.epochs, flags=flags_run,
+                             in_row=seed < args.seed_offset + args.seeds,
                              folder=Path(args.out) / 'runs' / f'{label}-s{seed}'))
     return runs
+
+
+def runs_of(runs: List[Dict], spec: str) -> List[Dict]:
+    """The runs of one model spec, in seed order."""
+    return [r for r in runs if r['spec'] == spec]
 
 
 def launch(launcher: str, script: str, flags: Sequence[str]) -> List[str]:
@@ -193,16 +213,17 @@ def train_run(run: Dict, launcher: str) -> str:
     return how
 
 
-def evaluate_run(run: Dict, launcher: str) -> Optional[str]:
-    """validate.py --tempscale on the run's best weights, once; None when it worked, else why not."""
-    folder = run['folder']
+def evaluate_run(sources: Sequence[Path], folder: Path, launcher: str) -> Optional[str]:
+    """validate.py --tempscale on the best weights of ``sources`` (one run, or the runs of a deep ensemble),
+    into ``folder``, once; None when it worked, else why not."""
     results, png = folder / 'compare_eval.json', folder / 'reliability.png'
     if results.exists() and png.exists():
         return None
     for stale in (results, png):  # written by an evaluation that did not finish both: redo it
         if stale.exists():
             stale.unlink()
-    command = launch(launcher, 'validate.py', [folder, '--tempscale', '--results-file', results,
+    folder.mkdir(parents=True, exist_ok=True)
+    command = launch(launcher, 'validate.py', [*sources, '--tempscale', '--results-file', results,
                                                '--reliability-png', png])
     rc = run_logged(command, folder.parent / f'{folder.name}.log')
     return None if rc == 0 and results.exists() else f'validate.py exited {rc}'
@@ -220,22 +241,52 @@ def read_curve(folder: Path) -> List[float]:
         return [float(row['eval_top1']) for row in csv.DictReader(handle)]
 
 
-def collect(run: Dict) -> Dict:
-    """One row of runs.csv: the run's evaluated metrics, wall time and optimizer steps."""
-    folder = run['folder']
+def evaluated_row(folder: Path, **identity) -> Dict:
+    """The metrics and inference cost of the evaluation in ``folder``, after the ``identity`` columns."""
     evaluation = json.loads((folder / 'compare_eval.json').read_text())
     metrics = evaluation[evaluation['split']]
-    trained = json.loads((folder / RESULTS_FILE).read_text())
-    steps = steps_per_epoch(folder)
-    row = dict(model=run['spec'], seed=run['seed'], members=run['members'], batch_repeat=run['batch_repeat'],
-               lr=run['lr'], epochs=run['epochs'], split=evaluation['split'])
+    row = dict(identity, split=evaluation['split'])
     for column, key, scale in COLUMNS:
         value = metrics.get(key)
         row[column] = None if value is None else value * scale
     for k, acc in enumerate(metrics['member_top1']):
         row[f'member{k}_top1'] = acc
-    row['wall_s'] = trained['wall_time_s']
-    row['steps'] = steps * run['epochs'] if steps is not None else None
+    cost = evaluation.get('cost') or {}  # absent from evaluations written before validate.py reported it
+    row.update(params=cost.get('params'), flops=cost.get('flops'), passes=cost.get('forward_passes'))
+    return row
+
+
+def training_cost(run: Dict):
+    """(train.py's wall time in s, optimizer steps or None) of one run."""
+    steps = steps_per_epoch(run['folder'])
+    wall = json.loads((run['folder'] / RESULTS_FILE).read_text())['wall_time_s']
+    return wall, (steps * run['epochs'] if steps is not None else None)
+
+
+def collect(run: Dict) -> Dict:
+    """One row of runs.csv: the run's evaluated metrics, inference cost, wall time and optimizer steps."""
+    row = evaluated_row(run['folder'], model=run['spec'], seed=run['seed'], members=run['members'],
+                        batch_repeat=run['batch_repeat'], lr=run['lr'], epochs=run['epochs'])
+    row['wall_s'], row['steps'] = training_cost(run)
+    return row
+
+
+def deep_ensemble_label(spec: str, size: int) -> str:
+    return f'{size} x {spec} (deep ensemble)'
+
+
+def deep_ensemble_folder(out: Path, spec: str, size: int) -> Path:
+    return out / 'deep_ensembles' / f'{run_label(spec)}-x{size}'
+
+
+def collect_deep_ensemble(spec: str, runs: List[Dict], folder: Path) -> Dict:
+    """The summary row of the deep ensemble of ``runs``: its metrics, and the training cost of all its networks."""
+    row = evaluated_row(folder, model=deep_ensemble_label(spec, len(runs)), seeds=len(runs),
+                        members=sum(r['members'] for r in runs), batch_repeat=runs[0]['batch_repeat'],
+                        lr=runs[0]['lr'], epochs=runs[0]['epochs'])
+    walls, steps = zip(*map(training_cost, runs))
+    row['wall_s'] = sum(walls)
+    row['steps'] = None if None in steps else sum(steps)
     return row
 
 
@@ -247,20 +298,22 @@ def mean_std(values: Sequence[Optional[float]]):
 
 
 SUMMARY_COLUMNS = ('top1', 'nll', 'ece', 'nll_cal', 'ece_cal', 'temperature', 'best_member_top1',
-                   'member_mean_top1', 'ensemble_gain', 'disagreement', 'wall_s', 'steps')
+                   'member_mean_top1', 'ensemble_gain', 'disagreement', 'params', 'flops', 'passes', 'wall_s',
+                   'steps')
 DIGITS = dict(top1=2, nll=4, ece=4, nll_cal=4, ece_cal=4, temperature=3, best_member_top1=2, member_mean_top1=2,
               ensemble_gain=2, disagreement=3, wall_s=0, steps=0)
 
 
 def summarise(rows: List[Dict], specs: Sequence[str]) -> List[Dict]:
-    """Mean and std over seeds per model spec, in the order the specs were given."""
+    """Mean and std over the rows of each model spec, in the order of ``specs``; ``seeds``: the seeds behind
+    them (a deep ensemble's one row stands for its networks' seeds)."""
     out = []
     for spec in specs:
         mine = [r for r in rows if r['model'] == spec]
         if not mine:
             continue
-        entry = dict(model=spec, seeds=len(mine), members=mine[0]['members'], batch_repeat=mine[0]['batch_repeat'],
-                     lr=mine[0]['lr'])
+        entry = dict(model=spec, rows=len(mine), seeds=sum(r.get('seeds', 1) for r in mine),
+                     members=mine[0]['members'], batch_repeat=mine[0]['batch_repeat'], lr=mine[0]['lr'])
         for column in SUMMARY_COLUMNS:
             entry[f'{column}_mean'], entry[f'{column}_std'] = mean_std([r.get(column) for r in mine])
         member_keys = sorted(k for k in mine[0] if re.fullmatch(r'member\d+_top1', k))
@@ -269,9 +322,17 @@ def summarise(rows: List[Dict], specs: Sequence[str]) -> List[Dict]:
     return out
 
 
+def table_order(members_of: Dict[str, int], ensembles: Sequence[str]) -> List[str]:
+    """The paper's order of the rows: the M = 1 networks, their deep ensembles, the M >= 2 networks (each group
+    in the order given)."""
+    return ([spec for spec, m in members_of.items() if m == 1] + list(ensembles)
+            + [spec for spec, m in members_of.items() if m > 1])
+
+
 def markdown_table(summary: List[Dict], split: str) -> str:
     head = ['model', 'M', 'b', 'lr', 'seeds', f'{split} top-1 %', 'NLL', 'ECE', 'NLL (TS)', 'ECE (TS)', 'T',
-            'members top-1 %', 'gain (pts)', 'disagreement', 'wall s', 'steps']
+            'members top-1 %', 'gain (pts)', 'disagreement', 'inference: params / FLOPs / passes', 'wall s',
+            'steps']
     lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
 
     def cell(entry, column):
@@ -279,14 +340,20 @@ def markdown_table(summary: List[Dict], split: str) -> str:
         if mean is None:
             return 'n/a'
         d = DIGITS[column]
-        return f'{mean:.{d}f} ± {std:.{d}f}' if entry['seeds'] > 1 else f'{mean:.{d}f}'
+        return f'{mean:.{d}f} ± {std:.{d}f}' if entry['rows'] > 1 else f'{mean:.{d}f}'
+
+    def cost(entry):  # the same for every seed: the means
+        params, flops, passes = (entry[f'{c}_mean'] for c in ('params', 'flops', 'passes'))
+        if params is None:
+            return 'n/a'
+        return f'{params / 1e6:.2f} M / {flops / 1e6:.1f} M / {passes:.0f}'
     for e in summary:
         members = ' / '.join(f'{a:.2f}' for a in e['members_top1'])
         lines.append('| ' + ' | '.join([
             f'`{e["model"]}`', str(e['members']), str(e['batch_repeat']), f'{e["lr"]:.4g}', str(e['seeds']),
             cell(e, 'top1'), cell(e, 'nll'), cell(e, 'ece'), cell(e, 'nll_cal'), cell(e, 'ece_cal'),
-            cell(e, 'temperature'), members, cell(e, 'ensemble_gain'), cell(e, 'disagreement'), cell(e, 'wall_s'),
-            cell(e, 'steps')]) + ' |')
+            cell(e, 'temperature'), members, cell(e, 'ensemble_gain'), cell(e, 'disagreement'), cost(e),
+            cell(e, 'wall_s'), cell(e, 'steps')]) + ' |')
     return '\n'.join(lines) + '\n'
 
 
@@ -392,30 +459,48 @@ def main(argv=None) -> int:
         if status.startswith('failed'):
             failures.append(f'{run["label"]} seed {run["seed"]}: {status}')
             continue
-        why = evaluate_run(run, args.launcher)
+        why = evaluate_run([run['folder']], run['folder'], args.launcher)
         if why:
             failures.append(f'{run["label"]} seed {run["seed"]}: evaluation failed: {why}')
     done = [r for r in runs if (r['folder'] / 'compare_eval.json').exists()]
-    rows = [collect(r) for r in done]
+    rows = [collect(r) for r in done if r['in_row']]
     if not rows:
         print('error: no run finished: ' + '; '.join(failures), file=sys.stderr)
         return 1
     write_csv(out / 'runs.csv', rows)
-    summary = summarise(rows, args.models)
+    ensembles, ensemble_rows = {}, []
+    for spec in (s for s in args.models if args.deep_ensemble and runs_of(runs, s)[0]['members'] == 1):
+        networks = runs_of(runs, spec)[:args.deep_ensemble]
+        folder = deep_ensemble_folder(out, spec, len(networks))
+        if not all(r in done for r in networks):
+            failures.append(f'{deep_ensemble_label(spec, len(networks))}: not every network finished')
+            continue
+        why = evaluate_run([r['folder'] for r in networks], folder, args.launcher)
+        if why:
+            failures.append(f'{deep_ensemble_label(spec, len(networks))}: evaluation failed: {why}')
+            continue
+        ensembles[deep_ensemble_label(spec, len(networks))] = folder
+        ensemble_rows.append(collect_deep_ensemble(spec, networks, folder))
+    order = table_order({spec: runs_of(runs, spec)[0]['members'] for spec in args.models}, list(ensembles))
+    summary = summarise(rows + ensemble_rows, order)
     write_csv(out / 'compare.csv', [{k: v for k, v in e.items()} for e in summary])
     split = rows[0]['split']
     first = runs[0]
     header = (f'# {Path(args.config).name}: equal epochs ({first["epochs"]}), global batch as the recipe, '
               f'M >= 2 at b = {args.batch_repeat or "recipe"} with lr / b\n\n'
               f'mean ± std over seeds; metrics on the {split} split of each run\'s best (validation-selected) '
-              f'epoch; TS = temperature scaling (two-fold); gain = ensemble top-1 - best member top-1\n\n')
+              f'epoch; TS = temperature scaling (two-fold); gain = ensemble top-1 - best member top-1; '
+              f'a deep ensemble averages its networks\' probabilities, its wall time and steps are the sums '
+              f'over its networks; inference FLOPs per image (a multiply-add counts 2)\n\n')
     table = markdown_table(summary, split)
     (out / 'compare.md').write_text(header + table)
     curves = {}
     panels = {}
-    for run in done:
+    for run in (r for r in done if r['in_row']):
         curves.setdefault(run['spec'], []).append(read_curve(run['folder']))
         panels.setdefault(run['spec'], []).append(run['folder'] / 'reliability.png')
+    panels.update({label: [folder / 'reliability.png'] for label, folder in ensembles.items()})
+    panels = {spec: panels[spec] for spec in order if spec in panels}
     curves_png(curves, out / 'validation_curves.png', f'{Path(args.config).name}: validation top-1 per epoch')
     reliability_grid_png(panels, out / 'reliability.png')
     print(table)

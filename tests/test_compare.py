@@ -44,7 +44,7 @@ def test_summary_is_mean_and_std_over_seeds():
     rows = [dict(model='a', seed=s, members=2, batch_repeat=2, lr=0.1, split='test', top1=t, nll=0.1, ece=0.01,
                  nll_cal=0.1, ece_cal=0.01, temperature=1.0, best_member_top1=t - 1, member_mean_top1=t - 1.5,
                  ensemble_gain=1.0, disagreement=0.05, member0_top1=t - 1, member1_top1=t - 2, wall_s=10.0,
-                 steps=100) for s, t in enumerate((90.0, 92.0, 94.0))]
+                 steps=100, params=1e6, flops=1e8, passes=1) for s, t in enumerate((90.0, 92.0, 94.0))]
     summary = compare.summarise(rows, ['a', 'missing'])
     assert len(summary) == 1
     entry = summary[0]
@@ -54,11 +54,43 @@ def test_summary_is_mean_and_std_over_seeds():
     assert '92.00 ± 2.00' in table and '91.00 / 90.00' in table
 
 
+def test_deep_ensemble_reuses_the_vanilla_seeds_and_trains_only_the_missing_ones():
+    runs = plan('--models', 'wrn16_2', 'wrn16_2_mixmo2', '--seeds', '2', '--deep-ensemble', '2')
+    assert [(r['spec'], r['seed']) for r in runs] == [('wrn16_2', 0), ('wrn16_2', 1), ('wrn16_2_mixmo2', 0),
+                                                       ('wrn16_2_mixmo2', 1)]  # N <= seeds: nothing more to train
+    runs = plan('--models', 'wrn16_2', 'wrn16_2_mixmo2', '--seeds', '2', '--deep-ensemble', '3')
+    vanilla = compare.runs_of(runs, 'wrn16_2')
+    # the third vanilla seed serves the ensemble only: the vanilla row stays over --seeds seeds, MIMO gets none
+    assert [(r['seed'], r['in_row']) for r in vanilla] == [(0, True), (1, True), (2, False)]
+    assert [r['seed'] for r in compare.runs_of(runs, 'wrn16_2_mixmo2')] == [0, 1]
+
+
+def test_table_reads_vanilla_then_deep_ensemble_then_mimo_with_the_inference_cost():
+    order = compare.table_order({'wrn16_2_mixmo2': 2, 'wrn16_2': 1, 'wrn16_2:msda=mixup': 1},
+                                ['3 x wrn16_2 (deep ensemble)'])
+    assert order == ['wrn16_2', 'wrn16_2:msda=mixup', '3 x wrn16_2 (deep ensemble)', 'wrn16_2_mixmo2']
+    common = dict(batch_repeat=1, lr=0.2, split='test', top1=98.0, nll=0.1, ece=0.01, nll_cal=0.1, ece_cal=0.01,
+                  temperature=1.0, best_member_top1=None, member_mean_top1=98.0, ensemble_gain=None,
+                  disagreement=None, wall_s=10.0, steps=100)
+    rows = [dict(common, model='wrn16_2', seed=s, members=1, member0_top1=98.0, params=700_000, flops=2e7,
+                 passes=1) for s in range(3)]
+    rows.append(dict(common, model='3 x wrn16_2 (deep ensemble)', seeds=3, members=3, member0_top1=98.0,
+                     member1_top1=97.0, member2_top1=96.0, params=2_100_000, flops=6e7, passes=3, wall_s=30.0))
+    summary = compare.summarise(rows, order)
+    assert [(e['model'], e['seeds'], e['rows']) for e in summary] == [
+        ('wrn16_2', 3, 3), ('3 x wrn16_2 (deep ensemble)', 3, 1)]
+    table = compare.markdown_table(summary, 'test').splitlines()
+    assert 'inference: params / FLOPs / passes' in table[0]
+    assert '| 0.70 M / 20.0 M / 1 |' in table[2] and '| 2.10 M / 60.0 M / 3 |' in table[3]
+    assert '98.00 ± 0.00' in table[2] and '| 98.00 |' in table[3]  # one ensemble: no spread to show
+
+
 @pytest.mark.parametrize('argv,message', [
     (['--models', 'no_such_net'], 'unknown model'),
     (['--models', 'wrn16_2:mix_mode'], 'is not key=value'),
     (['--models', 'wrn16_2', 'wrn16_2'], 'model specs repeat'),
     (['--models', 'wrn16_2', '--seeds', '0'], '--seeds must be >= 1'),
+    (['--models', 'wrn16_2', '--deep-ensemble', '1'], '--deep-ensemble needs N >= 2'),
     (['--models', 'wrn16_2', '--', '--no-such-flag'], 'train.py refuses the flags'),
 ])
 def test_bad_input_is_one_error_line_and_exit_2(argv, message, capsys, tmp_path):
@@ -72,7 +104,7 @@ def test_bad_input_is_one_error_line_and_exit_2(argv, message, capsys, tmp_path)
 def test_tiny_comparison_writes_reports_and_resumes(tmp_path):
     out = tmp_path / 'cmp'
     argv = [sys.executable, str(REPO / 'bench' / 'compare.py'), '-c', RECIPE, '--models', 'wrn16_2',
-            'wrn16_2_mixmo2', '--seeds', '1', '--out', str(out), '--', '--epochs', '2',
+            'wrn16_2_mixmo2', '--seeds', '1', '--deep-ensemble', '2', '--out', str(out), '--', '--epochs', '2',
             '--limit-train-batches', '2']
     env = dict(os.environ, OMP_NUM_THREADS='2')
     proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -88,6 +120,18 @@ def test_tiny_comparison_writes_reports_and_resumes(tmp_path):
     assert float(rows['wrn16_2_mixmo2']['nll_cal']) > 0 and 'ece_cal' in rows['wrn16_2']
     table = (out / 'compare.md').read_text()
     assert '`wrn16_2_mixmo2`' in table and 'ECE (TS)' in table
+    # the deep ensemble of seeds 0 and 1 (seed 1 trained for it alone), between vanilla and MIMO
+    assert set(rows) == {'wrn16_2', 'wrn16_2_mixmo2'} and len(rows) == 2  # seed 1 is in no per-run row
+    lines = [line.split(' | ')[0].strip('| `') for line in table.splitlines() if line.startswith('| `')]
+    assert lines == ['wrn16_2', '2 x wrn16_2 (deep ensemble)', 'wrn16_2_mixmo2']
+    ensemble = json.loads((out / 'deep_ensembles' / 'wrn16_2-x2' / 'compare_eval.json').read_text())
+    vanilla_eval = json.loads((out / 'runs' / 'wrn16_2-s0' / 'compare_eval.json').read_text())
+    assert ensemble['num_members'] == 2 and ensemble['ensemble'] == 'mean-prob'
+    assert ensemble['cost'] == dict(params=2 * vanilla_eval['cost']['params'],
+                                    flops=2 * vanilla_eval['cost']['flops'], forward_passes=2)
+    with open(out / 'compare.csv') as handle:
+        by_model = {r['model']: r for r in csv.DictReader(handle)}
+    assert by_model['2 x wrn16_2 (deep ensemble)']['passes_mean'] == '2.0'
 
     # a finished run is not rerun; an interrupted one (checkpoint, no results) resumes with --resume
     vanilla = out / 'runs' / 'wrn16_2-s0'

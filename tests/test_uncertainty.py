@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from timm_mimo.metrics import brier_score, classification_metrics, expected_calibration_error, misclassification_auc, nll
 from timm_mimo.uncertainty import (
     adaptive_calibration_error, average_precision, binary_auroc, classwise_calibration_error, fpr_at_tpr,
-    member_disagreement, mutual_information, ood_detection_metrics, ood_metrics, predictive_entropy,
+    member_disagreement, member_ood_metrics, mutual_information, ood_detection_metrics, ood_metrics,
+    predictive_entropy,
     risk_coverage_curve, selective_metrics, uncertainty_metrics, uncertainty_scores)
 
 ATOL = 1e-5
@@ -45,13 +46,46 @@ def test_member_disagreement_counts_disagreeing_pairs():
         member_disagreement(logits[:, :1])
 
 
+SINGLE_SCORES = {'msp', 'entropy', 'energy', 'max_logit'}
+
+
 def test_uncertainty_scores_member_scores_only_for_several_members():
     logits = torch.randn(6, 4)
-    assert set(uncertainty_scores(logits)) == {'msp', 'entropy'}
-    assert set(uncertainty_scores(logits, logits[:, None])) == {'msp', 'entropy'}
+    assert set(uncertainty_scores(logits)) == SINGLE_SCORES
+    assert set(uncertainty_scores(logits, logits[:, None])) == SINGLE_SCORES
     both = uncertainty_scores(logits, torch.randn(6, 2, 4))
-    assert set(both) == {'msp', 'entropy', 'mutual_info', 'disagreement'}
+    assert set(both) == SINGLE_SCORES | {'mutual_info', 'disagreement'}
     assert torch.allclose(both['msp'], 1 - logits.double().softmax(-1).max(-1).values)
+
+
+def test_energy_and_max_logit_known_values_read_the_mean_member_logits():
+    logits = torch.tensor([[0.0, 0.0, 0.0, 0.0], [2.0, -1.0, 0.5, 0.0]], dtype=torch.float64)
+    scores = uncertainty_scores(logits)
+    # energy -logsumexp: four equal logits give -log 4; higher = more uncertain, like every score
+    assert scores['energy'].tolist() == pytest.approx([-math.log(4), -torch.logsumexp(logits[1], 0).item()])
+    assert scores['max_logit'].tolist() == pytest.approx([0.0, -2.0])
+    # under the mean-prob rule the ensemble "logits" are log-probabilities (logsumexp 0 for every sample):
+    # energy and max-logit take the mean member logits instead, so they still tell samples apart
+    members = torch.stack([logits, 3 * logits], dim=1)  # (N, M = 2, K)
+    log_mean_prob = members.softmax(-1).mean(1).log()
+    scores = uncertainty_scores(log_mean_prob, members)
+    assert torch.allclose(scores['energy'], -(2 * logits).logsumexp(-1))
+    assert torch.allclose(scores['max_logit'], -(2 * logits).max(-1).values)
+    assert torch.allclose(scores['msp'], 1 - members.softmax(-1).mean(1).max(-1).values)
+
+
+def test_member_ood_metrics_score_each_member_alone():
+    gen = torch.Generator().manual_seed(5)
+    members_in = 3 * torch.randn(50, 3, 6, generator=gen, dtype=torch.float64)
+    members_out = torch.randn(40, 3, 6, generator=gen, dtype=torch.float64)
+    members_out[:, 1] *= 3  # member 1 is as confident on the OOD set as on the in-distribution one
+    per_member = member_ood_metrics(members_in, members_out)
+    assert set(per_member) == SINGLE_SCORES and all(len(v) == 3 for v in per_member.values())
+    for m in range(3):
+        assert per_member['energy'][m] == ood_metrics(members_in[:, m], members_out[:, m])['energy']
+    assert per_member['msp'][0]['auroc'] > 0.8 and per_member['msp'][1]['auroc'] < 0.7
+    with pytest.raises(ValueError, match='as many members'):
+        member_ood_metrics(members_in, members_out[:, :2])
 
 
 # --- detection --------------------------------------------------------------------------------------------
@@ -174,7 +208,7 @@ def test_uncertainty_metrics_keys_and_member_ece():
     assert plain['member_nll'][0] == pytest.approx(nll(members[:, 0], labels))
     assert plain['member_nll'][0] != pytest.approx(plain['member_nll'][1])
     scores = ood_metrics(members.mean(1), members.mean(1) * 0.1, members, members * 0.1)
-    assert set(scores) == {'msp', 'entropy', 'mutual_info', 'disagreement'}
+    assert set(scores) == SINGLE_SCORES | {'mutual_info', 'disagreement'}
     # shrunken logits are less confident everywhere: MSP and entropy rank every OOD sample higher
     assert scores['msp']['auroc'] == 1.0 and scores['entropy']['auroc'] == 1.0
 
@@ -254,6 +288,12 @@ def check_against_libraries(logits, member_logits, labels, ood_logits, ood_membe
     disagreement = for_tu.Disagreement(reduction='none')
     disagreement.update(member_probs)
     assert torch.allclose(scores['disagreement'], disagreement.compute().double(), atol=ATOL)
+    # energy and max-logit: TorchUncertainty's criteria on the (N, M, K) member logits (they average them)
+    from torch_uncertainty.ood_criteria import EnergyCriterion, MaxLogitCriterion
+    for name, criterion in (('energy', EnergyCriterion()), ('max_logit', MaxLogitCriterion())):
+        assert torch.allclose(scores[name], criterion(member_logits), atol=ATOL), name
+        single = member_logits[:, 0]  # one network: its logits as one estimator
+        assert torch.allclose(uncertainty_scores(single)[name], criterion(single[:, None]), atol=ATOL), name
     # FPR95: TorchUncertainty's FPR95 with the in-distribution set as the positive class (its routine
     # takes OOD as positive, i.e. reports the share of ID samples flagged when 95 % of OOD are caught)
     for name, values in ood.items():

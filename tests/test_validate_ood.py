@@ -75,18 +75,24 @@ def test_cli_reports_ood_selective_and_calibration_metrics(evaluated):
         assert key in metrics, key
     ood = results['ood']
     assert 'digits' in ood['dataset'] and ood['num_samples'] == 275  # the digits' 15 % test split
-    assert set(ood['scores']) == {'msp', 'entropy', 'mutual_info', 'disagreement'}
+    assert set(ood['scores']) == {'msp', 'entropy', 'energy', 'max_logit', 'mutual_info', 'disagreement'}
+    assert set(ood['member_scores']) == {'msp', 'entropy', 'energy', 'max_logit'}
+    assert all(len(per_member) == 2 for per_member in ood['member_scores'].values())
     for values in ood['scores'].values():
         assert set(values) == {'auroc', 'aupr_in', 'aupr_out', 'fpr95'}
         assert all(0.0 <= v <= 1.0 for v in values.values())
-    for score in ('maximum softmax probability', 'predictive entropy', 'mutual information', 'member disagreement'):
-        assert f'OOD 1 - {score}' in proc.stdout or f'OOD {score}' in proc.stdout
+    for score in ('maximum softmax probability', 'predictive entropy', 'mutual information', 'member disagreement',
+                  'energy', 'maximum logit'):
+        assert f'OOD 1 - {score}' in proc.stdout or f'OOD {score}' in proc.stdout or f'OOD - {score}' in proc.stdout
+    assert 'each member alone: AUROC' in proc.stdout and 'forward pass(es)' in proc.stdout
     assert 'AURC' in proc.stdout and 'classwise' in proc.stdout
     # not a terminal: periodic progress lines (every batch with --log-interval 0), one set at a time
     assert 'validation: 1/1 batches, 200 images' in proc.stderr and 'ood: 2/2 batches, 275 images' in proc.stderr
     rows = (out / 'results.csv').read_text().splitlines()
-    assert rows[0].startswith('set,') and [r.split(',')[0] for r in rows[1:]] == [
-        'validation', 'ood_msp', 'ood_entropy', 'ood_mutual_info', 'ood_disagreement']
+    assert rows[0].startswith('set,') and [r.split(',')[0] for r in rows[1:7]] == [
+        'validation', 'ood_msp', 'ood_entropy', 'ood_energy', 'ood_max_logit', 'ood_mutual_info']
+    assert [r.split(',')[0] for r in rows[7:]] == ['ood_disagreement'] + [
+        f'ood_member{m}_{score}' for score in ('msp', 'entropy', 'energy', 'max_logit') for m in (0, 1)]
 
 
 @needs_zip
@@ -117,8 +123,8 @@ def test_report_page_links_pictures_that_exist(evaluated):
         assert heading in page
     linked = [link.split('](')[1].split(')')[0] for line in page.splitlines() for link in line.split('![')[1:]]
     assert set(linked) == {'reliability.png', 'reliability_member0.png', 'reliability_member1.png',
-                           'risk_coverage.png', 'ood_msp.png', 'ood_entropy.png', 'ood_mutual_info.png',
-                           'ood_disagreement.png'}
+                           'risk_coverage.png', 'ood_msp.png', 'ood_entropy.png', 'ood_energy.png',
+                           'ood_max_logit.png', 'ood_mutual_info.png', 'ood_disagreement.png'}
     for name in linked:
         with Image.open(folder / name) as image:
             assert image.format == 'PNG' and image.size[0] >= 600
@@ -152,7 +158,7 @@ def test_image_folder_path_as_ood_set(untrained_folder, tmp_path):
                             tmp_path / 'folder', '--ood-val-per-class', 1, '--ood-max-samples', 2, '-j', 0)
     ood = results['ood']
     assert ood['num_samples'] == 2 and str(tmp_path / 'folder') in ood['dataset']
-    assert set(ood['scores']) == {'msp', 'entropy'}
+    assert set(ood['scores']) == {'msp', 'entropy', 'energy', 'max_logit'} and 'member_scores' not in ood
 
 
 def test_bad_ood_input_is_one_error_line(untrained_folder):
@@ -163,10 +169,97 @@ def test_bad_ood_input_is_one_error_line(untrained_folder):
 
 
 @pytest.mark.parametrize('args, error, message', [
-    (['--ood-dataset', '', '--ood-max-samples', '0'], ValueError, '--ood-max-samples must be >= 1'),
+    (['--ood-dataset', '', '--ood-split', 'validation', '--ood-max-samples', '0'], ValueError,
+     '--ood-max-samples must be >= 1'),
     (['--ood-dataset', 'cifar10-zip', '--ood-data-dir', '/no/such.zip'], FileNotFoundError, 'not found'),
 ])
 def test_bad_ood_arguments_raise_before_evaluating(untrained_folder, args, error, message, capsys):
     with pytest.raises(error, match=message):
         validate_main(untrained_folder, '--dataset', '', *args)
     assert 'test:' not in capsys.readouterr().out
+
+
+def test_ood_set_that_is_the_evaluated_split_is_one_error_line(untrained_folder):
+    """Issue 27: the run's own test split as OOD scored AUROC 50 for every score without a word."""
+    proc = run('validate.py', untrained_folder, '--dataset', '', '--ood-dataset', '', check=False)
+    assert proc.returncode == 2 and 'Traceback' not in proc.stderr
+    assert proc.stderr.startswith("error: --ood-dataset '' is the in-distribution data")
+    assert len(proc.stderr.strip().splitlines()) == 1 and 'test:' not in proc.stdout
+
+
+# --- deep ensembles --------------------------------------------------------------------------------------
+
+def model_folder(root, name, seed, **kwargs):
+    import timm
+    from timm.models import save_for_hf
+
+    torch.manual_seed(seed)
+    folder = root / f'{name}-{seed}'
+    save_for_hf(timm.create_model(name, **kwargs), str(folder), safe_serialization=True)
+    return folder
+
+
+def run_folder(root, name, seed, **run_args):
+    """A training folder as train.py leaves it, as far as validate.py reads it: args.yaml and best/."""
+    import yaml
+
+    folder = root / f'run-{seed}'
+    folder.mkdir()
+    (folder / 'args.yaml').write_text(yaml.safe_dump(dict(model=name, **run_args)))
+    model_folder(folder, name, seed).rename(folder / 'best')
+    return folder
+
+
+@pytest.fixture(scope='module')
+def ensemble_folders(tmp_path_factory):
+    """Two plain WRN-16-2 (M = 1) and one MixMo WRN-16-2 (M = 2), random weights, 10 classes."""
+    root = tmp_path_factory.mktemp('ensemble')
+    return [model_folder(root, 'wrn16_2', 0), model_folder(root, 'wrn16_2', 1), model_folder(root, 'wrn16_2_mixmo2', 2)]
+
+
+def test_deep_ensemble_of_plain_and_mimo_runs_is_their_members_through_one_path(ensemble_folders, tmp_path):
+    common = ('--dataset', '', '--split', 'validation', '--img-size', 16, '-j', 0)
+    results = validate_main(*ensemble_folders, *common, '--ood-dataset', '', '--ood-split', 'test',
+                            '--ood-max-samples', 40,
+                            '--save-predictions', tmp_path / 'ensemble.safetensors', '--report', tmp_path / 'report')
+    assert results['num_members'] == 4 and results['members_per_network'] == [1, 1, 2]
+    assert results['ensemble'] == 'mean-prob' and results['model'] == 'deep ensemble: 2 x wrn16_2 + 1 x wrn16_2_mixmo2'
+    metrics = results['validation']
+    assert len(metrics['member_top1']) == 4 and len(metrics['member_ece']) == 4 and metrics['disagreement'] is not None
+    assert results['ood']['dataset'].endswith('[test]')  # another split of the digits: allowed, with a warning
+    assert all(len(v) == 4 for v in results['ood']['member_scores'].values())
+    # the ensemble's members are exactly each network's members, evaluated alone by the same command
+    alone = []
+    for index, folder in enumerate(ensemble_folders):
+        single = validate_main(folder, *common, '--save-predictions', tmp_path / f'{index}.safetensors')
+        alone.append((single, load_file(str(tmp_path / f'{index}.safetensors'))))
+    saved = load_file(str(tmp_path / 'ensemble.safetensors'))
+    assert torch.allclose(saved['member_logits'], torch.cat([p['member_logits'] for _, p in alone], 1), atol=1e-5)
+    assert torch.allclose(saved['logits'].softmax(-1), saved['member_logits'].softmax(-1).mean(1), atol=1e-6)
+    cost = results['cost']
+    assert cost['forward_passes'] == 3 and [s['cost']['forward_passes'] for s, _ in alone] == [1, 1, 1]
+    assert cost['params'] == sum(s['cost']['params'] for s, _ in alone)
+    assert cost['flops'] == sum(s['cost']['flops'] for s, _ in alone)
+    page = (tmp_path / 'report' / 'report.md').read_text()
+    assert 'combined by mean-prob' in page and '3 forward pass(es)' in page and 'Each member alone' in page
+    # --ensemble mean-logit: the mean of all four members' logits
+    by_logits = validate_main(*ensemble_folders, *common, '--ensemble', 'mean-logit',
+                              '--save-predictions', tmp_path / 'by_logits.safetensors')
+    assert by_logits['ensemble'] == 'mean-logit'
+    logits = load_file(str(tmp_path / 'by_logits.safetensors'))['logits']
+    assert torch.allclose(logits, saved['member_logits'].mean(1), atol=1e-5)
+
+
+def test_runs_that_do_not_match_are_one_error_line(ensemble_folders, tmp_path):
+    five_classes = model_folder(tmp_path, 'wrn16_2', 3, num_classes=5)
+    proc = run('validate.py', ensemble_folders[0], five_classes, '--dataset', '', check=False)
+    assert proc.returncode == 2 and 'Traceback' not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert proc.stderr.startswith(f'error: the runs do not match: {ensemble_folders[0]} has classes 10 but '
+                                  f'{five_classes} has 5')
+    # training folders: the data they trained on must agree too
+    digits_a = run_folder(tmp_path, 'wrn16_2', 4, dataset='', val_per_class=None)
+    digits_b = run_folder(tmp_path, 'wrn16_2', 5, dataset='', val_per_class=20)
+    with pytest.raises(ValueError, match="has --val-per-class None but .* has 20"):
+        validate_main(digits_a, digits_b)
+    with pytest.raises(ValueError, match='has one member'):
+        validate_main(ensemble_folders[0], '--dataset', '', '--ensemble', 'mean-prob')

@@ -34,6 +34,12 @@ def _percent(value) -> str:
     return 'n/a' if value is None else f'{100 * value:.2f}'
 
 
+def _combined(results: dict) -> str:
+    """How the members were combined, for a page that has several (', mean-prob of their members')."""
+    several = results.get('ensemble') and results.get('num_members', 1) > 1
+    return f', combined by {results["ensemble"]}' if several else ''
+
+
 def report_pictures(folder, logits: torch.Tensor, member_logits: torch.Tensor, labels: torch.Tensor,
                     ood_logits: Optional[torch.Tensor] = None, ood_member_logits: Optional[torch.Tensor] = None,
                     title: str = '') -> Dict[str, str]:
@@ -81,7 +87,8 @@ def model_card_section(results: dict, pictures: Optional[Dict[str, str]] = None,
         f'{h} Evaluation: {results.get("model", "")} on {results.get("dataset", "")}',
         '',
         f'Split `{split}`, {results.get("num_samples", "?")} images, M = {results.get("num_members", 1)} '
-        f'member(s); checkpoint `{results.get("checkpoint", "")}`. Written by `validate.py --report` '
+        f'member(s){_combined(results)}; checkpoint `{results.get("checkpoint", "")}`. '
+        f'Written by `validate.py --report` '
         f'(definitions: docs/evaluation.md of timm_mimo).',
         '',
         f'{h}# Accuracy and calibration',
@@ -102,6 +109,10 @@ def model_card_section(results: dict, pictures: Optional[Dict[str, str]] = None,
                   f'| member disagreement / ratio-errors | {_fmt(m["disagreement"])} / {_fmt(m["ratio_errors"])} |']
     if m.get('member_ece'):
         lines.append(f'| member ECE | {" / ".join(f"{e:.4f}" for e in m["member_ece"])} |')
+    cost = results.get('cost')
+    if cost:
+        lines.append(f'| inference cost per image | {cost["params"] / 1e6:.3f} M parameters, '
+                     f'{cost["flops"] / 1e6:.2f} MFLOPs, {cost["forward_passes"]} forward pass(es) |')
     if m.get('temperature') is not None:
         lines.append(f'| temperature / NLL / ECE after scaling | {_fmt(m["temperature"], 3)} / '
                      f'{_fmt(m["nll_calibrated"])} / {_fmt(m["ece_calibrated"])} |')
@@ -134,6 +145,14 @@ def model_card_section(results: dict, pictures: Optional[Dict[str, str]] = None,
             lines.append(f'| {SCORE_LABELS.get(score, score)} | {_percent(values["auroc"])} | '
                          f'{_percent(values["aupr_in"])} | {_percent(values["aupr_out"])} | '
                          f'{_percent(values["fpr95"])} |')
+        member_scores = ood.get('member_scores') or {}
+        if member_scores:
+            count = len(next(iter(member_scores.values())))
+            lines += ['', 'Each member alone (AUROC %):', '',
+                      '| score | ' + ' | '.join(f'member {i}' for i in range(count)) + ' |',
+                      '|---|' + '---|' * count]
+            lines += [f'| {SCORE_LABELS.get(score, score)} | ' + ' | '.join(_percent(v['auroc']) for v in per_member)
+                      + ' |' for score, per_member in member_scores.items()]
         histograms = [image(f'ood_{score}', f'OOD histogram of {score}') for score in ood['scores']]
         lines += ['', ' '.join(h for h in histograms if h)]
     return '\n'.join(lines).rstrip() + '\n'

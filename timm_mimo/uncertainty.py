@@ -9,14 +9,19 @@ first), so one convention serves OOD detection and the histograms:
 
     msp             1 - max_k p_k of the ensemble prediction (the maximum softmax probability, negated)
     entropy         predictive entropy  H(p) = -sum_k p_k log p_k of the ensemble prediction
+    energy          -logsumexp_k z_k of the mean member logits z (Liu et al. 2020, the free energy)
+    max_logit       -max_k z_k of the mean member logits z (Hendrycks et al. 2022)
     mutual_info     H(mean_m p_m) - mean_m H(p_m), the members' epistemic share (M >= 2)
     disagreement    fraction of member pairs whose top classes differ (M >= 2)
 
 p is the softmax of the ensemble logits (the model's own prediction, spec mixmo.md §4.4: mean of member
 logits); mutual information needs the mean of the member *probabilities* so that it is >= 0 (Jensen).
+Energy and max-logit read logits, so they take the mean member logits whatever the ensemble rule (as
+TorchUncertainty's criteria do): under the mean-probability rule the ensemble's "logits" are log-probabilities,
+whose logsumexp is 0 for every sample.
 """
 import math
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -26,13 +31,15 @@ __all__ = [
     'predictive_entropy', 'mutual_information', 'member_disagreement', 'uncertainty_scores',
     'binary_curve', 'binary_auroc', 'average_precision', 'fpr_at_tpr', 'ood_detection_metrics',
     'risk_coverage_curve', 'selective_metrics', 'adaptive_calibration_error', 'classwise_calibration_error',
-    'uncertainty_metrics', 'ood_metrics', 'COVERAGES', 'SCORE_LABELS',
+    'uncertainty_metrics', 'ood_metrics', 'member_ood_metrics', 'COVERAGES', 'SCORE_LABELS',
 ]
 
 COVERAGES = (0.8, 0.9, 0.95)  # risk reported at these coverages (TorchUncertainty reports 80 %)
 SCORE_LABELS = {
     'msp': '1 - maximum softmax probability',
     'entropy': 'predictive entropy',
+    'energy': 'energy (-logsumexp of the logits)',
+    'max_logit': '- maximum logit',
     'mutual_info': 'mutual information',
     'disagreement': 'member disagreement',
 }
@@ -68,9 +75,13 @@ def member_disagreement(member_logits: torch.Tensor) -> torch.Tensor:
 
 
 def uncertainty_scores(logits: torch.Tensor, member_logits: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
-    """All scores of the module docstring for one set; the member scores only when M >= 2."""
+    """All scores of the module docstring for one set; the member scores only when M >= 2. Energy and
+    max-logit read the mean of ``member_logits`` when given, else ``logits``."""
     probs = logits.double().softmax(-1)
-    scores = {'msp': 1 - probs.max(-1).values, 'entropy': predictive_entropy(probs)}
+    mean_logits = (member_logits.double().mean(1) if member_logits is not None and member_logits.dim() == 3
+                   else logits.double())
+    scores = {'msp': 1 - probs.max(-1).values, 'entropy': predictive_entropy(probs),
+              'energy': -mean_logits.logsumexp(-1), 'max_logit': -mean_logits.max(-1).values}
     if member_logits is not None and member_logits.dim() == 3 and member_logits.shape[1] >= 2:
         scores['mutual_info'] = mutual_information(member_logits)
         scores['disagreement'] = member_disagreement(member_logits)
@@ -267,3 +278,14 @@ def ood_metrics(logits_in: torch.Tensor, logits_out: torch.Tensor, members_in: O
     scores_out = uncertainty_scores(logits_out, members_out)
     return {name: ood_detection_metrics(scores_in[name], scores_out[name])
             for name in scores_in if name in scores_out}
+
+
+def member_ood_metrics(members_in: torch.Tensor, members_out: torch.Tensor) -> Dict[str, List[Dict[str, float]]]:
+    """{score name: [:func:`ood_detection_metrics` of member 0, member 1, ...]} for the single-network scores
+    (MSP, entropy, energy, max-logit) of each member alone: how well one member detects what the ensemble does."""
+    if members_in.dim() != 3 or members_out.dim() != 3 or members_in.shape[1] != members_out.shape[1]:
+        raise ValueError(f'expected member logits (N, M, K) of as many members, got {tuple(members_in.shape)} '
+                         f'and {tuple(members_out.shape)}')
+    per_member = [ood_metrics(member_in, member_out)
+                  for member_in, member_out in zip(members_in.unbind(1), members_out.unbind(1))]
+    return {score: [metrics[score] for metrics in per_member] for score in per_member[0]}
