@@ -13,6 +13,7 @@ micro-step and builds its own U x batch_repeat mixed samples on its device.
 The MIMO batch (masks, MSDA, soft targets) is built on the device from a generator seeded by
 (seed, process, epoch, step): a resumed run replays exactly the batches of an uninterrupted one.
 """
+import contextlib
 import logging
 import math
 import os
@@ -26,8 +27,8 @@ import torch
 import yaml
 
 from timm_mimo import rundir
-from timm_mimo.training import NonFiniteLoss, StopRequest, Training, all_finite, check_resume, epoch_sums_at_start, \
-    refuse_non_finite, restore, save_checkpoint
+from timm_mimo.training import LastCompletedStep, NonFiniteLoss, StepAbandoned, StopRequest, Training, all_finite, \
+    check_resume, epoch_sums_at_start, record_resume, refuse_non_finite, restore, save_checkpoint, start_in_place
 from timm_mimo.train_args import LOWER_IS_BETTER, build_parser, parse_args, recipes_for  # noqa: F401  (for tools)
 
 _logger = logging.getLogger('train')
@@ -38,7 +39,8 @@ _logger = logging.getLogger('train')
 
 def open_run(args):
     """(run folder, checkpoint to resume or None). A new run never reuses a started folder; a folder left by
-    a run that stopped before its first checkpoint holds nothing worth keeping and is started again."""
+    a run that stopped before its first checkpoint holds nothing worth keeping and is started again (with
+    ``--resume``, also one that holds a best/ already)."""
     if args.resume:
         return rundir.resolve_resume(Path(args.resume))
     run_dir = Path(args.output) / (args.experiment or f'{datetime.now():%Y%m%d-%H%M%S}-{args.model}')
@@ -250,59 +252,91 @@ def train_epoch(t: Training, epoch: int) -> bool:
     terminal = sys.stderr.isatty()
     bar = tqdm(total=t.steps_per_epoch, initial=step, desc=f'epoch {epoch}', leave=False, dynamic_ncols=True,
                disable=not (main and terminal))
+    # a log line every --log-interval steps, every --log-interval-s seconds and at least 4 times an epoch
+    log_every, logged_at = min(args.log_interval, max(t.steps_per_epoch // 4, 1)), time.time()
     pictures = main and args.mix_vis_interval > 0 and epoch % args.mix_vis_interval == 0
+    # alone, a stop abandons the step in flight; several processes stop together at a step boundary (a
+    # process leaving a step would leave the others waiting in its collectives)
+    alone = accelerator.num_processes == 1
+    last = LastCompletedStep(t) if alone else None
+    done = (step, loss_sum, loss_count, dict(part_sums), seen, time.time())  # the sums at the last completed step
+    batches = iter(t.train_loader.batches(start_batch=step * args.grad_accum_steps))
     t.model.train()
-    for images, labels in t.train_loader.batches(start_batch=step * args.grad_accum_steps):
-        gen = step_generator(t, epoch, step, micro, images.device)
-        with accelerator.accumulate(t.model, *task.trained_modules):
-            with accelerator.autocast():
-                out = task.step(t.train_model, images, labels, gen, pictures=pictures)
-            accelerator.backward(out.loss)
-            if args.clip_grad is not None and accelerator.sync_gradients:
-                accelerator.clip_grad_norm_([p for m in (t.model, *task.trained_modules) for p in m.parameters()],
-                                            args.clip_grad)
+    try:
+        while step < t.steps_per_epoch:
+            with t.stop.step_in_flight() if alone else contextlib.nullcontext():
+                batch = next(batches, None)
+                if batch is None:
+                    break
+                images, labels = batch
+                gen = step_generator(t, epoch, step, micro, images.device)
+                with accelerator.accumulate(t.model, *task.trained_modules):
+                    with accelerator.autocast():
+                        out = task.step(t.train_model, images, labels, gen, pictures=pictures)
+                    accelerator.backward(out.loss)
+                    if args.clip_grad is not None and accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_([p for m in (t.model, *task.trained_modules) for p in m.parameters()],
+                                                    args.clip_grad)
+            # from here on the step is kept
             t.optimizer.step()
             t.optimizer.zero_grad(set_to_none=True)
-        if pictures:
-            pictures = save_mix_picture(t, epoch, out)
-        seen += images.shape[0] * args.batch_repeat * accelerator.num_processes
-        loss_sum += out.loss.detach()
-        loss_count += 1
-        for key, value in out.parts.items():
-            part_sums[key] = part_sums.get(key, 0) + value
-        micro += 1
-        if not accelerator.sync_gradients:
-            continue
-        micro, step = 0, step + 1
-        t.state['num_updates'] += 1
-        t.scheduler.step_update(t.state['num_updates'])
-        task.after_step(t.bare, t.state['num_updates'])
-        bar.update()
-        stopping = stop_agreed(t)
-        if step % args.log_interval == 0 or step == t.steps_per_epoch or stopping:
-            mean_loss = check_loss(t, loss_sum, loss_count)
-            rate = seen / max(time.time() - start, 1e-9)
-            bar.set_postfix(loss=f'{mean_loss:.3f}', img_s=f'{rate:.0f}')
-            if main and not terminal:
-                eta = (t.steps_per_epoch - step) * (time.time() - start) / max(step - t.state['step'], 1)
-                _logger.info(f'epoch {epoch} step {step}/{t.steps_per_epoch} | loss {mean_loss:.4f} | lr '
-                             f'{t.optimizer.param_groups[0]["lr"]:.4g} | {rate:.0f} samples/s | ETA {eta:.0f}s')
-        if stopping and step < t.steps_per_epoch:
-            t.state.update(epoch=epoch, step=step, elapsed_s=t.elapsed(), loss_sum=float(loss_sum),
-                           loss_count=loss_count, part_sums={k: float(v) for k, v in part_sums.items()},
-                           epoch_seen=t.state['epoch_seen'] + seen,
-                           epoch_time_s=t.state['epoch_time_s'] + time.time() - start)
-            path = save_checkpoint(t, args.checkpoint_hist + 1)
-            _logger.info(f'{t.stop.signal}: saved {path}; continue with: python train.py --resume {t.run_dir}')
-            return True
-        if step >= t.steps_per_epoch:
-            break
+            if pictures:
+                pictures = save_mix_picture(t, epoch, out)
+            seen += images.shape[0] * args.batch_repeat * accelerator.num_processes
+            loss_sum = loss_sum + out.loss.detach()
+            loss_count += 1
+            for key, value in out.parts.items():
+                part_sums[key] = part_sums.get(key, 0) + value
+            micro += 1
+            if not accelerator.sync_gradients:
+                continue
+            micro, step = 0, step + 1
+            t.state['num_updates'] += 1
+            t.scheduler.step_update(t.state['num_updates'])
+            task.after_step(t.bare, t.state['num_updates'])
+            if alone:
+                last.take()
+            done = (step, loss_sum, loss_count, dict(part_sums), seen, time.time())
+            bar.update()
+            stopping = stop_agreed(t)
+            if step % log_every == 0 or step == t.steps_per_epoch or stopping or time.time() - logged_at >= \
+                    args.log_interval_s:
+                logged_at = time.time()
+                mean_loss = check_loss(t, loss_sum, loss_count)
+                rate = seen / max(time.time() - start, 1e-9)
+                bar.set_postfix(loss=f'{mean_loss:.3f}', img_s=f'{rate:.0f}')
+                if main and not terminal:
+                    eta = (t.steps_per_epoch - step) * (time.time() - start) / max(step - t.state['step'], 1)
+                    _logger.info(f'epoch {epoch} step {step}/{t.steps_per_epoch} | loss {mean_loss:.4f} | lr '
+                                 f'{t.optimizer.param_groups[0]["lr"]:.4g} | {rate:.0f} samples/s | ETA {eta:.0f}s')
+            if stopping and step < t.steps_per_epoch:
+                return save_on_stop(t, epoch, start, done)
+    except StepAbandoned:
+        last.restore()  # undo what the step in flight changed: the checkpoint is that of the last completed step
+        bar.close()
+        return save_on_stop(t, epoch, start, done)
     bar.close()
     t.scheduler.step(epoch + 1)
     t.epoch_train = dict(train_loss=check_loss(t, loss_sum, loss_count), seen=t.state['epoch_seen'] + seen,
                          time=t.state['epoch_time_s'] + time.time() - start,
                          parts={k: float(v) / max(loss_count, 1) for k, v in part_sums.items()})
     return False
+
+
+def save_on_stop(t: Training, epoch: int, start: float, done: tuple) -> bool:
+    """The checkpoint of a stop request, at the last completed step ``done`` (its step and running sums)."""
+    step, loss_sum, loss_count, part_sums, seen, at = done
+    resume = f'continue with: python train.py --resume {t.run_dir}'
+    if step == t.state['step']:  # no step completed since the run's last checkpoint (or its start)
+        saved = rundir.complete_checkpoints(t.run_dir)
+        _logger.info(f'{t.stop.signal}: nothing trained since {saved[-1] if saved else "the start"}; {resume}')
+        return True
+    t.state.update(epoch=epoch, step=step, elapsed_s=t.elapsed(), loss_sum=check_loss(t, loss_sum, 1),
+                   loss_count=loss_count, part_sums={k: float(v) for k, v in part_sums.items()},
+                   epoch_seen=t.state['epoch_seen'] + seen, epoch_time_s=t.state['epoch_time_s'] + at - start)
+    path = save_checkpoint(t, t.args.checkpoint_hist + 1)
+    _logger.info(f'{t.stop.signal}: saved {path}; {resume}')
+    return True
 
 
 def stop_agreed(t: Training) -> bool:
@@ -462,14 +496,15 @@ def main(argv=None) -> int:
         t = setup(args, run_dir, stop, wall_start)
         if t.accelerator.is_main_process:
             rundir.remove_leftovers(run_dir)  # what an interrupted save or swap left
-            if resume_from is None:
+            if not args.resume:
                 rundir.write_atomic(run_dir / rundir.ARGS_FILE, yaml.safe_dump(vars(args), sort_keys=False))
         else:
             logging.getLogger().setLevel(logging.WARNING)
         t.accelerator.wait_for_everyone()
-        if resume_from is not None:
-            check_resume(t, resume_from)
-            restore(t, resume_from)
+        if args.resume:
+            changes = check_resume(t, resume_from)
+            restore(t, resume_from) if resume_from is not None else start_in_place(t)
+            record_resume(t, resume_from, changes)  # only a resume that was accepted
         if args.log_tensorboard:
             t.accelerator.init_trackers('tensorboard')
         first_epoch = t.state['epoch']

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 import timm
 import timm_mimo  # noqa: F401
+from timm_mimo import rundir
 from timm_mimo.data import default_cifar10_zip
 
 REPO = Path(__file__).resolve().parents[1]
@@ -128,13 +129,17 @@ def test_sigterm_and_ctrl_c_save_at_the_next_step_and_resume_matches(uninterrupt
     name = signal.Signals(signum).name
     args = [*FAST, '--epochs', 3, '--limit-train-batches', 12, '--output', tmp_path, '--experiment', 'term']
     proc = start('train.py', *args)
-    wait_for('checkpoint-0001', tmp_path / 'term', proc)
-    # at once: the flag is read after every optimizer step, and the next one is a step of epoch 1
-    proc.send_signal(signum)
+    before = ''
+    while 'epoch 1 step 3/12' not in before:  # 3 steps into epoch 1 (a log line every 3 steps: 4 an epoch)
+        line = proc.stdout.readline()
+        assert line, before
+        before += line
+    proc.send_signal(signum)  # the step in flight is abandoned, the last completed one saved
     output, _ = proc.communicate(timeout=120)
+    output = before + output
     assert proc.returncode == code, output
     assert name in output and f'--resume {tmp_path / "term"}' in output
-    assert list((tmp_path / 'term').glob('checkpoint-0001-step*')), 'a mid-epoch checkpoint is written'
+    assert rundir.complete_checkpoints(tmp_path / 'term')[-1].name.startswith('checkpoint-0001-step'), output
     if signum == signal.SIGTERM:
         run('train.py', *FAST, '--epochs', 3, '--limit-train-batches', 12, '--resume', tmp_path / 'term')
     else:

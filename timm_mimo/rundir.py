@@ -118,6 +118,19 @@ def replace_dir(tmp_dir: Path, final_dir: Path):
 
 
 @contextlib.contextmanager
+def writing(what: Path):
+    """A failed write of ``what`` as one ``OSError`` naming it and the space left: safetensors and torch report
+    a full disk as errors of their own (``SafetensorError``; ``RuntimeError: basic_ios::clear``)."""
+    from safetensors import SafetensorError
+    try:
+        yield
+    except (SafetensorError, RuntimeError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        free = shutil.disk_usage(next(p for p in Path(what).parents if p.exists())).free
+        raise OSError(f'cannot write {what}: {reason} ({free / 2 ** 20:.1f} MiB free on its disk)') from e
+
+
+@contextlib.contextmanager
 def atomic_dir(final_dir: Union[str, Path]):
     """Yield a temporary sibling of ``final_dir`` to fill; on success it replaces ``final_dir``, on any
     failure (a full disk included) it is removed, so nothing half-written is left under either name."""
@@ -153,7 +166,7 @@ def save_model_folder(model: nn.Module, folder: Path, model_args: dict, data_con
     ``state_dict``: the weights to write when ``model.state_dict()`` is not them (FSDP: the gathered
     weights of ``accelerator.get_state_dict``). ``data_config``: the preprocessing the weights were trained with.
     """
-    with atomic_dir(folder) as tmp:
+    with atomic_dir(folder) as tmp, writing(folder):
         write_model_files(model, tmp, model_args, data_config, state_dict)
         if metrics:
             write_json_atomic(tmp / METRICS_FILE, metrics)
@@ -207,7 +220,8 @@ def checkpoint_name(epoch: int, step: int) -> str:
 
 
 def read_trainer_state(checkpoint: Path) -> Optional[dict]:
-    """The trainer state of a complete checkpoint folder, else None."""
+    """The trainer state of a complete checkpoint folder, else None. A complete one whose epoch or step is not
+    a count (a hand-edited file) is refused, named: training from it would skip or repeat epochs."""
     checkpoint = Path(checkpoint)
     if not (CHECKPOINT_RE.fullmatch(checkpoint.name) and checkpoint.is_dir() and (checkpoint / WEIGHTS_FILE).is_file()
             and (checkpoint / TRAINING_STATE_DIR).is_dir()):
@@ -216,7 +230,18 @@ def read_trainer_state(checkpoint: Path) -> Optional[dict]:
         state = json.loads((checkpoint / STATE_FILE).read_text())
     except (OSError, ValueError):
         return None
-    return state if isinstance(state, dict) and {'epoch', 'step'} <= set(state) else None
+    if not (isinstance(state, dict) and {'epoch', 'step'} <= set(state)):
+        return None
+    for key in ('epoch', 'step'):
+        check_count(state[key], checkpoint / STATE_FILE, key)
+    return state
+
+
+def check_count(value, path: Path, key: str, below: Optional[int] = None, what: str = ''):
+    """Refuse a ``key`` of the file ``path`` that is not an integer in [0, ``below``)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0 or (below is not None and value >= below):
+        bound = f' and < {below}{what}' if below is not None else ''
+        raise ValueError(f'{path}: {key} must be an integer >= 0{bound}, got {value!r} (a damaged or edited file)')
 
 
 def complete_checkpoints(run_dir: Path) -> List[Path]:
@@ -256,9 +281,22 @@ def read_args(run_dir: Path) -> dict:
 
 
 def read_resumes(run_dir: Path) -> list:
+    """The run's resume records; a damaged or hand-edited file is refused, named, rather than half-read."""
     path = Path(run_dir) / RESUMES_FILE
-    entries = yaml.safe_load(path.read_text()) if path.exists() else None
-    return entries if isinstance(entries, list) else []
+    if not path.exists():
+        return []
+    try:
+        entries = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ValueError(f'{path} is not valid YAML: {str(e).splitlines()[0]}') from e
+    entries = [] if entries is None else entries
+    well_formed = isinstance(entries, list) and all(
+        isinstance(e, dict) and isinstance(e.get('from'), str) and isinstance(e.get('changes'), list)
+        and all(isinstance(c, str) for c in e['changes']) for e in entries)
+    if not well_formed:
+        raise ValueError(f'{path} is not a list of resume records ({{from: checkpoint, changes: [...]}}): a damaged '
+                         f'or edited file (remove it to drop the record)')
+    return entries
 
 
 def record_resume(run_dir: Path, checkpoint: Path, changes: List[str]):
@@ -278,15 +316,21 @@ class RunLock:
 
     def acquire(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        f = open(self.path, 'a+')
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or '?'
+        while True:
+            f = open(self.path, 'a+')
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or '?'
+                f.close()
+                raise FileExistsError(f'{self.path.parent} is in use by another train.py (pid {holder}): wait for '
+                                      f'it, or choose another --output/--experiment') from None
+            # a holder removes the file as it releases it: a lock taken on a removed file guards nothing
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(self.path).st_ino == os.fstat(f.fileno()).st_ino:
+                    break
             f.close()
-            raise FileExistsError(f'{self.path.parent} is in use by another train.py (pid {holder}): wait for it, '
-                                  f'or choose another --output/--experiment') from None
         f.seek(0)
         f.truncate()
         f.write(str(os.getpid()))
@@ -295,7 +339,11 @@ class RunLock:
         return self
 
     def release(self):
+        """Remove the lock file, then unlock: only the holder removes it, so another run's lock never goes."""
         if self._file is not None:
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(self.path).st_ino == os.fstat(self._file.fileno()).st_ino:
+                    os.unlink(self.path)
             self._file.close()
             self._file = None
 
@@ -459,14 +507,16 @@ def check_state_files_are_plain(state_dir: Path):
 
 def resolve_resume(path: Path):
     """(run folder, checkpoint to continue from) for ``--resume``: a run folder (its newest complete
-    checkpoint) or one of its checkpoints."""
+    checkpoint, or None when it has none yet: the run starts in place) or one of its checkpoints."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f'--resume path not found: {path}')
     if read_trainer_state(path) is not None:
         return path.parent, path
     checkpoints = complete_checkpoints(path) if path.is_dir() else []
-    if not checkpoints:
-        raise FileNotFoundError(f'no complete checkpoint in {path} to resume from (a run stopped before its first '
-                                f'checkpoint starts again without --resume)')
-    return path, checkpoints[-1]
+    if checkpoints:
+        return path, checkpoints[-1]
+    if is_run_dir(path):  # stopped (or killed, or out of disk) before its first checkpoint
+        return path, None
+    raise FileNotFoundError(f'nothing to resume in {path}: neither a training folder ({ARGS_FILE}) nor a complete '
+                            f'checkpoint')

@@ -20,7 +20,7 @@ EVAL_METRICS = ('top1', 'top5', 'nll', 'ece', 'brier', 'auc', 'member_mean_top1'
 # where a run's files go and how it is watched: these may change on --resume, everything else is the recipe
 LOCAL_KEYS = {'config', 'resume', 'output', 'experiment', 'debug', 'workers', 'device_data', 'data_cache_dir',
               'data_dir', 'dataset_download', 'pretrained_path', 'initial_checkpoint', 'log_tensorboard', 'checkpoint_hist', 'log_interval', 'torchcompile',
-              'torchcompile_mode', 'channels_last', 'fused_opt', 'mix_vis_interval'}
+              'log_interval_s', 'torchcompile_mode', 'channels_last', 'fused_opt', 'mix_vis_interval'}
 _BOOL_WORDS = {'true': True, 'yes': True, 'on': True, '1': True, 'false': False, 'no': False, 'off': False, '0': False}
 _BOOL_ACTIONS = (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse.BooleanOptionalAction)
 
@@ -136,7 +136,9 @@ def build_parser(description: str = '') -> argparse.ArgumentParser:
     g.add_argument('--limit-train-batches', type=int, default=None, help='at most this many steps per epoch')
     g.add_argument('--log-interval', type=int, default=50,
                    help='optimizer steps between host syncs: loss check, progress bar, and a log line when stderr '
-                        'is not a terminal')
+                        'is not a terminal (at least 4 per epoch)')
+    g.add_argument('--log-interval-s', type=float, default=30.0,
+                   help='seconds between these log lines at most, whatever the steps take')
     g = p.add_argument_group('EMA')
     g.add_argument('--model-ema', action='store_true', help='keep an EMA of the weights, evaluated each epoch')
     g.add_argument('--model-ema-decay', type=float, default=0.999, help='EMA decay per optimizer step')
@@ -244,6 +246,8 @@ def check_values(args: argparse.Namespace):
         raise ValueError(f'--clip-grad must be a finite number > 0, got {args.clip_grad}')
     if args.eval_metric not in EVAL_METRICS:
         raise ValueError(f'unknown --eval-metric {args.eval_metric!r}: one of {", ".join(EVAL_METRICS)}')
+    if not (math.isfinite(args.log_interval_s) and args.log_interval_s > 0):
+        raise ValueError(f'--log-interval-s must be a finite number > 0, got {args.log_interval_s}')
     if args.mix_vis_interval < 0:
         raise ValueError(f'--mix-vis-interval must be >= 0, got {args.mix_vis_interval}')
 

@@ -2,10 +2,11 @@
 import pickle
 import re
 from pathlib import Path
+from typing import Mapping
 
 import torch
 import torch.nn as nn
-from timm.models import load_checkpoint
+from timm.models import load_checkpoint, load_state_dict
 
 
 class UnsafeCheckpointError(ValueError):
@@ -29,6 +30,26 @@ def unpickling_reason(err: BaseException, path: Path) -> str:
     return reason or type(err).__name__
 
 
+class TensorMismatchError(ValueError):
+    """A weights file whose tensors are not of the model's dtypes or shapes (loading would cast them)."""
+
+
+def check_tensors_match(expected: Mapping[str, torch.Tensor], loaded: Mapping[str, torch.Tensor], path: Path):
+    """Refuse tensors of ``loaded`` whose shape differs from ``expected``'s, or whose dtype is not the model's:
+    ``load_state_dict`` would cast an I32 file into F32 weights, a false model. Another float precision is a
+    precision, not a retype (half-precision releases), so it is accepted; an integer or bool must match exactly."""
+    for key, tensor in loaded.items():
+        own = expected.get(key)
+        if own is None or not isinstance(tensor, torch.Tensor):
+            continue  # a missing or unexpected key is load_state_dict's error (strict), a non-tensor its own
+        same_kind = tensor.dtype == own.dtype or (tensor.is_floating_point() and own.is_floating_point())
+        if not same_kind or tuple(tensor.shape) != tuple(own.shape):
+            why = 'a damaged, edited or foreign file' if not same_kind else 'weights of another model configuration'
+            raise TensorMismatchError(
+                f'{path} does not match the model: its {key} is {str(tensor.dtype)[6:]} {list(tensor.shape)}, the '
+                f'model\'s {str(own.dtype)[6:]} {list(own.shape)} ({why})')
+
+
 def load_weights(model: nn.Module, path: Path):
     """Load a safetensors file or a weights-only torch checkpoint, with one-line errors for bad files.
 
@@ -39,7 +60,14 @@ def load_weights(model: nn.Module, path: Path):
     if not path.exists():
         raise FileNotFoundError(f'checkpoint not found: {path}')
     try:
-        load_checkpoint(model, str(path), strict=True, weights_only=True)
+        if path.suffix.lower() in ('.npz', '.npy'):  # foreign formats: the model's own reader (timm's rule)
+            load_checkpoint(model, str(path), strict=True, weights_only=True)
+        else:
+            state_dict = load_state_dict(str(path), weights_only=True)
+            check_tensors_match(model.state_dict(), state_dict, path)
+            model.load_state_dict(state_dict, strict=True)
+    except TensorMismatchError:
+        raise
     except Exception as e:  # noqa: BLE001  (torch / safetensors / pickle errors of a damaged or foreign file)
         raise checkpoint_error(e, path) from e
 
