@@ -28,7 +28,7 @@ Design options (spec mixvit.md §3, §7; the paper's exact choices are not publi
     'shared' class stages that one pass gives one class feature, read by the M heads; with 'tokens', the
     M class tokens of that pass.
 """
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
@@ -37,6 +37,7 @@ from timm.models.convit import ConVit
 
 from ..constants import CIFAR_DEFAULT_MEAN, CIFAR_DEFAULT_STD, TINY_IMAGENET_MEAN, TINY_IMAGENET_STD
 from ._mixvit import ATTRIBUTION_PLACES, CLASS_STAGES, INFERENCE_MODES, MixViTMixin, resolve_patch_size  # noqa: F401
+from ._mixvit import tag_patch_rows
 from ._pretrained import hub_cfgs, pretrained_weights
 
 __all__ = ['MixViTCait', 'MixViTConVit', 'ATTRIBUTION_PLACES', 'CLASS_STAGES', 'INFERENCE_MODES']
@@ -52,20 +53,27 @@ class MixViTCait(MixViTMixin, Cait):
     def embed_tokens(self, x: torch.Tensor) -> torch.Tensor:
         return self.patch_embed(x) + self.pos_embed
 
-    def class_stage(self, tokens: torch.Tensor, cls: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def class_stage(self, tokens: torch.Tensor, cls: torch.Tensor,
+                    tags: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         # class attention updates the class tokens only; timm's ClassAttn reads one query, so several
         # class tokens run folded into the batch, each over the same tokens
         t = self.num_class_tokens
+        b = tokens.shape[0]
+        kv = tokens
         if t > 1:
-            b = tokens.shape[0]
             kv = tokens.repeat_interleave(t, 0)
             cls = cls.reshape(b * t, 1, -1)
-            for blk in self.blocks_token_only:
-                cls = blk(kv, cls)
-            return cls.reshape(b, t, -1), tokens
+            if tags is not None:
+                tags = tags.repeat_interleave(t, 0)
         for blk in self.blocks_token_only:
-            cls = blk(tokens, cls)
-        return cls, tokens
+            if tags is None:
+                cls = blk(kv, cls)
+            else:
+                # timm's LayerScaleBlockClassAttn.forward with the patch tokens tagged after norm1
+                h = tag_patch_rows(blk.norm1(torch.cat((cls, kv), dim=1)), tags)
+                cls = cls + blk.drop_path(blk.gamma_1 * blk.attn(h))
+                cls = cls + blk.drop_path(blk.gamma_2 * blk.mlp(blk.norm2(cls)))
+        return cls.reshape(b, t, -1), tokens
 
     def _prune_trunk(self, keep: int):
         self.blocks = self.blocks[:keep]
@@ -89,12 +97,18 @@ class MixViTConVit(MixViTMixin, ConVit):
         x = self.patch_embed(x)
         return x + self.pos_embed if self.use_pos_embed else x
 
-    def class_stage(self, tokens: torch.Tensor, cls: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def class_stage(self, tokens: torch.Tensor, cls: torch.Tensor,
+                    tags: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         t = self.num_class_tokens
         x = torch.cat((cls, tokens), dim=1)
         for i, blk in enumerate(self.blocks):
             if i >= self.local_up_to_layer:
-                x = blk(x)
+                if tags is None:
+                    x = blk(x)
+                else:
+                    # timm's convit Block.forward with the patch tokens tagged after norm1
+                    x = x + blk.drop_path(blk.attn(tag_patch_rows(blk.norm1(x), tags)))
+                    x = x + blk.drop_path(blk.mlp(blk.norm2(x)))
         return x[:, :t], x[:, t:]
 
     @torch.jit.ignore
