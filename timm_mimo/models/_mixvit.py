@@ -303,7 +303,7 @@ class MixViTMixin(MimoClassifierMixin):
             else:
                 # at the class stage: every class block reads its patch tokens tagged after its norm
                 # (``class_stage``), where the tags' share and gradient do not depend on the scale
-                # the trunk's tokens have grown to (docs/mixvit.md)
+                # the trunk's tokens have grown to (README.md, MixViT)
                 tags = self._source_tags(masks, per_member, tokens.dtype)
                 if per_member:
                     tokens = tokens.repeat_interleave(m, 0)

@@ -12,15 +12,18 @@ M = 1 they are the plain networks and give the same outputs from the same weight
 Design options (spec mixvit.md §3, §7; the paper's exact choices are not public):
 
 ``attribution``: where the source embeddings are added and the members separate.
-    'class' (default): after the trunk, before the class-attention blocks (CaiT) or before the blocks
-    where the class token joins (ConViT); 'mid': after half of the trunk; 'input': right after the
+    'class' (default): at the class stage, added to the patch tokens after the first norm of every
+    class-attention block (CaiT) or block after the class token joins (ConViT), so that a tag's share of
+    what the block reads and its gradient do not shrink as the trunk's tokens grow (a reconstructed
+    choice, README); 'mid': after half of the trunk; 'input': right after the
     patch embedding; an int d: after trunk block d; 'none': no attribution (a "naive" MIMO ViT).
     With the 'member' class stage, the trunk blocks after the attribution run once per member.
 ``class_stage``: how the M predictions are read (spec §1.1, §3.5).
     'member' (default, §1.1): the shared class token and class blocks run once per member, on the tokens
     with member i's own tokens tagged by s_i; head i reads pass i.
     'tokens' (§3.5 A): M class tokens, one pass over tokens tagged by their source, token i -> head i.
-    'shared' (§3.5 B): one class token, one pass, M heads read the same feature.
+    'shared' (§3.5 B, the most literal reading of the paper's §2.1): one class token, one pass over the
+    tokens tagged by their source, M heads read the same feature.
 ``inference``: how a single image is attributed (spec §3.7).
     'passes' (I2, default): member i's pass sees every token tagged s_i.
     'duplicate' (I1): the tokens are repeated once per member, copy k tagged s_k, and the class stage
