@@ -35,8 +35,8 @@ from typing import Optional, Tuple
 
 import torch
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models.cait import Cait
-from timm.models.convit import ConVit
+from timm.models.cait import Cait, LayerScaleBlockClassAttn
+from timm.models.convit import Block as ConVitBlock, ConVit
 
 from ..constants import CIFAR_DEFAULT_MEAN, CIFAR_DEFAULT_STD, TINY_IMAGENET_MEAN, TINY_IMAGENET_STD
 from ._mixvit import ATTRIBUTION_PLACES, CLASS_STAGES, INFERENCE_MODES, MixViTMixin, resolve_patch_size  # noqa: F401
@@ -46,9 +46,32 @@ from ._pretrained import hub_cfgs, pretrained_weights
 __all__ = ['MixViTCait', 'MixViTConVit', 'ATTRIBUTION_PLACES', 'CLASS_STAGES', 'INFERENCE_MODES']
 
 
+class TaggedClassAttnBlock(LayerScaleBlockClassAttn):
+    """timm's CaiT class-attention block (same weights, same output without ``tags``); ``tags`` (B, N, D)
+    are added to the patch tokens after ``norm1``: the source attribution at the class stage."""
+
+    def forward(self, x: torch.Tensor, x_cls: torch.Tensor, tags: Optional[torch.Tensor] = None) -> torch.Tensor:
+        u = tag_patch_rows(self.norm1(torch.cat((x_cls, x), dim=1)), tags)
+        x_cls = x_cls + self.drop_path(self.gamma_1 * self.attn(u))
+        return x_cls + self.drop_path(self.gamma_2 * self.mlp(self.norm2(x_cls)))
+
+
+class TaggedConVitBlock(ConVitBlock):
+    """timm's ConViT block (same weights, same output without ``tags``); ``tags`` (B, N, D) are added to the
+    last N rows (the patch tokens) after ``norm1``: the source attribution at the class stage."""
+
+    def forward(self, x: torch.Tensor, tags: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(tag_patch_rows(self.norm1(x), tags)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
 class MixViTCait(MixViTMixin, Cait):
     """CaiT with M members: the 24 self-attention blocks are the shared trunk, the class-attention blocks
     and M heads the member part (spec mixvit.md §3)."""
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault('block_layers_token', TaggedClassAttnBlock)
+        super().__init__(**kwargs)
 
     def shared_trunk_depth(self) -> int:
         return len(self.blocks)
@@ -69,13 +92,7 @@ class MixViTCait(MixViTMixin, Cait):
             if tags is not None:
                 tags = tags.repeat_interleave(t, 0)
         for blk in self.blocks_token_only:
-            if tags is None:
-                cls = blk(kv, cls)
-            else:
-                # timm's LayerScaleBlockClassAttn.forward with the patch tokens tagged after norm1
-                h = tag_patch_rows(blk.norm1(torch.cat((cls, kv), dim=1)), tags)
-                cls = cls + blk.drop_path(blk.gamma_1 * blk.attn(h))
-                cls = cls + blk.drop_path(blk.gamma_2 * blk.mlp(blk.norm2(cls)))
+            cls = blk(kv, cls, tags)
         return cls.reshape(b, t, -1), tokens
 
     def _prune_trunk(self, keep: int):
@@ -90,6 +107,8 @@ class MixViTConVit(MixViTMixin, ConVit):
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
+        for blk in self.blocks:  # timm builds its Block directly: the same module, with the tags argument
+            blk.__class__ = TaggedConVitBlock
         # timm's features API reads the shared trunk: the GPSA blocks before the class token joins
         self.feature_info = self.feature_info[:self.local_up_to_layer]
 
@@ -106,12 +125,7 @@ class MixViTConVit(MixViTMixin, ConVit):
         x = torch.cat((cls, tokens), dim=1)
         for i, blk in enumerate(self.blocks):
             if i >= self.local_up_to_layer:
-                if tags is None:
-                    x = blk(x)
-                else:
-                    # timm's convit Block.forward with the patch tokens tagged after norm1
-                    x = x + blk.drop_path(blk.attn(tag_patch_rows(blk.norm1(x), tags)))
-                    x = x + blk.drop_path(blk.mlp(blk.norm2(x)))
+                x = blk(x, tags)
         return x[:, :t], x[:, t:]
 
     @torch.jit.ignore
