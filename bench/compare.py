@@ -14,7 +14,8 @@ so it sees B / b unique images per step and takes b x the optimizer steps per ep
 network runs b = 1. The recipe's ``lr`` belongs to its own ``batch_repeat`` b_r: a run with b gets
 ``lr * b_r / b`` (the project's recipes write lr as 0.1 / (2 b)), so the learning rate per unique image is
 the same for every run. A model spec ``NAME:key=value,...`` adds ``--key value`` flags to that model's runs
-(``wrn16_2_mixmo2:mix_mode=mimo``), and flags after ``--`` go to every run.
+(``wrn16_2_mixmo2:mix_mode=mimo``); ``model_kwargs=K=V`` options are added to the recipe's ``model_kwargs``
+(``cait_xxs_mixvit2:model_kwargs=attribution=input``); flags after ``--`` go to every run.
 
 ``--deep-ensemble N`` adds, for every M = 1 model spec, the row of the deep ensemble of its first N seeds
 (the paper's baseline: N independently trained networks, N forward passes); the seeds already trained serve
@@ -85,17 +86,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_spec(spec: str):
-    """'NAME:key=value,key2=value2' -> (label, name, ['--key', 'value', ...])."""
+    """'NAME:key=value,key2=value2' -> (label, name, ['--key', 'value', ...], [model kwarg, ...]).
+
+    ``model_kwargs=K=V`` options (any number) are create_model kwargs: they are kept apart, to be added to
+    the recipe's own ``model_kwargs`` rather than replace them.
+    """
     name, _, options = spec.partition(':')
     if not name:
         raise BadInput(f'empty model name in {spec!r}')
-    flags = []
+    flags, model_kwargs = [], []
     for option in filter(None, options.split(',')):
         key, eq, value = option.partition('=')
         if not eq or not key:
             raise BadInput(f'model option {option!r} in {spec!r} is not key=value')
-        flags += [f'--{key.replace("_", "-")}', value]
-    return spec, name, flags
+        if key.replace('-', '_') == 'model_kwargs':
+            if '=' not in value:
+                raise BadInput(f'model option {option!r} in {spec!r}: model_kwargs takes K=V')
+            model_kwargs.append(value)
+        else:
+            flags += [f'--{key.replace("_", "-")}', value]
+    return spec, name, flags, model_kwargs
 
 
 def run_label(spec: str) -> str:
@@ -103,14 +113,15 @@ def run_label(spec: str) -> str:
     return re.sub(r'[^A-Za-z0-9_.-]+', '-', spec.replace(':', '-').replace('=', '-')).strip('-')
 
 
-def num_members_of(name: str, flags: Sequence[str]) -> int:
-    """M of a registered model, built on the meta device (no memory, no weights)."""
+def num_members_of(name: str, flags: Sequence[str], model_kwargs: Sequence[str] = ()) -> int:
+    """M of a registered model with these create_model kwargs, built on the meta device (no memory, no weights)."""
     import timm
     import torch
     import timm_mimo  # noqa: F401  (registers the models)
+    from timm_mimo.cli import parse_model_kwargs
     if not timm.is_model(name):
         raise BadInput(f'unknown model {name!r}: not in timm\'s registry')
-    kwargs = {}
+    kwargs = parse_model_kwargs(model_kwargs)
     if '--num-members' in flags:
         kwargs['num_members'] = int(flags[list(flags).index('--num-members') + 1])
     with torch.device('meta'):
@@ -147,8 +158,11 @@ def plan_runs(args) -> List[Dict]:
         raise BadInput(f'model specs repeat (or map to the same folder name): {args.models}')
     runs = []
     for spec, label in zip(args.models, labels):
-        _, name, flags = parse_spec(spec)
-        members = num_members_of(name, flags)
+        _, name, flags, own_kwargs = parse_spec(spec)
+        model_kwargs = [*recipe.model_kwargs, *own_kwargs]
+        if own_kwargs:  # one --model-kwargs list: the recipe's, then the spec's (a later key wins)
+            flags = [*flags, '--model-kwargs', *model_kwargs]
+        members = num_members_of(name, flags, model_kwargs)
         repeat = mimo_repeat if members > 1 else 1
         if recipe.batch_size % repeat:
             raise BadInput(f'the recipe\'s batch size {recipe.batch_size} is not divisible by b = {repeat}')

@@ -40,6 +40,22 @@ def test_equal_epochs_rule_b_times_the_steps_at_lr_over_b():
     assert [(r['batch_repeat'], r['lr']) for r in runs] == [(1, pytest.approx(0.2)), (4, pytest.approx(0.05))]
 
 
+def test_model_kwargs_of_a_spec_add_to_the_recipes():
+    """The MixViT fair test's input ablation: a spec's model kwargs join the recipe's (depth, LayerScale)."""
+    recipe = str(REPO / 'configs' / 'mixvit' / 'digits_cait_shallow.yaml')
+    runs = compare.plan_runs(compare.build_parser().parse_args([
+        '-c', recipe, '--seeds', '1', '--models', 'cait_xxs_mixvit2', 'cait_xxs_mixvit2:model_kwargs=attribution=input',
+        'cait_xxs_mixvit1:msda=box,model_kwargs=num_members=2,model_kwargs=depth=7']))
+    plain, ablation, two = runs
+    assert '--model-kwargs' not in plain['flags']  # the recipe's own model_kwargs apply as they are
+    flags = ablation['flags']
+    assert flags[flags.index('--model-kwargs') + 1:] == ['depth=6', 'init_values=0.1', 'attribution=input']
+    assert ablation['members'] == 2 and ablation['batch_repeat'] == 2
+    # kwargs decide M too: the M = 1 name built with num_members=2 runs the M >= 2 rule
+    assert (two['members'], two['batch_repeat']) == (2, 2) and two['flags'][-5:] == [
+        '--model-kwargs', 'depth=6', 'init_values=0.1', 'num_members=2', 'depth=7']
+
+
 def test_summary_is_mean_and_std_over_seeds():
     rows = [dict(model='a', seed=s, members=2, batch_repeat=2, lr=0.1, split='test', top1=t, nll=0.1, ece=0.01,
                  nll_cal=0.1, ece_cal=0.01, temperature=1.0, best_member_top1=t - 1, member_mean_top1=t - 1.5,
@@ -92,6 +108,7 @@ def test_table_reads_vanilla_then_deep_ensemble_then_mimo_with_the_inference_cos
     (['--models', 'wrn16_2', '--seeds', '0'], '--seeds must be >= 1'),
     (['--models', 'wrn16_2', '--deep-ensemble', '1'], '--deep-ensemble needs N >= 2'),
     (['--models', 'wrn16_2', '--', '--no-such-flag'], 'train.py refuses the flags'),
+    (['--models', 'cait_xxs_mixvit2:model_kwargs=depth'], 'model_kwargs takes K=V'),
 ])
 def test_bad_input_is_one_error_line_and_exit_2(argv, message, capsys, tmp_path):
     assert compare.cli(['-c', RECIPE, '--out', str(tmp_path), *argv]) == 2

@@ -53,7 +53,7 @@ TINY_ROWS = {
     'w3_linear_mixmo': ('preactresnet18_w3_mixmo2', 'linear', 'none'),
     'w3_cut_mixmo': ('preactresnet18_w3_mixmo2', 'cut', 'none'),
 }
-MIXVIT_FILES = [CONFIGS / 'mixvit' / 'cifar10_cait_xxs.yaml']
+MIXVIT_FILES = [CONFIGS / 'mixvit' / 'cifar10_cait_xxs.yaml', CONFIGS / 'mixvit' / 'digits_cait_shallow.yaml']
 AUTOMIX_FILES = [CONFIGS / 'automix' / 'cifar100_r18_automix.yaml', CONFIGS / 'automix' / 'cifar100_r18_mixup.yaml']
 PAPER_FILES = [CONFIGS / ds / f'{row}.yaml' for ds in ('cifar10', 'cifar100') for row in CIFAR_ROWS] + \
               [CONFIGS / 'tiny_imagenet' / f'{row}.yaml' for row in TINY_ROWS]
@@ -70,7 +70,8 @@ def actions():
 
 
 def is_mimo_model(name: str) -> bool:
-    return '_mixmo' in name
+    with torch.device('meta'):  # M as the registered model has it (MixMo CNNs and MixViT alike)
+        return getattr(timm.create_model(name), 'num_members', 1) > 1
 
 
 def test_all_expected_files_exist():

@@ -71,9 +71,10 @@ def test_tiny_imagenet_tag_uses_64px_and_patch_8():
     ('convit_tiny_mixvit1', lambda: ConVit(img_size=32, patch_size=4, num_classes=10, embed_dim=48, num_heads=4,
                                            depth=12, local_up_to_layer=10, locality_strength=1.0)),
 ])
-def test_one_member_is_the_plain_timm_model(name, reference):
+@pytest.mark.parametrize('class_stage', ['member', 'shared'])  # both readings of the class stage
+def test_one_member_is_the_plain_timm_model(name, reference, class_stage):
     torch.manual_seed(0)
-    model = timm.create_model(name).eval()
+    model = timm.create_model(name, class_stage=class_stage).eval()
     ref = reference().eval()
     # same state dict keys and shapes: timm's weights load strictly, and ours into timm's model
     ref.load_state_dict(model.state_dict(), strict=True)
@@ -299,3 +300,139 @@ def test_auto_augment_needs_image_data(tmp_path):
     proc = _run('train.py', '--model', 'cait_xxs_mixvit2', '--aa', 'rand-m9-mstd0.5', '--output', tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith('error: per-image augmentation (--aa) needs')
+
+
+# --- the source attribution learns; both class stages; coarse grids ------------------------------------
+
+def _class_stage_parameters(model):
+    """The class stage's parameter tensors: its blocks (CaiT's class attention, ConViT's blocks after the
+    class token joins), the final norm and the heads."""
+    blocks = model.blocks_token_only if isinstance(model, Cait) else model.blocks[model.local_up_to_layer:]
+    return [*blocks.parameters(), *model.norm.parameters(), *model.head.parameters()]
+
+
+def _attribution_gradient_ratio(model, token_scale=1.0):
+    """RMS gradient of the source embeddings over the median RMS gradient of the class stage's tensors, at
+    initialisation, on one mixed batch; ``token_scale`` multiplies the trunk's output tokens (a trunk whose
+    residual stream has grown, as over training or in a pretrained core)."""
+    if token_scale != 1.0:
+        model.blocks[model.trunk_depth - 1].register_forward_hook(lambda mod, inp, out: out * token_scale)
+    model.train()
+    out = model(torch.randn(8, 2, 3, 32, 32, generator=torch.Generator().manual_seed(0)), _binary_masks(8))
+    labels = torch.randint(0, 10, (8, 2), generator=torch.Generator().manual_seed(1))
+    torch.nn.functional.cross_entropy(out.flatten(0, 1), labels.flatten()).backward()
+
+    def rms(p):
+        return p.grad.pow(2).mean().sqrt().item()
+    others = sorted(rms(p) for p in _class_stage_parameters(model))
+    return rms(model.source_embed) / others[len(others) // 2]
+
+
+@pytest.mark.parametrize('name,kwargs', [
+    ('cait_xxs_mixvit2', {}),                                     # the registered LayerScale 1e-5
+    ('cait_xxs_mixvit2', dict(init_values=0.1)),                  # the fair test's shallow CaiT's
+    ('convit_tiny_mixvit2', {}),
+])
+def test_source_attribution_gradient_is_of_the_order_of_the_class_stage_whatever_the_token_scale(name, kwargs):
+    """At initialisation the source embeddings get a gradient of the order of the class stage's parameters
+    (within 10x of their median), also when the trunk's tokens are 30x larger: tags added after the class
+    blocks' norm keep their share and gradient (added before it, both fell 30x, to 0.02-0.03 of the median)."""
+    ratios = []
+    for scale in (1.0, 30.0):
+        torch.manual_seed(0)
+        ratios.append(_attribution_gradient_ratio(_tiny(name, **kwargs), token_scale=scale))
+    for ratio in ratios:
+        assert 0.1 < ratio < 10, ratios
+    assert ratios[1] == pytest.approx(ratios[0], rel=0.05)
+
+
+@pytest.mark.parametrize('name', ['cait_xxs_mixvit2', 'convit_tiny_mixvit2'])
+def test_class_blocks_read_the_source_tags_after_their_norm(name):
+    """The tagged class stage is timm's class stage on normed tokens plus the tags: zero tags change nothing."""
+    model = _tiny(name).eval()
+    x, masks = torch.randn(2, 2, 3, 32, 32), _binary_masks(2)
+    with torch.no_grad():
+        model.source_embed.zero_()
+        tagged = model(x, masks)
+        model.attribution_depth = -1  # the same weights with no attribution at all
+        plain = model(x, masks)
+    torch.testing.assert_close(tagged, plain)
+
+
+@pytest.mark.parametrize('name', ['cait_xxs_mixvit2', 'convit_tiny_mixvit2'])
+def test_shared_class_stage_one_pass_one_class_token_read_by_m_heads(name):
+    model = _tiny(name, class_stage='shared', num_classes=7)
+    assert model.num_class_tokens == 1 and model.cls_token.shape == (1, 1, model.embed_dim)
+    batch_sizes = []
+    first_class_block = model.blocks_token_only[0] if name.startswith('cait') else model.blocks[model.trunk_depth]
+    first_class_block.norm1.register_forward_hook(lambda mod, inp, out: batch_sizes.append(out.shape[0]))
+    model.train()
+    out = model(torch.randn(3, 2, 3, 32, 32), _binary_masks(3))
+    assert out.shape == (3, 2, 7) and batch_sizes == [3]  # one pass over the mixed tokens, not one per member
+    labels = torch.randint(0, 7, (3, 2))
+    torch.nn.functional.cross_entropy(out.flatten(0, 1), labels.flatten()).backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing, missing
+    head_grad = model.head.weight.grad.unflatten(0, (2, 7))
+    assert not torch.allclose(head_grad[0], head_grad[1])  # each head learns its own member's label
+    model.eval()
+    with torch.no_grad():
+        assert model.forward_features(torch.randn(3, 3, 32, 32)).shape == (3, 2 + 64, model.embed_dim)
+        assert model.forward_members(torch.randn(3, 3, 32, 32)).shape == (3, 2, 7)
+        # one image with inference='duplicate' (I1): one pass too, its class feature read by the M heads
+        model.inference = 'duplicate'
+        features = model.forward_features(torch.randn(3, 3, 32, 32))
+        torch.testing.assert_close(features[:, 0], features[:, 1])
+
+
+@pytest.mark.parametrize('class_stage', ['member', 'shared'])
+@pytest.mark.parametrize('name', ['cait_xxs_mixvit2', 'convit_tiny_mixvit2'])
+def test_both_class_stages_trace_with_torch_fx(name, class_stage):
+    """timm's FX feature extraction (as tests/test_models.py runs it) on both readings of the class stage."""
+    from timm.layers import get_notrace_functions, get_notrace_modules
+    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+    tracer_kwargs = dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions(),
+                         param_shapes_constant=True)
+    model = _tiny(name, class_stage=class_stage).eval()
+    train_nodes, eval_nodes = get_graph_node_names(model, tracer_kwargs=tracer_kwargs)
+    fx_model = create_feature_extractor(model, train_return_nodes=[train_nodes[-1]],
+                                        eval_return_nodes=[eval_nodes[-1]], tracer_kwargs=tracer_kwargs)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(tuple(fx_model(x).values())[0], model(x))
+    fx_model.train()
+    tuple(fx_model(x).values())[0].mean().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_binary_mixing_on_a_grid_under_8x8_warns_what_the_member_targets_are():
+    model = _tiny('cait_xxs_mixvit2', img_size=16, patch_size=4)           # the old 16 px digits run: 4x4 tokens
+    with pytest.warns(UserWarning, match=r'4x4 grid .* one of \{0, 1, 4, .*16\} of 16 tokens.* one member gets '
+                                         r'no token \(loss weight 0\)'):
+        timm_mimo.MimoBatchBuilder.from_model(model, (16, 16), mix_mode='box', seed=0)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        timm_mimo.MimoBatchBuilder.from_model(_tiny('cait_xxs_mixvit2'), (32, 32), mix_mode='box', seed=0)  # 8x8
+        timm_mimo.MimoBatchBuilder.from_model(model, (16, 16), mix_mode='linear', seed=0)  # not binary
+
+
+def test_box_msda_pastes_whole_tokens_and_mixes_labels_by_token_share():
+    """The augmentation-only control: M = 1, the partner's box is whole 4x4-pixel tokens, the label share
+    the exact share of tokens."""
+    model = _tiny('cait_xxs_mixvit1')
+    builder = timm_mimo.MimoBatchBuilder.from_model(model, (32, 32), msda='box', msda_prob=1.0, msda_alpha=2.0,
+                                                    augment=None, seed=0)
+    images = torch.arange(16.).repeat_interleave(3 * 32 * 32).view(16, 3, 32, 32)  # image i is constant i
+    labels = torch.arange(16) % 10
+    batch = builder(images, labels)
+    mixed = batch.inputs[:, 0, 0]                                                   # (B, 32, 32)
+    tokens = mixed.unfold(1, 4, 4).unfold(2, 4, 4)                                  # (B, 8, 8, 4, 4)
+    assert (tokens == tokens[..., :1, :1]).all()                                    # every token from one image
+    for i in range(16):
+        values, counts = tokens[i, :, :, 0, 0].unique(return_counts=True)
+        assert len(values) <= 2
+        expected = torch.zeros(10)
+        for v, c in zip(values.long(), counts):
+            expected[v % 10] += c / 64
+        torch.testing.assert_close(batch.targets[i, 0], expected)

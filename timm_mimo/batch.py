@@ -13,6 +13,7 @@ the accelerator in the training step.
 """
 import math
 import os
+import warnings
 from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -22,7 +23,7 @@ from torch.utils.data import default_collate
 from timm.loss import SoftTargetCrossEntropy
 
 from .mimo import check_num_members
-from .mixing import check_alpha, check_mix_mode, member_loss_weights, sample_mixing
+from .mixing import check_alpha, check_mix_mode, coarse_grid_warning, member_loss_weights, sample_mixing
 from .msda import check_msda_mode, msda_mix
 
 
@@ -162,6 +163,9 @@ class MimoBatchBuilder:
             check_alpha(msda_alpha, 'msda_alpha')
         self.num_classes = num_classes
         self.mix_grid = tuple(mix_grid)
+        coarse = coarse_grid_warning(num_members, self.mix_grid, mix_mode, mix_alpha)
+        if coarse:
+            warnings.warn(coarse, stacklevel=2)
         self.batch_repeat = batch_repeat
         self.mix_prob = mix_prob
         self.mix_alpha = mix_alpha

@@ -17,6 +17,8 @@ member (MixViT's token mixing, spec mixvit.md §3.2): 'box': a box for one membe
 grid), the rest for the others; 'token': every cell drawn on its own ("patch-Mixup")."""
 
 BINARY_MIX_MODES = ('box', 'token')
+# binary masks on a coarser grid give members a handful of tokens, often none: see coarse_grid_warning
+MIN_BINARY_GRID = 8
 
 
 def check_mix_mode(mix_mode: str) -> str:
@@ -212,3 +214,29 @@ def sample_mixing(
     # batch-level role permutation: which member gets the box (spec §1.6)
     roles = torch.randperm(num_members, generator=generator, device=device)
     return masks[:, roles], kappa[:, roles]
+
+
+def coarse_grid_warning(num_members: int, grid: Tuple[int, int], mix_mode: str, mix_alpha: float = 2.0,
+                        samples: int = 4096) -> Optional[str]:
+    """What binary mixing on a grid smaller than 8x8 does to the member targets, or None when it is not that.
+
+    Measured on ``samples`` draws of :func:`sample_mixing` itself (a fixed seed): the token counts a member's
+    target can come from, the share of targets read from a quarter of the grid or less, and how often a
+    member gets no token at all (its loss weight is then 0).
+    """
+    h, w = grid
+    if mix_mode not in BINARY_MIX_MODES or num_members < 2 or min(h, w) >= MIN_BINARY_GRID:
+        return None
+    masks, _ = sample_mixing(samples, num_members, grid, mix_mode, mix_alpha=mix_alpha,
+                             generator=torch.Generator().manual_seed(0))
+    counts = masks.sum((2, 3)).round().long()                                  # (samples, M) tokens per member
+    cells = h * w
+    values = counts.unique().tolist()
+    shown = ', '.join(map(str, values)) if len(values) <= 12 else f'{values[0]} .. {values[-1]}'
+    few = (counts <= cells // 4).float().mean().item()
+    empty = (counts == 0).any(1).float().mean().item()
+    return (f'binary {mix_mode!r} mixing on a {h}x{w} grid (a ViT: image size / patch size) is coarser than '
+            f'{MIN_BINARY_GRID}x{MIN_BINARY_GRID}: a member\'s target comes from one of {{{shown}}} of {cells} '
+            f'tokens, {few:.0%} of the member targets from {cells // 4} tokens or fewer, and in {empty:.0%} of '
+            f'the samples one member gets no token (loss weight 0). Use a grid of at least '
+            f'{MIN_BINARY_GRID}x{MIN_BINARY_GRID}: a smaller patch or larger images')

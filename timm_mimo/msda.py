@@ -4,6 +4,10 @@ Each member image is, with probability ``prob``, mixed with a partner image; the
 measured on the part of the member that survives the MixMo mask ("what the member's head can see"),
 and with ``reverse_if_minor`` the member's own image is given the larger share. With M = 1 (all-ones
 masks, no reversal) this is plain per-sample CutMix / Mixup for single networks.
+
+'box' is CutMix on the mixing grid (a ViT's token grid): the pasted box is whole cells placed inside the
+grid, MixViT's token-mask geometry (``mixing.box_masks(..., inside=True)``). With M = 1 it is the
+augmentation-only control of MixViT: the same token boxes and exact token shares, one network, mixed labels.
 """
 from typing import Optional, Tuple
 
@@ -12,7 +16,7 @@ import torch.nn.functional as F
 
 from .mixing import box_masks, check_alpha, sample_beta
 
-MSDA_MODES = ('cutmix', 'mixup')
+MSDA_MODES = ('cutmix', 'mixup', 'box')
 
 
 def check_msda_mode(mode: str) -> str:
@@ -35,7 +39,8 @@ def msda_mix(
     Args:
         images: member inputs (B, M, C, H, W).
         masks: MixMo masks (B, M, h, w); the grid must divide the image size.
-        mode: 'cutmix' (box pasted from the partner) or 'mixup' (constant blend).
+        mode: 'cutmix' (box pasted from the partner), 'box' (the same on the cells of the masks' grid) or
+            'mixup' (constant blend).
         prob: probability that a member image is mixed at all.
         alpha: lambda ~ Beta(alpha, alpha).
         reverse_if_minor: give the member's own image the larger visible share by swapping roles.
@@ -60,6 +65,13 @@ def msda_mix(
     if mode == 'cutmix':
         # the box holds the partner; the own image keeps the rest
         own = 1 - box_masks(1 - lam, (h, w), generator)
+    elif mode == 'box':
+        grid_h, grid_w = masks.shape[-2:]
+        if h % grid_h or w % grid_w:
+            raise ValueError(f'box MSDA needs a mixing grid that tiles the image: {grid_h}x{grid_w} cells '
+                             f'on {h}x{w} pixels')
+        cells = 1 - box_masks(1 - lam, (grid_h, grid_w), generator, inside=True)
+        own = cells.repeat_interleave(h // grid_h, 1).repeat_interleave(w // grid_w, 2)
     else:
         own = lam[:, None, None].expand(n, h, w)
     own = torch.where(active[:, None, None], own, torch.ones_like(own))

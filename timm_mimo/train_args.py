@@ -70,8 +70,10 @@ def build_parser(description: str = '') -> argparse.ArgumentParser:
                    help='probability of patch mixing (cut mode) or of the learned mask (automix mode)')
     g.add_argument('--mix-alpha', type=float, default=2.0, help='Dirichlet concentration of the ratios')
     g.add_argument('--weight-root', type=float, default=3.0, help='root r of the member loss weights')
-    g.add_argument('--msda', default='none', choices=['none', 'cutmix', 'mixup', 'automix'],
-                   help="per-member pixel MSDA; 'automix' (M = 1): AutoMix's learned Mix Block")
+    g.add_argument('--msda', default='none', choices=['none', 'cutmix', 'mixup', 'box', 'automix'],
+                   help="per-member pixel MSDA; 'box': CutMix with whole cells of the model's mixing grid (a "
+                        "ViT's tokens), MixViT's augmentation-only control at M = 1; 'automix' (M = 1): "
+                        "AutoMix's learned Mix Block")
     g.add_argument('--msda-prob', type=float, default=0.5, help='probability of --msda per batch')
     g.add_argument('--msda-alpha', type=float, default=1.0, help='MSDA ratio ~ Beta(alpha, alpha)')
     g.add_argument('--mixup', type=float, default=0.0, help='timm alias: --msda mixup --msda-alpha A')

@@ -63,12 +63,27 @@ def block_rows(block: nn.Module, x: torch.Tensor, rows: int) -> torch.Tensor:
     return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
 
 
+def tag_patch_rows(normed: torch.Tensor, tags: Optional[torch.Tensor]) -> torch.Tensor:
+    """A class block's normed input (B, T + N, D) with ``tags`` (B, N, D) added to its last N rows: the patch
+    tokens tagged by their source (the T rows before them are class tokens, from no member's input).
+
+    After the norm, a tag's share of what the block reads and its gradient are set by the tag alone: added
+    before it, both shrink as the trunk's tokens grow (over training, or in a pretrained trunk).
+    """
+    if tags is None:
+        return normed
+    num_class = normed.shape[1] - tags.shape[1]
+    return torch.cat((normed[:, :num_class], normed[:, num_class:] + tags), dim=1)
+
+
 class MixViTMixin(MimoClassifierMixin):
     """Token mixing, source attribution, per-member class stage and M heads for a timm ViT.
 
     An architecture (a subclass that puts this mixin before a timm ViT) provides ``shared_trunk_depth()``,
     ``embed_tokens`` (patches + positions, (B, N, D)), ``blocks`` whose first
-    ``trunk_depth`` see patch tokens only (the shared trunk), and ``class_stage(tokens, cls) -> (cls, tokens)``.
+    ``trunk_depth`` see patch tokens only (the shared trunk), and
+    ``class_stage(tokens, cls, tags) -> (cls, tokens)``, whose blocks add ``tags`` (the source attribution,
+    or None) to the patch tokens after their first norm (:func:`tag_patch_rows`).
 
     Features (``forward_features`` / ``forward_mixed_features``) are laid out as timm's ViTs lay them
     out, prefix tokens first: (B, M + N, D), the M member class tokens then the patch tokens, normed.
@@ -214,21 +229,27 @@ class MixViTMixin(MimoClassifierMixin):
                     x = blk(x)
         return x
 
-    def _attribute(self, tokens: torch.Tensor, masks: torch.Tensor, per_member: bool) -> torch.Tensor:
-        """Add the source embeddings to tokens (B, N, D) by their source masks (B, M, N).
+    def _source_tags(self, masks: torch.Tensor, per_member: bool, dtype: torch.dtype) -> torch.Tensor:
+        """What the source attribution adds to each token, from the token sources (B, M, N).
 
         ``per_member``: M views (B * M, N, D), view i tags member i's own tokens with s_i (the 'member'
-        class stage and per-member inference); otherwise one view where each token carries the embedding
-        of its source, sum_k m_k s_k (soft masks give soft attribution, spec §7.4).
+        class stage and per-member inference); otherwise one view (B, N, D) where each token carries the
+        embedding of its source, sum_k m_k s_k (soft masks give soft attribution, spec §7.4).
         """
         source = self.source_embed
         assert source is not None
-        source = source.to(tokens.dtype)
-        masks = masks.to(tokens.dtype)
+        source = source.to(dtype)
+        masks = masks.to(dtype)
         if per_member:
-            views = tokens.unsqueeze(1) + masks.unsqueeze(-1) * source[None, :, None, :]
-            return views.flatten(0, 1)
-        return tokens + torch.einsum('bmn,md->bnd', masks, source)
+            return (masks.unsqueeze(-1) * source[None, :, None, :]).flatten(0, 1)
+        return torch.einsum('bmn,md->bnd', masks, source)
+
+    def _attribute(self, tokens: torch.Tensor, masks: torch.Tensor, per_member: bool) -> torch.Tensor:
+        """Tokens (B, N, D) plus their source tags (:meth:`_source_tags`): (B * M or B, N, D)."""
+        tags = self._source_tags(masks, per_member, tokens.dtype)
+        if per_member:
+            tokens = tokens.repeat_interleave(self.num_members, 0)
+        return tokens + tags
 
     def _member_class_features(self, cls: torch.Tensor, batch_size: int, passes: int) -> torch.Tensor:
         """Class-stage outputs (B * passes, T, D) -> one feature per member (B, M, D)."""
@@ -255,6 +276,7 @@ class MixViTMixin(MimoClassifierMixin):
         depth = self.attribution_depth
         trunk_depth = self.trunk_depth
         passes, duplicated = 1, False
+        tags: Optional[torch.Tensor] = None
         if depth < 0:
             tokens = self._run_trunk(tokens, start, trunk_depth)
         else:
@@ -273,11 +295,20 @@ class MixViTMixin(MimoClassifierMixin):
                 per_member = True
             else:
                 per_member = self.class_stage_mode == 'member'
-            tokens = self._attribute(tokens, masks, per_member)
             passes = m if per_member else 1
-            tokens = self._run_trunk(tokens, depth, trunk_depth)
+            if depth < trunk_depth:
+                # inside the trunk: the tags join the residual stream, the blocks after them run per pass
+                tokens = self._attribute(tokens, masks, per_member)
+                tokens = self._run_trunk(tokens, depth, trunk_depth)
+            else:
+                # at the class stage: every class block reads its patch tokens tagged after its norm
+                # (``class_stage``), where the tags' share and gradient do not depend on the scale
+                # the trunk's tokens have grown to (README.md, MixViT)
+                tags = self._source_tags(masks, per_member, tokens.dtype)
+                if per_member:
+                    tokens = tokens.repeat_interleave(m, 0)
         cls = self.cls_token.expand(tokens.shape[0], -1, -1)
-        cls, tokens = self.class_stage(tokens, cls)
+        cls, tokens = self.class_stage(tokens, cls, tags)
         member_cls = self._member_class_features(cls, b, passes)
         # patch tokens: averaged over passes (and over copies in I1), for 'avg' pooling and dense features
         tokens = tokens.unflatten(0, (b, passes)).mean(1)

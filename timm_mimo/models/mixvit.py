@@ -12,15 +12,18 @@ M = 1 they are the plain networks and give the same outputs from the same weight
 Design options (spec mixvit.md §3, §7; the paper's exact choices are not public):
 
 ``attribution``: where the source embeddings are added and the members separate.
-    'class' (default): after the trunk, before the class-attention blocks (CaiT) or before the blocks
-    where the class token joins (ConViT); 'mid': after half of the trunk; 'input': right after the
+    'class' (default): at the class stage, added to the patch tokens after the first norm of every
+    class-attention block (CaiT) or block after the class token joins (ConViT), so that a tag's share of
+    what the block reads and its gradient do not shrink as the trunk's tokens grow (a reconstructed
+    choice, README); 'mid': after half of the trunk; 'input': right after the
     patch embedding; an int d: after trunk block d; 'none': no attribution (a "naive" MIMO ViT).
     With the 'member' class stage, the trunk blocks after the attribution run once per member.
 ``class_stage``: how the M predictions are read (spec §1.1, §3.5).
     'member' (default, §1.1): the shared class token and class blocks run once per member, on the tokens
     with member i's own tokens tagged by s_i; head i reads pass i.
     'tokens' (§3.5 A): M class tokens, one pass over tokens tagged by their source, token i -> head i.
-    'shared' (§3.5 B): one class token, one pass, M heads read the same feature.
+    'shared' (§3.5 B, the most literal reading of the paper's §2.1): one class token, one pass over the
+    tokens tagged by their source, M heads read the same feature.
 ``inference``: how a single image is attributed (spec §3.7).
     'passes' (I2, default): member i's pass sees every token tagged s_i.
     'duplicate' (I1): the tokens are repeated once per member, copy k tagged s_k, and the class stage
@@ -28,23 +31,47 @@ Design options (spec mixvit.md §3, §7; the paper's exact choices are not publi
     'shared' class stages that one pass gives one class feature, read by the M heads; with 'tokens', the
     M class tokens of that pass.
 """
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models.cait import Cait
-from timm.models.convit import ConVit
+from timm.models.cait import Cait, LayerScaleBlockClassAttn
+from timm.models.convit import Block as ConVitBlock, ConVit
 
 from ..constants import CIFAR_DEFAULT_MEAN, CIFAR_DEFAULT_STD, TINY_IMAGENET_MEAN, TINY_IMAGENET_STD
 from ._mixvit import ATTRIBUTION_PLACES, CLASS_STAGES, INFERENCE_MODES, MixViTMixin, resolve_patch_size  # noqa: F401
+from ._mixvit import tag_patch_rows
 from ._pretrained import hub_cfgs, pretrained_weights
 
 __all__ = ['MixViTCait', 'MixViTConVit', 'ATTRIBUTION_PLACES', 'CLASS_STAGES', 'INFERENCE_MODES']
 
 
+class TaggedClassAttnBlock(LayerScaleBlockClassAttn):
+    """timm's CaiT class-attention block (same weights, same output without ``tags``); ``tags`` (B, N, D)
+    are added to the patch tokens after ``norm1``: the source attribution at the class stage."""
+
+    def forward(self, x: torch.Tensor, x_cls: torch.Tensor, tags: Optional[torch.Tensor] = None) -> torch.Tensor:
+        u = tag_patch_rows(self.norm1(torch.cat((x_cls, x), dim=1)), tags)
+        x_cls = x_cls + self.drop_path(self.gamma_1 * self.attn(u))
+        return x_cls + self.drop_path(self.gamma_2 * self.mlp(self.norm2(x_cls)))
+
+
+class TaggedConVitBlock(ConVitBlock):
+    """timm's ConViT block (same weights, same output without ``tags``); ``tags`` (B, N, D) are added to the
+    last N rows (the patch tokens) after ``norm1``: the source attribution at the class stage."""
+
+    def forward(self, x: torch.Tensor, tags: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(tag_patch_rows(self.norm1(x), tags)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
 class MixViTCait(MixViTMixin, Cait):
     """CaiT with M members: the 24 self-attention blocks are the shared trunk, the class-attention blocks
     and M heads the member part (spec mixvit.md §3)."""
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault('block_layers_token', TaggedClassAttnBlock)
+        super().__init__(**kwargs)
 
     def shared_trunk_depth(self) -> int:
         return len(self.blocks)
@@ -52,20 +79,21 @@ class MixViTCait(MixViTMixin, Cait):
     def embed_tokens(self, x: torch.Tensor) -> torch.Tensor:
         return self.patch_embed(x) + self.pos_embed
 
-    def class_stage(self, tokens: torch.Tensor, cls: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def class_stage(self, tokens: torch.Tensor, cls: torch.Tensor,
+                    tags: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         # class attention updates the class tokens only; timm's ClassAttn reads one query, so several
         # class tokens run folded into the batch, each over the same tokens
         t = self.num_class_tokens
+        b = tokens.shape[0]
+        kv = tokens
         if t > 1:
-            b = tokens.shape[0]
             kv = tokens.repeat_interleave(t, 0)
             cls = cls.reshape(b * t, 1, -1)
-            for blk in self.blocks_token_only:
-                cls = blk(kv, cls)
-            return cls.reshape(b, t, -1), tokens
+            if tags is not None:
+                tags = tags.repeat_interleave(t, 0)
         for blk in self.blocks_token_only:
-            cls = blk(tokens, cls)
-        return cls, tokens
+            cls = blk(kv, cls, tags)
+        return cls.reshape(b, t, -1), tokens
 
     def _prune_trunk(self, keep: int):
         self.blocks = self.blocks[:keep]
@@ -79,6 +107,8 @@ class MixViTConVit(MixViTMixin, ConVit):
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
+        for blk in self.blocks:  # timm builds its Block directly: the same module, with the tags argument
+            blk.__class__ = TaggedConVitBlock
         # timm's features API reads the shared trunk: the GPSA blocks before the class token joins
         self.feature_info = self.feature_info[:self.local_up_to_layer]
 
@@ -89,12 +119,13 @@ class MixViTConVit(MixViTMixin, ConVit):
         x = self.patch_embed(x)
         return x + self.pos_embed if self.use_pos_embed else x
 
-    def class_stage(self, tokens: torch.Tensor, cls: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def class_stage(self, tokens: torch.Tensor, cls: torch.Tensor,
+                    tags: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         t = self.num_class_tokens
         x = torch.cat((cls, tokens), dim=1)
         for i, blk in enumerate(self.blocks):
             if i >= self.local_up_to_layer:
-                x = blk(x)
+                x = blk(x, tags)
         return x[:, :t], x[:, t:]
 
     @torch.jit.ignore
