@@ -225,9 +225,11 @@ def ood_eval_set(args, splits, img_size: int, eval_split: str):
 
 
 def refuse_existing(path_str: str, overwrite: bool):
-    """Before any evaluation: an existing file is kept unless ``--overwrite``; a path under a file is refused."""
+    """Before any evaluation: an existing file is kept unless ``--overwrite``, a name that is not a regular file
+    (a link, a device, a pipe) is never written over; a path under a file is refused."""
     if not path_str:
         return
+    rundir.refuse_to_replace(path_str)
     if Path(path_str).exists() and not overwrite:
         raise FileExistsError(f'{path_str} exists: pass --overwrite to replace it')
     parent = next((p for p in Path(path_str).parents if p.exists()), None)

@@ -282,8 +282,8 @@ def test_a_best_metrics_file_that_is_not_one_warns_and_the_run_goes_on(finished,
 
 @pytest.mark.parametrize('text,needle', [
     ('x: [\n', 'resumes.yaml is not valid YAML'),
-    ('- {}\n', 'resumes.yaml is not a list of resume records'),
-    ('just words\n', 'resumes.yaml is not a list of resume records'),
+    ('- {}\n', 'resumes.yaml: resume 1 is not'),
+    ('just words\n', 'resumes.yaml is not a list of resumes'),
 ])
 def test_a_damaged_resumes_record_is_one_line(finished, tmp_path, capsys, text, needle):
     folder = copy_of(finished, tmp_path)

@@ -300,9 +300,9 @@ def paper_line(row: Optional[OfficialRow]) -> str:
 def model_card(model, name: str, row: Optional[OfficialRow], source: Path, sha256: str, epoch: Optional[int],
                measured: Optional[dict]) -> str:
     """README.md: timm's front matter, provenance, the paper's row, the measured metrics, usage, citation."""
-    from timm.models._hub import generate_readme
     from .constants import hub_id
-    from .hub.card import CITATIONS, HUB_DATASETS, metrics_table
+    from .hub.card import CITATIONS, HUB_DATASETS, card_head, metrics_table
+    from .report import code_span, markdown_text
     arch, tag = name.split('.', 1)
     cfg = model.pretrained_cfg
     num_members = model.num_members
@@ -327,8 +327,7 @@ def model_card(model, name: str, row: Optional[OfficialRow], source: Path, sha25
                    f'`{arch}` by `hub/convert_official.py`. The tensors are the official ones, renamed, with the M '
                    f'member encoders and heads stacked into one tensor each; nothing was retrained.')
     tags = ['image-classification', 'timm', 'timm_mimo', 'mixmo'] + (['mimo'] if num_members > 1 else [])
-    text = generate_readme(dict(tags=tags, license=OFFICIAL_LICENSE, details=details, description=description),
-                           name)
+    text = card_head(name, tags, OFFICIAL_LICENSE, details, description)
     text += '\n## Provenance\n\n'
     if row:
         seeds = ', '.join(f'{v:.2f} %: {row.url(i)}' for i, v in enumerate(row.top1))
@@ -337,7 +336,8 @@ def model_card(model, name: str, row: Optional[OfficialRow], source: Path, sha25
     else:
         text += f'- Code: {OFFICIAL_REPO}; not one of the checkpoints its README lists\n'
     text += f'- Paper: {PAPER}, {PAPER_URL}\n'
-    text += f'- Source file: `{source.name}`, sha256 `{sha256}`' + (f', saved at epoch {epoch}' if epoch else '') + '\n'
+    text += f'- Source file: {code_span(source.name)}, sha256 `{sha256}`' + (
+        f', saved at epoch {epoch}' if epoch else '') + '\n'
     text += (f'- License: the official repository is Apache-2.0 and its README links the checkpoints without other '
              f'terms, so they are redistributed here under Apache-2.0, changed as described above (renamed and '
              f'stacked); {dataset} keeps its own terms\n')
@@ -345,8 +345,8 @@ def model_card(model, name: str, row: Optional[OfficialRow], source: Path, sha25
     text += f'Reported by the official README for this row: {paper_line(row)}.\n'
     if measured:
         split = measured['split']
-        text += (f'\nMeasured on these converted weights by timm_mimo\'s `validate.py` ({measured.get("dataset")}, '
-                 f'{split} split): top-1/top-5 accuracy in %, NLL, ECE (15 bins), Brier, each member\'s top-1 and '
+        text += (f'\nMeasured on these converted weights by timm_mimo\'s `validate.py` '
+                 f'({markdown_text(measured.get("dataset"))}, {markdown_text(split)} split): top-1/top-5 accuracy in %, NLL, ECE (15 bins), Brier, each member\'s top-1 and '
                  f'the ensemble\'s gain over the best member.\n\n')
         text += metrics_table({split: measured[split]}) + '\n'
     else:

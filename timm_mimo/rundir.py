@@ -20,6 +20,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,8 +47,17 @@ TRAINING_STATE_DIR = 'state'
 EXTRA_WEIGHTS_FILE = 'task.safetensors'  # the task's own models (EMA, momentum encoder): never pickled
 
 CHECKPOINT_RE = re.compile(r'checkpoint-(\d{4,})(?:-step(\d{6,}))?')
-# what an interrupted write or swap leaves behind (removed when the run resumes)
-LEFTOVER_RE = re.compile(r'\..+\.tmp(-.*)?|.+\.old')
+
+
+def _leftover_re(name_pattern: str) -> re.Pattern:
+    """What an interrupted write (``.NAME.tmp-*``) or swap (``NAME.old``) of ``name_pattern`` leaves behind."""
+    return re.compile(rf'\.{name_pattern}\.tmp(-.*)?|{name_pattern}\.old')
+
+
+# what an interrupted write or swap of any name leaves behind (removed when the run resumes)
+LEFTOVER_RE = _leftover_re('.+')
+_FILE_KINDS = ((stat.S_ISLNK, 'a symbolic link'), (stat.S_ISDIR, 'a folder'), (stat.S_ISFIFO, 'a named pipe'),
+               (stat.S_ISCHR, 'a device'), (stat.S_ISBLK, 'a device'), (stat.S_ISSOCK, 'a socket'))
 
 
 def _umask() -> int:
@@ -65,9 +75,34 @@ def apply_umask(path: Path):
             p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
 
 
-def write_atomic(path: Union[str, Path], data: Union[str, bytes]):
-    """Write ``data`` to a temporary file next to ``path``, then rename it into place."""
+def refuse_to_replace(path: Union[str, Path], folder: bool = False):
+    """Only regular files (folders, for a folder) are ever written over: renaming onto a link, a device
+    (``/dev/full``) or a pipe would destroy what that name stands for, so such a name is refused, whatever
+    ``--overwrite`` says."""
+    try:
+        mode = os.lstat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):  # nothing there (a path under a file fails at the write)
+        return
+    if folder and stat.S_ISDIR(mode):
+        return
+    kind = next((name for is_kind, name in _FILE_KINDS if is_kind(mode)), 'a regular file' if folder else None)
+    if kind is not None:
+        raise FileExistsError(f'{path} exists and is {kind}, not a {"folder" if folder else "regular file"}: '
+                              f'refusing to write over it')
+
+
+def check_regular_file_inside(path: Union[str, Path], folder: Union[str, Path], action: str = 'copy'):
+    """A file the scripts copy or upload from a folder: a regular file whose real path lies inside that folder,
+    never a link (it could point at any file of the machine), a device or a pipe."""
     path = Path(path)
+    if path.is_symlink() or not path.is_file() or Path(folder).resolve() not in path.resolve().parents:
+        raise ValueError(f'{path} is not a regular file inside {folder}: refusing to {action} it')
+
+
+def write_atomic(path: Union[str, Path], data: Union[str, bytes]):
+    """Write ``data`` to a temporary file next to ``path``, then rename it into place (over a regular file only)."""
+    path = Path(path)
+    refuse_to_replace(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.tmp-', dir=path.parent)
     try:
@@ -107,6 +142,7 @@ def read_csv(path: Path) -> List[dict]:
 
 def replace_dir(tmp_dir: Path, final_dir: Path):
     """Move a fully written folder into place; an existing one is swapped out first, then deleted."""
+    refuse_to_replace(final_dir, folder=True)
     old = None
     if final_dir.exists():
         old = final_dir.with_name(final_dir.name + '.old')
@@ -146,12 +182,14 @@ def atomic_dir(final_dir: Union[str, Path]):
         raise
 
 
-def remove_leftovers(run_dir: Path) -> List[str]:
-    """Delete what interrupted writes and swaps left in ``run_dir`` (temporary and ``.old`` names only)."""
+def remove_leftovers(folder: Path, name: Optional[str] = None) -> List[str]:
+    """Delete what interrupted writes and swaps left in ``folder`` (temporary and ``.old`` names only); with
+    ``name``, only those of the file or folder ``name`` (an export's, in a folder that may hold others)."""
+    pattern = LEFTOVER_RE if name is None else _leftover_re(re.escape(name))
     removed = []
-    for path in Path(run_dir).iterdir():
-        if LEFTOVER_RE.fullmatch(path.name) and path.name != LOCK_FILE:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    for path in Path(folder).iterdir():
+        if pattern.fullmatch(path.name) and path.name != LOCK_FILE:
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
             removed.append(path.name)
     return removed
 
@@ -186,24 +224,49 @@ def write_model_files(model: nn.Module, folder: Path, model_args: dict, data_con
         del model.state_dict
 
 
-def load_model_folder(folder: Path, **kwargs) -> nn.Module:
-    """A model folder (ours or any timm Hub-format folder): built from ``config.json`` as timm's ``local-dir:``
-    does, weights read with safetensors. ``kwargs`` override the saved model arguments."""
+_INPUT_SIZE_KEYS = ('input_size', 'test_input_size', 'min_input_size')
+
+
+def read_model_config(folder: Path) -> dict:
+    """A model folder's ``config.json``, checked for what timm's ``local-dir:`` reads from it (a registered
+    ``architecture``, a ``model_args`` mapping, a ``pretrained_cfg`` mapping with positive input sizes):
+    a hand-edited field is an error naming it, not a traceback from deep inside timm."""
     import timm
-    from .weights import load_weights
-    folder = Path(folder)
-    config_path = folder / CONFIG_FILE
+    config_path = Path(folder) / CONFIG_FILE
     if not config_path.exists():
         raise FileNotFoundError(f'no {CONFIG_FILE} in {folder}: not a model folder')
     try:
         config = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f'{config_path} is not a valid config file: {e}') from e
-    architecture = config.get('architecture') if isinstance(config, dict) else None
+    if not isinstance(config, dict):
+        raise ValueError(f'{config_path} is not a valid config file: a {type(config).__name__}, not a mapping')
+    architecture = config.get('architecture')
+    if architecture is not None and not isinstance(architecture, str):
+        raise ValueError(f'{config_path}: architecture is a {type(architecture).__name__}, not a model name')
     if not architecture or not timm.is_model(architecture):
         raise ValueError(
             f'unknown architecture {architecture!r} in {config_path}: not in timm\'s registry (timm_mimo '
             f'models are registered by "import timm_mimo" before timm.create_model)')
+    for key in ('model_args', 'pretrained_cfg'):
+        if key in config and not isinstance(config[key], dict):
+            raise ValueError(f'{config_path}: {key} is a {type(config[key]).__name__}, not a mapping')
+    cfg = config.get('pretrained_cfg', config)  # timm's legacy format: one mapping, the cfg itself
+    for key in _INPUT_SIZE_KEYS:
+        size = cfg.get(key)
+        if size is not None and not (isinstance(size, list) and len(size) == 3 and all(
+                isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in size)):
+            raise ValueError(f'{config_path}: {key} {size!r} is not [channels, height, width] of positive integers')
+    return config
+
+
+def load_model_folder(folder: Path, **kwargs) -> nn.Module:
+    """A model folder (ours or any timm Hub-format folder): built from ``config.json`` as timm's ``local-dir:``
+    does, weights read with safetensors. ``kwargs`` override the saved model arguments."""
+    import timm
+    from .weights import load_weights
+    folder = Path(folder)
+    read_model_config(folder)
     weights = folder / WEIGHTS_FILE
     if not weights.exists():
         raise FileNotFoundError(f'no {WEIGHTS_FILE} in {folder}')
@@ -269,33 +332,32 @@ def is_stub(run_dir: Path) -> bool:
     return all(p.name in STUB_ENTRIES or LEFTOVER_RE.fullmatch(p.name) for p in Path(run_dir).iterdir())
 
 
+def _read_yaml(path: Path):
+    try:
+        return yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ValueError(f'{path} is not valid YAML: {str(e).splitlines()[0]}') from e
+
+
 def read_args(run_dir: Path) -> dict:
     path = Path(run_dir) / ARGS_FILE
-    if not path.exists():
-        return {}
-    try:
-        args = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ValueError(f'{path} is not valid YAML: {str(e).splitlines()[0]}') from e
+    args = _read_yaml(path) if path.exists() else None
     return args if isinstance(args, dict) else {}
 
 
-def read_resumes(run_dir: Path) -> list:
-    """The run's resume records; a damaged or hand-edited file is refused, named, rather than half-read."""
+def read_resumes(run_dir: Path) -> List[dict]:
+    """The run's resumes (``[{'from': checkpoint name, 'changes': [...]}, ...]``); a damaged record is an error
+    naming it, not an empty one: a card would otherwise claim that the first arguments alone trained the run."""
     path = Path(run_dir) / RESUMES_FILE
-    if not path.exists():
-        return []
-    try:
-        entries = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ValueError(f'{path} is not valid YAML: {str(e).splitlines()[0]}') from e
-    entries = [] if entries is None else entries
-    well_formed = isinstance(entries, list) and all(
-        isinstance(e, dict) and isinstance(e.get('from'), str) and isinstance(e.get('changes'), list)
-        and all(isinstance(c, str) for c in e['changes']) for e in entries)
-    if not well_formed:
-        raise ValueError(f'{path} is not a list of resume records ({{from: checkpoint, changes: [...]}}): a damaged '
-                         f'or edited file (remove it to drop the record)')
+    entries = _read_yaml(path) if path.exists() else None
+    entries = [] if entries is None else entries  # no file, or an empty one: no resume
+    if not isinstance(entries, list):
+        raise ValueError(f'{path} is not a list of resumes (the record of train.py --resume)')
+    for index, entry in enumerate(entries):
+        changes = entry.get('changes') if isinstance(entry, dict) else None
+        if not (isinstance(changes, list) and isinstance(entry.get('from'), str)  # a list: entry is a mapping
+                and all(isinstance(change, str) for change in changes)):
+            raise ValueError(f'{path}: resume {index + 1} is not {{from: <checkpoint>, changes: [<flag change>, ...]}}')
     return entries
 
 
@@ -476,8 +538,7 @@ def saved_model_args(checkpoint: Checkpoint) -> dict:
     """The constructor arguments recorded in a model folder's config.json."""
     if checkpoint.which == 'file':
         return {}
-    config = json.loads((checkpoint.weights / CONFIG_FILE).read_text())
-    return dict(config.get('model_args') or {})
+    return dict(read_model_config(checkpoint.weights).get('model_args') or {})
 
 
 def is_inside_training_state(path: Path) -> bool:

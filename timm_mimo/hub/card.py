@@ -8,6 +8,7 @@ import yaml
 from timm.models._hub import generate_readme
 
 from ..constants import hub_id
+from ..report import code_block, code_span, markdown_text
 
 DEFAULT_LICENSE = 'apache-2.0'
 # Hub data sets of the pretrained tags, for the card's metadata
@@ -102,6 +103,22 @@ def training_recipe(run_args: dict) -> dict:
     return recipe
 
 
+def card_head(name: str, tags: List[str], license: str, details: dict, description: str) -> str:
+    """The card's YAML front matter, then timm's ``generate_readme`` title, description and details.
+
+    timm writes its front matter by string formatting, so a license holding newlines would add keys to it:
+    the front matter is written by huggingface_hub's ``ModelCardData`` (a YAML serializer) instead. Values in
+    ``details`` and ``description`` are Markdown already (escaped where they come from a file or folder name).
+    """
+    from huggingface_hub import ModelCardData
+    dataset = details.get('Dataset')
+    front = ModelCardData(library_name='timm', license=str(license), tags=tags, pipeline_tag='image-classification',
+                          datasets=[dataset.lower()] if dataset else None)
+    # generate_readme's own front matter holds our constant tags and data set only, and is replaced
+    body = generate_readme(dict(tags=tags, details=details, description=description), name).split('---\n', 2)[2]
+    return f'---\n{front.to_yaml()}\n---\n{body}'
+
+
 def _fmt(value, digits: int) -> str:
     return f'{value:.{digits}f}' if isinstance(value, (int, float)) else '-'
 
@@ -111,7 +128,8 @@ def metrics_table(splits: Dict[str, dict]) -> str:
             '|---|---|---|---|---|---|---|---|']
     for split, m in splits.items():
         members = ' / '.join(_fmt(a, 2) for a in m.get('member_top1') or []) or '-'
-        rows.append(f'| {split} | {_fmt(m.get("top1"), 2)} | {_fmt(m.get("top5"), 2)} | {_fmt(m.get("nll"), 4)} | '
+        rows.append(f'| {markdown_text(split)} | {_fmt(m.get("top1"), 2)} | {_fmt(m.get("top5"), 2)} | '
+                    f'{_fmt(m.get("nll"), 4)} | '
                     f'{_fmt(m.get("ece"), 4)} | {_fmt(m.get("brier"), 4)} | {members} | '
                     f'{_fmt(m.get("ensemble_gain"), 2)} |')
     return '\n'.join(rows)
@@ -124,7 +142,7 @@ def model_card(model: nn.Module, name: str, results: dict, run_args: dict, repo_
     arch, tag = cfg['architecture'], cfg.get('tag')
     num_members = getattr(model, 'num_members', 1)
     meta = results['meta']
-    dataset = _scrub_paths(meta.get('dataset') or run_args.get('dataset') or 'unknown')
+    dataset = markdown_text(_scrub_paths(meta.get('dataset') or run_args.get('dataset') or 'unknown'))
     keys = citation_keys(arch, cfg, run_args)
     details = {
         'Model Type': f'Image classification, multi-input multi-output (MIMO) ensemble of M = {num_members} '
@@ -147,12 +165,12 @@ def model_card(model: nn.Module, name: str, results: dict, run_args: dict, repo_
         description += (f' It holds M = {num_members} subnetworks that share one core: one forward pass of an image '
                         f'gives {num_members} predictions, whose {averaged} are averaged into the output.')
     # timm's own card layout (front matter, description, details), then the sections it has no slot for
-    text = generate_readme(dict(tags=tags, license=license, details=details, description=description), name)
+    text = card_head(name, tags, license, details, description)
 
     epoch = results.get('epoch')
     text += '\n## Results\n'
     text += (f'\nMetrics of these weights ({"epoch " + str(epoch) + ", " if epoch is not None else ""}from '
-             f'`{results["source"]}`): top-1/top-5 accuracy in %, negative log-likelihood (NLL), expected '
+             f'{code_span(results["source"])}): top-1/top-5 accuracy in %, negative log-likelihood (NLL), expected '
              f'calibration error (ECE, 15 bins), Brier score, each member\'s top-1 and the ensemble\'s gain over the '
              f'best member.\n\n')
     text += metrics_table(results['splits']) + '\n'
@@ -164,14 +182,15 @@ def model_card(model: nn.Module, name: str, results: dict, run_args: dict, repo_
         seconds = meta.get('wall_time_s')
         if isinstance(seconds, (int, float)):
             took = f'{seconds / 60:.1f} min' if seconds >= 60 else f'{seconds:.0f} s'
-            runtime = f' The run took {took} on {meta.get("processes", 1)} process(es) ({meta.get("device", "?")}).'
+            runtime = (f' The run took {took} on {markdown_text(meta.get("processes", 1))} process(es) '
+                       f'({markdown_text(meta.get("device", "?"))}).')
         text += (f'\nTrained with timm_mimo\'s `train.py` on {dataset}.{runtime} The arguments below (train.py\'s '
                  f'flag names; local paths and defaults left out) reproduce the run with `python train.py -c '
                  f'recipe.yaml` (plus `--data-dir` for data read from disk):\n\n'
-                 f'```yaml\n{yaml.safe_dump(recipe, sort_keys=False).strip()}\n```\n')
+                 f'{code_block(yaml.safe_dump(recipe, sort_keys=False), "yaml")}\n')
         for resume in resumes or []:  # the recipe alone would not reproduce a run resumed with other arguments
-            text += (f'\nThe run was resumed from `{resume["from"]}` with changed arguments: '
-                     f'{"; ".join(f"`{c}`" for c in resume["changes"])}.\n')
+            text += (f'\nThe run was resumed from {code_span(resume["from"])} with changed arguments: '
+                     f'{"; ".join(code_span(c) for c in resume["changes"])}.\n')
     else:
         text += '\nThe training arguments were not recorded with these weights.\n'
 
@@ -203,8 +222,8 @@ logits = model(x)  # ensemble logits (1, {model.num_classes})
         text += f'members = model.forward_members(x)  # logits of each member (1, {num_members}, {model.num_classes})\n'
     text += '```\n'
 
-    text += (f'\n## License\n\nThe weights are released under the `{license}` license. The code that defines and '
-             f'trained them, timm_mimo, is Apache-2.0. The training data keeps its own terms.\n')
+    text += (f'\n## License\n\nThe weights are released under the {code_span(license)} license. The code that '
+             f'defines and trained them, timm_mimo, is Apache-2.0. The training data keeps its own terms.\n')
     if keys:
         text += '\n## Citation\n'
         for key in keys:

@@ -152,16 +152,18 @@ def export(source, out_dir, *, which: str = 'best', model_name: Optional[str] = 
     name = repo_id.split('/')[-1] if repo_id else (f'{arch}.{tag}' if tag else arch)
 
     recipe = training_recipe(run_args)
+    if out_dir.parent.is_dir():  # what a killed export of this folder left (only its own names: others may live here)
+        rundir.remove_leftovers(out_dir.parent, out_dir.name)
     with rundir.atomic_dir(out_dir) as tmp:
         # model.safetensors and config.json by timm's save_for_hf: saved + recorded constructor arguments
         rundir.write_model_files(model, tmp, model_args)
         card = model_card(model, name, run_metrics, run_args, repo_id, license, checkpoint.resumes)
         if report is not None:  # validate.py's evaluation report as a card section, its pictures beside
-            from ..report import report_section
+            from ..report import report_picture_files, report_section
             card += '\n' + report_section(report, image_dir=REPORT_DIR)
             (tmp / REPORT_DIR).mkdir()
-            for picture in sorted(Path(report).glob('*.png')):
-                shutil.copyfile(picture, tmp / REPORT_DIR / picture.name)
+            for picture in report_picture_files(report).values():  # regular files inside the report folder only
+                shutil.copyfile(Path(report) / picture, tmp / REPORT_DIR / picture)
         (tmp / 'README.md').write_text(card, encoding='utf-8')
         if recipe:  # the card's `python train.py -c recipe.yaml`
             (tmp / RECIPE_FILE).write_text(yaml.safe_dump(recipe, sort_keys=False))

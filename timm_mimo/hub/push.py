@@ -23,9 +23,7 @@ def upload_files(folder: Path) -> List[str]:
     names = list(EXPORT_FILES) + [f for f in OPTIONAL_FILES if (folder / f).exists() or (folder / f).is_symlink()] + \
         [f'{REPORT_DIR}/{p.name}' for p in sorted((folder / REPORT_DIR).glob('*.png'))]
     for name in names:
-        path = folder / name
-        if path.is_symlink() or not path.is_file() or folder not in path.resolve().parents:
-            raise ValueError(f'{path} is not a regular file inside the export folder: refusing to upload')
+        rundir.check_regular_file_inside(folder / name, folder, 'upload')
     return names
 
 

@@ -8,6 +8,7 @@ warning and return random weights; :func:`pretrained_weights`, which the model f
 line naming the repository. This runs inside the registered model functions, so it holds for plain
 ``timm.create_model(...)``, not only for timm_mimo's scripts.
 """
+import logging
 import os
 from contextlib import contextmanager
 from typing import Dict, FrozenSet, Optional
@@ -20,6 +21,7 @@ from .published import PUBLISHED
 __all__ = ['PUBLISHED_ENV', 'PretrainedWeightsError', 'published_tags', 'hub_cfgs', 'pretrained_weights']
 
 PUBLISHED_ENV = 'TIMM_MIMO_PUBLISHED'
+_logger = logging.getLogger(__name__)
 _SOURCES = ('url', 'file', 'hf_hub_id', 'state_dict')
 
 
@@ -28,11 +30,14 @@ class PretrainedWeightsError(ValueError):
 
 
 def _read_published() -> FrozenSet[str]:
+    """``published.py`` + the names of ``TIMM_MIMO_PUBLISHED``. Read at import, so a name that is not
+    ``<arch>.<tag>`` is skipped with a warning: an error here would stop ``import timm_mimo`` itself."""
     extra = [name.strip() for name in os.environ.get(PUBLISHED_ENV, '').split(',') if name.strip()]
+    named = [name for name in extra if name.count('.') == 1 and all(name.split('.'))]
     for name in extra:
-        if name.count('.') != 1 or not all(name.split('.')):
-            raise ValueError(f'{PUBLISHED_ENV}: {name!r} is not an <arch>.<tag> name')
-    return frozenset(PUBLISHED) | frozenset(extra)
+        if name not in named:
+            _logger.warning(f'{PUBLISHED_ENV}: {name!r} is not an <arch>.<tag> name: ignored')
+    return frozenset(PUBLISHED) | frozenset(named)
 
 
 _PUBLISHED = _read_published()
