@@ -144,17 +144,16 @@ def main(argv=None):
         folder = output / name
         if not (folder / RESULTS_FILE).exists():
             if folder.exists() and any(folder.iterdir()):
-                if not complete_checkpoints(folder):
-                    raise FileExistsError(f'{folder} holds an unfinished run without a checkpoint to resume: '
-                                          f'remove it or choose another --output')
-                where = ['--resume', str(folder)]
+                where = ['--resume', str(folder)]  # without a checkpoint yet, train.py starts it in place
             else:
                 where = ['--output', str(output), '--experiment', name]
             command = [*shlex.split(args.launcher), *([] if args.launcher else [sys.executable]),
                        str(REPO / 'train.py'), '-c', str(config_path), *flags, *where]
             print('+ ' + ' '.join(shlex.quote(c) for c in command), flush=True)
             if run_training(command, folder, deadline) == 'stopped':
-                print(f'{name}: stopped at the time budget with a checkpoint; run the same command again to resume')
+                # a stop abandons the step in flight: one that came before any step completed saves nothing
+                saved = 'with a checkpoint' if complete_checkpoints(folder) else 'before its first step completed'
+                print(f'{name}: stopped at the time budget {saved}; run the same command again to resume')
                 return 3
         report['runs'][name] = summarize(folder, args.metric, args.target)
 

@@ -69,9 +69,18 @@ def inference_cost(model: nn.Module, image: torch.Tensor) -> Dict[str, int]:
     was_training = model.training
     model.eval()
     outputs = MemberOutputs(model)
-    with FlopCounterMode(display=False) as counter:
-        outputs.predict(model, image[None])
-    model.train(was_training)
+    # inference is counted with no parameter requiring grad: the counter's module tracker would otherwise hook
+    # every module input that requires grad, and fails on some (MixViT's source tags)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    try:
+        for p in trainable:
+            p.requires_grad_(False)
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            outputs.predict(model, image[None])
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
+        model.train(was_training)
     passes = len(model.networks) if isinstance(model, DeepEnsemble) else 1
     return dict(params=sum(p.numel() for p in model.parameters()), flops=int(counter.get_total_flops()),
                 forward_passes=passes)

@@ -285,10 +285,10 @@ def save_checkpoint(t: Training, keep: int) -> Path:
                     save_file({k: v.detach().contiguous() for k, v in extra.items()},
                               str(tmp / rundir.EXTRA_WEIGHTS_FILE))
                 rundir.write_json_atomic(tmp / rundir.STATE_FILE, t.state)  # last: it makes the folder a checkpoint
-            rundir.apply_umask(tmp)
-            rundir.replace_dir(tmp, final)
-            for old in rundir.complete_checkpoints(t.run_dir)[:-keep]:
-                shutil.rmtree(old)
+                rundir.apply_umask(tmp)
+                rundir.replace_dir(tmp, final)
+                for old in rundir.complete_checkpoints(t.run_dir)[:-keep]:
+                    shutil.rmtree(old)
     except BaseException:
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)  # a full disk leaves nothing half-written behind
