@@ -27,9 +27,9 @@ import torch
 import yaml
 
 from timm_mimo import rundir
-from timm_mimo.training import LastCompletedStep, NonFiniteLoss, StepAbandoned, StopRequest, Training, all_finite, \
+from timm_mimo.train.run import LastCompletedStep, NonFiniteLoss, StepAbandoned, StopRequest, Training, all_finite, \
     check_resume, epoch_sums_at_start, record_resume, refuse_non_finite, restore, save_checkpoint, start_in_place
-from timm_mimo.train_args import LOWER_IS_BETTER, build_parser, parse_args, recipes_for  # noqa: F401  (for tools)
+from timm_mimo.train.args import LOWER_IS_BETTER, build_parser, parse_args, recipes_for  # noqa: F401  (for tools)
 
 _logger = logging.getLogger('train')
 
@@ -134,8 +134,8 @@ def model_arguments(args) -> dict:
 
 def build_model(args, splits, model_args: dict):
     """(model, the preprocessing recorded with its weights)."""
-    from timm_mimo.factory import create_model
-    from timm_mimo.weights import load_weights
+    from timm_mimo.models.factory import create_model
+    from timm_mimo.models.weights import load_weights
     if args.num_classes is not None and args.num_classes != splits.num_classes:
         raise ValueError(f'--num-classes {args.num_classes} does not match the dataset\'s {splits.num_classes} classes')
     # --pretrained-path: timm's form, a pretrained_cfg overlay that is not recorded as a model argument
@@ -161,9 +161,9 @@ def setup(args, run_dir: Path, stop: StopRequest, wall_start: float) -> Training
     from timm_mimo.data import native_img_size
     from timm_mimo.data.loaders import build_loaders
     from timm_mimo.data.splits import auto_augment_transform, build_splits
-    from timm_mimo.factory import registered_cfg, resolve_img_size, unknown_model_error
-    from timm_mimo.speed import CompiledWithFallback, create_optimizer
-    from timm_mimo.tasks import build_builder, create_task
+    from timm_mimo.models.factory import registered_cfg, resolve_img_size, unknown_model_error
+    from timm_mimo.train.speed import CompiledWithFallback, create_optimizer
+    from timm_mimo.train.tasks import build_builder, create_task
 
     if not timm.is_model(args.model):
         raise unknown_model_error(args.model)
@@ -358,7 +358,7 @@ def check_loss(t: Training, loss_sum: torch.Tensor, count: int) -> float:
 
 def save_mix_picture(t: Training, epoch: int, out) -> bool:
     """PNG grid of this epoch's mixed samples (--mix-vis-interval); returns False: one picture per epoch."""
-    from timm_mimo.visualize import save_mix_grid
+    from timm_mimo.eval.plots import save_mix_grid
     if out.samples is None:
         _logger.info(f'--mix-vis-interval: {out.what}: no picture')
     else:
@@ -371,8 +371,8 @@ def save_mix_picture(t: Training, epoch: int, out) -> bool:
 # evaluation
 
 def evaluate(model, split, task, outputs=None) -> dict:
-    from timm_mimo.engine import collect_predictions
-    from timm_mimo.metrics import classification_metrics
+    from timm_mimo.eval.predict import collect_predictions
+    from timm_mimo.eval.metrics import classification_metrics
     ens, members, labels = collect_predictions(model, split.loader, outputs or task.outputs, split.accelerator)
     return classification_metrics(ens, labels, members)
 
@@ -426,7 +426,7 @@ def final_evaluation(t: Training) -> dict:
     """The last and the best weights (the saved best/ folder, loaded as a user would) on validation and test;
     the task's extra models; results.json."""
     from safetensors.torch import save_file
-    from timm_mimo.engine import MemberOutputs
+    from timm_mimo.mimo import MemberOutputs
     args, accelerator, task = t.args, t.accelerator, t.task
     splits = {'validation': t.validation, 'test': t.test}
     accelerator.wait_for_everyone()

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from timm_mimo import rundir
-from timm_mimo.ensemble import ENSEMBLE_CHOICES
+from timm_mimo.eval.ensemble import ENSEMBLE_CHOICES
 
 _logger = logging.getLogger('validate')
 
@@ -94,18 +94,18 @@ DATA_ARGS = ('dataset', 'data_dir', 'val_per_class')
 
 def resolve_model(args):
     """(model, the first run's args.yaml dict or {}) from the checkpoints or a registered name; several
-    checkpoints give their :class:`~timm_mimo.ensemble.DeepEnsemble`."""
+    checkpoints give their :class:`~timm_mimo.eval.ensemble.DeepEnsemble`."""
     import timm
     from timm_mimo import rundir
     from timm_mimo.cli import parse_model_kwargs
-    from timm_mimo.ensemble import DeepEnsemble
+    from timm_mimo.eval.ensemble import DeepEnsemble
     kwargs = parse_model_kwargs(args.model_kwargs)
     if args.num_classes is not None:
         kwargs['num_classes'] = args.num_classes
     if not args.checkpoints:
         if not args.model:
             raise ValueError('give a checkpoint, or --model NAME --pretrained')
-        from timm_mimo.factory import create_model, unknown_model_error  # one-line errors for names and weights
+        from timm_mimo.models.factory import create_model, unknown_model_error  # one-line errors for names and weights
         if not timm.is_model(args.model):
             raise unknown_model_error(args.model)
         model, run_args = create_model(args.model, pretrained=args.pretrained, **kwargs), {}
@@ -251,12 +251,12 @@ def main(argv=None):
     import timm_mimo  # noqa: F401  (registers the models)
     from torch.utils.data import DataLoader
     from timm_mimo.data.splits import build_splits, tensor_transform
-    from timm_mimo.engine import collect_predictions
-    from timm_mimo.metrics import classification_metrics, temperature_scaled_metrics
+    from timm_mimo.eval.predict import collect_predictions
+    from timm_mimo.eval.metrics import classification_metrics, temperature_scaled_metrics
     from timm_mimo.rundir import write_atomic, write_csv_atomic
-    from timm_mimo.ensemble import DeepEnsemble, inference_cost
-    from timm_mimo.uncertainty import SCORE_LABELS, member_ood_metrics, ood_metrics, uncertainty_metrics
-    from timm_mimo.visualize import reliability_diagram
+    from timm_mimo.eval.ensemble import DeepEnsemble, inference_cost
+    from timm_mimo.eval.uncertainty import SCORE_LABELS, member_ood_metrics, ood_metrics, uncertainty_metrics
+    from timm_mimo.eval.plots import reliability_diagram
 
     model, run_args = resolve_model(args)
     model = model.to(device).eval()
@@ -348,7 +348,7 @@ def main(argv=None):
     if args.reliability_png:
         reliability_diagram(ens, labels, args.reliability_png, title=f'{results["model"]} on {split}')
     if args.report:
-        from timm_mimo.report import write_report
+        from timm_mimo.eval.report import write_report
         page = write_report(args.report, results, ens, members, labels, ood_ens, ood_members)
         print(f'report: {page}')
     if args.save_predictions:

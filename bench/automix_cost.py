@@ -48,9 +48,10 @@ from timm.utils import ModelEmaV3
 
 import timm_mimo  # noqa: F401  (registers the models)
 from timm_mimo.automix import build_automix, freeze
-from timm_mimo.batch import MemberSoftTargetCrossEntropy, MimoBatchBuilder
+from timm_mimo.batch import MimoBatchBuilder
+from timm_mimo.loss import MemberSoftTargetCrossEntropy
 
-from timm_mimo.benchmark import cpu_name
+from timm_mimo.eval.benchmark import cpu_name
 
 
 def parse_args(argv=None):

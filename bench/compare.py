@@ -131,7 +131,7 @@ def num_members_of(name: str, flags: Sequence[str], model_kwargs: Sequence[str] 
 
 def plan_runs(args) -> List[Dict]:
     """Every (model spec, seed) run with its train.py flags under the equal-epochs rule."""
-    from timm_mimo.train_args import parse_args
+    from timm_mimo.train.args import parse_args
     extra = list(args.train_args[1:] if args.train_args[:1] == ['--'] else args.train_args)
     if not Path(args.config).exists():
         raise BadInput(f'recipe not found: {args.config}')
@@ -378,7 +378,7 @@ def write_csv(path: Path, rows: List[Dict]):
                              for k, v in row.items()} for row in rows])
 
 
-# --- pictures (Pillow only, like timm_mimo.metrics.reliability_diagram) --------------------------------
+# --- pictures (Pillow only, like timm_mimo.eval.metrics.reliability_diagram) --------------------------------
 
 PALETTE = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (140, 86, 75),
            (227, 119, 194), (23, 190, 207))
@@ -393,7 +393,7 @@ def save_png(image, path: Path):
 def curves_png(curves: Dict[str, List[List[float]]], path: Path, title: str):
     """Validation top-1 per epoch: one colour per model spec, one line per seed."""
     from PIL import Image, ImageDraw
-    from timm_mimo.visualize import _font
+    from timm_mimo.eval.plots import _font
     font, small = _font(15), _font(12)
     legend = [f'{spec} ({len(runs)})' for spec, runs in curves.items()]
     probe = ImageDraw.Draw(Image.new('RGB', (1, 1)))
@@ -441,7 +441,7 @@ def curves_png(curves: Dict[str, List[List[float]]], path: Path, title: str):
 def reliability_grid_png(panels: Dict[str, List[Path]], path: Path, scale: float = 0.5):
     """The runs' reliability diagrams side by side: one row per model spec, one column per seed."""
     from PIL import Image, ImageDraw
-    from timm_mimo.visualize import _font
+    from timm_mimo.eval.plots import _font
     opened = {spec: [Image.open(p).convert('RGB') for p in files] for spec, files in panels.items()}
     first = next(iter(opened.values()))[0]
     w, h = int(first.width * scale), int(first.height * scale)

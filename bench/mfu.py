@@ -31,10 +31,11 @@ import timm
 from timm.loss import SoftTargetCrossEntropy
 
 import timm_mimo  # noqa: F401  (registers the MIMO models with timm)
-from timm_mimo.batch import MemberSoftTargetCrossEntropy, MimoBatchBuilder
-from timm_mimo.engine import is_mimo
-from timm_mimo.speed import CompiledWithFallback
-from timm_mimo.benchmark import TrainBench, machine_info, make_sync, timed, to_input_layout
+from timm_mimo.batch import MimoBatchBuilder
+from timm_mimo.loss import MemberSoftTargetCrossEntropy
+from timm_mimo.mimo import is_mimo
+from timm_mimo.train.speed import CompiledWithFallback
+from timm_mimo.eval.benchmark import TrainBench, machine_info, make_sync, timed, to_input_layout
 
 # Dense peak TFLOP/s from NVIDIA datasheets (headline figures are often 2:4-sparse, 2x these). Rows: (substrings
 # the upper-cased name must contain, must not contain, peaks). H100/H200 NVL and A10G are left out: --peak-tflops.

@@ -48,8 +48,9 @@ import timm
 from timm.loss import SoftTargetCrossEntropy
 
 import timm_mimo
-from timm_mimo.batch import MemberSoftTargetCrossEntropy, MimoBatchBuilder, MimoCollate
-from timm_mimo.benchmark import InferenceBench, TrainBench, machine_info, make_sync, timed, to_input_layout  # noqa: F401
+from timm_mimo.batch import MimoBatchBuilder, MimoCollate
+from timm_mimo.loss import MemberSoftTargetCrossEntropy
+from timm_mimo.eval.benchmark import InferenceBench, TrainBench, machine_info, make_sync, timed, to_input_layout  # noqa: F401
 
 TARGETS = {
     'inference_ratio': ('>=', 0.97),

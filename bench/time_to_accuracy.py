@@ -30,7 +30,7 @@ import threading
 import time
 from pathlib import Path
 
-from timm_mimo.benchmark import cpu_name
+from timm_mimo.eval.benchmark import cpu_name
 from timm_mimo.rundir import RESULTS_FILE, SUMMARY_FILE, complete_checkpoints
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,7 +58,7 @@ def recipe_runs(args, extra):
     The recipe is read as train.py reads it (the config, then the extra flags), so the vanilla run's batch
     is B / b of the batch the MixMo run really uses.
     """
-    from timm_mimo.train_args import parse_args
+    from timm_mimo.train.args import parse_args
     recipe = parse_args(['-c', args.config, *extra])
     runs = [(recipe.model, extra)]
     if args.vanilla_model:

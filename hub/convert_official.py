@@ -8,7 +8,7 @@
         --tag official_cut_mixmo_tiny_imagenet
 
 The checkpoint (github.com/alexrame/mixmo-pytorch's README links one per row of its tables) is read with
-torch.load(weights_only=True); every key is mapped onto the timm_mimo model (timm_mimo/official.py) or the
+torch.load(weights_only=True); every key is mapped onto the timm_mimo model (timm_mimo/hub/official.py) or the
 conversion stops naming the keys that do not fit. The folder holds model.safetensors and config.json
 (timm's save_for_hf) and a README.md model card: provenance, the paper's top-1 for the row, and with
 --dataset the metrics validate.py measures on the converted weights. --verify fails unless that top-1 is
@@ -45,7 +45,8 @@ def build_parser():
 
 
 def main(argv=None):
-    from timm_mimo.official import OFFICIAL_ROWS, convert, paper_line, publish_commands
+    from timm_mimo.hub.official import convert, paper_line
+    from timm_mimo.models.official import OFFICIAL_ROWS, publish_commands
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv == ['--rows']:  # not an argparse flag: the positional arguments would be required
         print('\n\n'.join(publish_commands(row) for row in OFFICIAL_ROWS))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train  # noqa: E402
-from timm_mimo import tasks  # noqa: E402
+from timm_mimo.train import tasks  # noqa: E402
 
 _step = tasks.MimoTask.step
 _calls = 0

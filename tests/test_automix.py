@@ -18,7 +18,7 @@ from timm.utils import ModelEmaV3
 from timm_mimo.automix import AutoMix, FeatureTap, MixBlock, build_automix, check_features, freeze, mask_loss, \
     momentum_at
 from timm_mimo.batch import MimoBatchBuilder
-from timm_mimo.visualize import mimo_samples, msda_samples, save_mix_grid
+from timm_mimo.eval.plots import mimo_samples, msda_samples, save_mix_grid
 
 from test_train import summary_column
 

@@ -7,8 +7,9 @@ import timm
 from timm.data import create_loader
 
 import timm_mimo  # noqa: F401
-from timm_mimo.batch import (
-    MemberSoftTargetCrossEntropy, MimoBatch, MimoBatchBuilder, MimoCollate, random_crop_flip, unique_batch_size)
+from timm_mimo.augment import random_crop_flip
+from timm_mimo.batch import MimoBatch, MimoBatchBuilder, MimoCollate, unique_batch_size
+from timm_mimo.loss import MemberSoftTargetCrossEntropy
 from timm_mimo.constants import CIFAR_DEFAULT_MEAN, CIFAR_DEFAULT_STD
 from timm_mimo.mixing import member_loss_weights
 from timm_mimo.msda import msda_mix

@@ -21,9 +21,11 @@ from safetensors.torch import load_file, save_file
 
 import timm
 import timm_mimo  # noqa: F401  (registers the models)
-from timm_mimo import hub, official
+from timm_mimo import hub
+from timm_mimo.hub import official
+from timm_mimo.models import official as official_table
 from timm_mimo.constants import hub_id
-from timm_mimo.official import OFFICIAL_ROWS, OfficialCheckpointError, OfficialRow, convert_state_dict
+from timm_mimo.hub.official import OFFICIAL_ROWS, OfficialCheckpointError, OfficialRow, convert_state_dict
 
 REPO = Path(__file__).resolve().parents[1]
 CONVERT = REPO / 'hub' / 'convert_official.py'
@@ -189,11 +191,11 @@ def test_every_official_row_is_a_registered_tag_of_the_right_data_set():
     assert len(OFFICIAL_ROWS) == 25 and len({row.name for row in OFFICIAL_ROWS}) == 25
     for row in OFFICIAL_ROWS:
         cfg = timm.models.get_pretrained_cfg(row.name, allow_unregistered=False)
-        assert cfg is not None and cfg.num_classes == official.DATASETS[row.dataset][0], row
+        assert cfg is not None and cfg.num_classes == official_table.DATASETS[row.dataset][0], row
         assert not cfg.has_weights  # registered, not published: no weights promised
         assert row.config.startswith('config/') and row.config.endswith('.yaml')
-    best = official.official_row('wrn28_10_mixmo2', 'official_cut_mixmo_cutmix_cifar100')
-    assert best.top1 == (85.77, 85.92) and official.official_row('wrn28_10_mixmo3', 'cifar100') is None
+    best = official_table.official_row('wrn28_10_mixmo2', 'official_cut_mixmo_cutmix_cifar100')
+    assert best.top1 == (85.77, 85.92) and official_table.official_row('wrn28_10_mixmo3', 'cifar100') is None
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -450,5 +452,5 @@ def test_rows_prints_valid_commands_for_every_official_row(capsys):
         assert download == f'gdown {row.drive_ids[row.best]} -O official/{row.name}.ckpt'
         args = parser.parse_args(convert.split()[2:])  # the command line the converter will be given
         assert (args.source, args.model, args.tag, args.verify) == (f'official/{row.name}.ckpt', row.arch, row.tag, True)
-        assert args.num_classes == official.DATASETS[row.dataset][0]
+        assert args.num_classes == official_table.DATASETS[row.dataset][0]
         assert upload.startswith(f'hf upload {hub_id(row.arch, row.tag)} exports/{row.name} . ') and row.name in register

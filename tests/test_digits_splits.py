@@ -7,7 +7,7 @@ import torch
 
 from timm_mimo.data.digits import DigitsDataset, load_digits_tensors
 from timm_mimo.data.splits import build_splits
-from timm_mimo.tasks import batch_augment
+from timm_mimo.augment import batch_augment
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train  # noqa: E402

@@ -1,4 +1,4 @@
-"""timm_mimo.ensemble: a deep ensemble is one more model with member logits; its cost; TorchUncertainty's view."""
+"""timm_mimo.eval.ensemble: a deep ensemble is one more model with member logits; its cost; TorchUncertainty's view."""
 import importlib.util
 
 import pytest
@@ -7,10 +7,11 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import timm_mimo  # noqa: F401  (registers the models)
-from timm_mimo.engine import MemberOutputs, collect_predictions
-from timm_mimo.ensemble import DeepEnsemble, MembersAsEstimators, inference_cost
-from timm_mimo.metrics import classification_metrics
-from timm_mimo.uncertainty import ood_metrics
+from timm_mimo.eval.predict import collect_predictions
+from timm_mimo.mimo import MemberOutputs
+from timm_mimo.eval.ensemble import DeepEnsemble, MembersAsEstimators, inference_cost
+from timm_mimo.eval.metrics import classification_metrics
+from timm_mimo.eval.uncertainty import ood_metrics
 
 CLASSES = 4
 

@@ -29,8 +29,8 @@ import timm_mimo  # noqa: F401  (registers the models)
 from timm_mimo import hub
 from timm_mimo.constants import hub_id
 from timm_mimo.rundir import load_model_folder, save_model_folder, write_model_files
-from timm_mimo.weights import UnsafeCheckpointError, load_weights
-from timm_mimo.metrics import classification_metrics
+from timm_mimo.models.weights import UnsafeCheckpointError, load_weights
+from timm_mimo.eval.metrics import classification_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 # an export of a training run also holds the recipe its model card tells to reproduce it with
@@ -471,12 +471,12 @@ def test_push_dry_run_and_failures_contact_nothing_or_say_so_without_the_token(r
 
 
 def test_export_with_an_evaluation_report_puts_it_in_the_card_and_uploads_its_pictures(run_dir, tmp_path):
-    from timm_mimo.report import write_report
+    from timm_mimo.eval.report import write_report
     torch.manual_seed(0)
     logits, members, labels = torch.randn(40, 10), torch.randn(40, 2, 10), torch.randint(0, 10, (40,))
     results = dict(model=ARCH, split='test', num_members=2,
                    test=classification_metrics(logits, labels, members))
-    from timm_mimo.uncertainty import uncertainty_metrics
+    from timm_mimo.eval.uncertainty import uncertainty_metrics
     results['test'].update(uncertainty_metrics(logits, labels, members))
     write_report(tmp_path / 'report', results, logits, members, labels)
     out = tmp_path / 'export'

@@ -9,9 +9,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from timm_mimo.data.corruptions import CorruptionDataset
-from timm_mimo.metrics import (
+from timm_mimo.eval.plots import reliability_diagram
+from timm_mimo.eval.metrics import (
     brier_score, calibration_bins, classification_metrics, disagreement, expected_calibration_error,
-    fit_temperature, misclassification_auc, nll, ratio_errors, reliability_diagram, temperature_scaled_metrics,
+    fit_temperature, misclassification_auc, nll, ratio_errors, temperature_scaled_metrics,
     topk_accuracy)
 
 

@@ -394,7 +394,7 @@ def test_a_weights_file_of_a_wrapped_model_exports_with_its_model_kwargs(images,
     and config.json records them, so that local-dir: rebuilds the same wrapped model."""
     import json
     from timm_mimo import hub
-    from timm_mimo.metrics import classification_metrics
+    from timm_mimo.eval.metrics import classification_metrics
     model = _mimo('resnet')
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / 'w.safetensors'))
     with torch.no_grad():
@@ -414,7 +414,7 @@ def test_a_weights_file_of_a_wrapped_model_exports_with_its_model_kwargs(images,
 
 
 def test_train_image_size_follows_the_backbone_and_builds_a_vit_for_it():
-    from timm_mimo.factory import registered_cfg, resolve_img_size
+    from timm_mimo.models.factory import registered_cfg, resolve_img_size
 
     def resolve(name, kwargs, size):
         return resolve_img_size(registered_cfg(name, kwargs), kwargs, size)[0]

@@ -17,9 +17,10 @@ from markdown_it import MarkdownIt
 from test_hub import REPO, assert_one_line_error, make_run, run_cli
 from test_report import load_validate
 
-from timm_mimo import hub, rundir
+from timm_mimo import hub
+from timm_mimo import rundir
 from timm_mimo.cli import run_cli as run_trapped
-from timm_mimo.report import code_block, code_span, markdown_text
+from timm_mimo.eval.report import code_block, code_span, markdown_text
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 EVIL_HTML = '<img src=x onerror=alert(1)>'
@@ -94,9 +95,9 @@ def test_validate_refuses_a_link_a_device_or_a_pipe_as_output_even_with_overwrit
 # copying and uploading: regular files inside the folder only
 
 def _report(folder):
-    from timm_mimo.metrics import classification_metrics
-    from timm_mimo.report import write_report
-    from timm_mimo.uncertainty import uncertainty_metrics
+    from timm_mimo.eval.metrics import classification_metrics
+    from timm_mimo.eval.report import write_report
+    from timm_mimo.eval.uncertainty import uncertainty_metrics
     torch.manual_seed(0)
     logits, members, labels = torch.randn(40, 10), torch.randn(40, 2, 10), torch.randint(0, 10, (40,))
     results = dict(model='wrn16_2_mixmo2', split='test', num_members=2,

@@ -76,7 +76,7 @@ def test_ctrl_c_under_accelerate_launch_saves_the_last_completed_step_and_resume
 _STUCK = '''
 import sys
 from timm_mimo.cli import run_cli
-from timm_mimo.training import StopRequest
+from timm_mimo.train.run import StopRequest
 
 def main(argv):
     stop = StopRequest()
@@ -106,7 +106,7 @@ def test_a_second_sigterm_ends_a_process_that_cannot_reach_its_next_step(tmp_pat
 
 
 def test_a_launchers_sigterm_after_ctrl_c_is_the_same_request_and_a_second_ctrl_c_stops():
-    from timm_mimo.training import StepAbandoned, StopRequest
+    from timm_mimo.train.run import StepAbandoned, StopRequest
     stop = StopRequest()
     try:
         stop(signal.SIGINT, None)
@@ -266,7 +266,7 @@ def test_a_retyped_tensor_is_refused_by_validate_and_by_resume(finished, tmp_pat
 
 def test_half_precision_weights_still_load():
     """Another float precision is a precision, not a retype: released fp16 weights load into the fp32 model."""
-    from timm_mimo.weights import check_tensors_match
+    from timm_mimo.models.weights import check_tensors_match
     own = torch.nn.Linear(2, 2).state_dict()
     check_tensors_match(own, {k: v.half() for k, v in own.items()}, Path('w.safetensors'))
 

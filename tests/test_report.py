@@ -1,4 +1,4 @@
-"""The evaluation pictures (timm_mimo.visualize), the report page (timm_mimo.report) and validate.py's progress."""
+"""The evaluation pictures (timm_mimo.eval.plots), the report page (timm_mimo.eval.report) and validate.py's progress."""
 import importlib.util
 import logging
 import os
@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from timm_mimo.report import model_card_section, report_section, write_report
-from timm_mimo.uncertainty import risk_coverage_curve
-from timm_mimo.visualize import _ACC_FILL, _GAP_FILL, _HIST_ALPHA, _SERIES, _nice_ticks, _over, \
+from timm_mimo.eval.report import model_card_section, report_section, write_report
+from timm_mimo.eval.uncertainty import risk_coverage_curve
+from timm_mimo.eval.plots import _ACC_FILL, _GAP_FILL, _HIST_ALPHA, _SERIES, _nice_ticks, _over, \
     reliability_diagram, risk_coverage_plot, save_mix_grid, score_histogram
 
 REPO = Path(__file__).resolve().parents[1]
@@ -134,7 +134,7 @@ def test_mix_picture_title_says_when_cut_mixmo_mixes_linearly(tmp_path):
     import timm
     import timm_mimo  # noqa: F401
     from timm_mimo.batch import MimoBatchBuilder
-    from timm_mimo.tasks import MimoTask
+    from timm_mimo.train.tasks import MimoTask
     model = timm.create_model('wrn16_2_mixmo2')
     builder = MimoBatchBuilder.from_model(model, (32, 32), batch_repeat=2, mix_mode='cut', mix_prob=1.0, seed=0)
     task = MimoTask(model, builder)

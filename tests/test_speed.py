@@ -4,8 +4,8 @@ import logging
 import pytest
 import torch
 
-from timm_mimo.batch import random_erase
-from timm_mimo.speed import CompiledWithFallback, create_optimizer
+from timm_mimo.augment import random_erase
+from timm_mimo.train.speed import CompiledWithFallback, create_optimizer
 
 
 def _boxes(erased: torch.Tensor):
@@ -62,7 +62,7 @@ def test_compile_falls_back_to_eager_when_the_backend_fails(caplog):
 
     model = torch.nn.Linear(3, 2)
     x = torch.randn(4, 3)
-    with caplog.at_level(logging.WARNING, logger='timm_mimo.speed'):
+    with caplog.at_level(logging.WARNING, logger='timm_mimo.train.speed'):
         wrapped = CompiledWithFallback(model, backend=failing_backend)
         out = wrapped(x)
     torch.testing.assert_close(out, model(x))

@@ -10,7 +10,8 @@ import torch
 
 import timm
 import timm_mimo  # noqa: F401
-from timm_mimo.batch import MemberSoftTargetCrossEntropy, MimoBatchBuilder
+from timm_mimo.batch import MimoBatchBuilder
+from timm_mimo.loss import MemberSoftTargetCrossEntropy
 from timm_mimo.constants import CIFAR_DEFAULT_MEAN, CIFAR_DEFAULT_STD
 from timm_mimo.data import CifarZipDataset, default_cifar10_zip
 

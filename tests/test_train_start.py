@@ -16,8 +16,8 @@ import timm
 import timm_mimo  # noqa: F401  (registers the models)
 import train
 from timm_mimo.data import create_dataset, native_img_size
-from timm_mimo.factory import registered_cfg, resolve_img_size, unknown_model_error
-from timm_mimo.metrics import classification_metrics
+from timm_mimo.models.factory import registered_cfg, resolve_img_size, unknown_model_error
+from timm_mimo.eval.metrics import classification_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -81,7 +81,7 @@ def test_without_a_dataset_one_line_names_the_config_of_the_papers_setting(caplo
 
 def test_the_paper_rows_train_py_names_are_those_of_the_configs_table():
     # configs/README.md's table marks the other recipes "not a paper row"; train.py reads each file's first line
-    from timm_mimo.train_args import _PAPER_ROW
+    from timm_mimo.train.args import _PAPER_ROW
     table = re.findall(r'^\| `([^`]+\.yaml)` \| ([^|]+) \|', (REPO / 'configs' / 'README.md').read_text(), re.M)
     assert len(table) >= 30
     for name, row in table:

@@ -1,4 +1,4 @@
-"""timm_mimo.uncertainty: known values per metric, then agreement with torchmetrics / TorchUncertainty.
+"""timm_mimo.eval.uncertainty: known values per metric, then agreement with torchmetrics / TorchUncertainty.
 
 Library agreement runs on random predictions here and on a trained model's predictions in
 tests/test_validate_ood.py. Where a library defines a metric differently, the test converts between the
@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from timm_mimo.metrics import brier_score, classification_metrics, expected_calibration_error, misclassification_auc, nll
-from timm_mimo.uncertainty import (
+from timm_mimo.eval.metrics import brier_score, classification_metrics, expected_calibration_error, misclassification_auc, nll
+from timm_mimo.eval.uncertainty import (
     adaptive_calibration_error, average_precision, binary_auroc, classwise_calibration_error, fpr_at_tpr,
     member_disagreement, member_ood_metrics, mutual_information, ood_detection_metrics, ood_metrics,
     predictive_entropy,

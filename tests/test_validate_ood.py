@@ -14,8 +14,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from timm_mimo.data import default_cifar10_zip
-from timm_mimo.report import report_section
-from timm_mimo.uncertainty import ood_metrics, selective_metrics
+from timm_mimo.eval.report import report_section
+from timm_mimo.eval.uncertainty import ood_metrics, selective_metrics
 
 from test_train import run  # train.py / validate.py in a subprocess, one-line failure report
 from test_uncertainty import check_against_libraries

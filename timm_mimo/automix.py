@@ -35,8 +35,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .batch import MemberSoftTargetCrossEntropy, MimoBatch
-from .engine import MemberOutputs
+from .batch import MimoBatch
+from .loss import MemberSoftTargetCrossEntropy
+from .mimo import MemberOutputs
 from .mixing import check_alpha, member_loss_weights, patch_mix_prob, sample_beta
 
 __all__ = ['MixBlock', 'FeatureTap', 'AutoMix', 'AutoMixOutput', 'momentum_at', 'mask_loss', 'freeze']

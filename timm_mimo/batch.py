@@ -11,7 +11,6 @@ is linear in the target), so the loss is the sum over members of a soft-target c
 samples with batched tensor ops. It runs identically inside a DataLoader collate (CPU workers) and on
 the accelerator in the training step.
 """
-import math
 import os
 import warnings
 from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple
@@ -20,8 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import default_collate
 
-from timm.loss import SoftTargetCrossEntropy
-
+from .augment import random_crop_flip
 from .mimo import check_num_members
 from .mixing import check_alpha, check_mix_mode, coarse_grid_warning, member_loss_weights, sample_mixing
 from .msda import check_msda_mode, msda_mix
@@ -31,75 +29,6 @@ class MimoBatch(NamedTuple):
     inputs: torch.Tensor
     masks: torch.Tensor
     targets: torch.Tensor
-
-
-def random_crop_flip(
-        images: torch.Tensor, padding: int = 4, flip: bool = True,
-        generator: Optional[torch.Generator] = None, padding_mode: str = 'constant') -> torch.Tensor:
-    """Per-sample random crop after padding, and horizontal flip, for a batch (N, C, H, W).
-
-    The CIFAR / Tiny ImageNet augmentation of MixMo (pad-4 crop + flip, spec §5.2), which timm's
-    transforms do not offer. Batched indexing, independent draws per sample. ``padding_mode`` 'constant'
-    pads zeros in the space of ``images`` (on normalised inputs: the mean colour rather than black);
-    'reflect' mirrors the border (torchvision's RandomCrop(padding_mode='reflect'), AutoMix's recipe).
-    """
-    n, c, h, w = images.shape
-    device = images.device
-    if padding > 0:
-        padded = F.pad(images, (padding, padding, padding, padding), mode=padding_mode)
-        dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=device)
-        dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=device)
-        rows = (dy[:, None] + torch.arange(h, device=device))[:, None, :, None]
-        cols = (dx[:, None] + torch.arange(w, device=device))[:, None, None, :]
-        images = padded[torch.arange(n, device=device)[:, None, None, None],
-                        torch.arange(c, device=device)[None, :, None, None], rows, cols]
-    if flip:
-        flipped = torch.rand(n, generator=generator, device=device) < 0.5
-        images = torch.where(flipped[:, None, None, None], images.flip(-1), images)
-    return images
-
-
-def random_erase(
-        images: torch.Tensor, prob: float, mode: str = 'pixel', area: Tuple[float, float] = (0.02, 1 / 3),
-        min_aspect: float = 0.3, attempts: int = 10, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Random erasing (Zhong et al. 2020, timm's ``RandomErasing`` semantics) for a batch (N, C, H, W) at once.
-
-    With probability ``prob`` per sample, one box of ``area`` share of the image (uniform) and log-uniform
-    aspect ratio in [min_aspect, 1 / min_aspect] is filled with N(0, 1) noise per pixel (``'pixel'``), per
-    channel (``'rand'``), or zeros (``'const'``), in the normalised space. Of ``attempts`` candidate boxes
-    the first that fits is used; a sample none fits is left as it is. timm's class loops over the samples
-    in Python on the host RNG; here every draw is one tensor op on the images' device, from ``generator``.
-    """
-    if mode not in ('pixel', 'rand', 'const'):
-        raise ValueError(f"unknown random erasing mode {mode!r}: use 'pixel', 'rand' or 'const'")
-    n, c, h, w = images.shape
-    device = images.device
-
-    def uniform(*shape):
-        return torch.rand(*shape, generator=generator, device=device)
-
-    target = (area[0] + (area[1] - area[0]) * uniform(n, attempts)) * (h * w)
-    log_lo, log_hi = math.log(min_aspect), math.log(1 / min_aspect)
-    aspect = torch.exp(log_lo + (log_hi - log_lo) * uniform(n, attempts))
-    box_h = torch.sqrt(target * aspect).round().long()
-    box_w = torch.sqrt(target / aspect).round().long()
-    fits = (box_h < h) & (box_w < w)
-    first = fits.long().argmax(1, keepdim=True)  # index of the first candidate that fits (0 if none)
-    box_h, box_w = box_h.gather(1, first).squeeze(1), box_w.gather(1, first).squeeze(1)
-    erase = fits.any(1) & (uniform(n) < prob)
-    top = (uniform(n) * (h - box_h + 1)).long()
-    left = (uniform(n) * (w - box_w + 1)).long()
-    rows = torch.arange(h, device=device)
-    cols = torch.arange(w, device=device)
-    inside = ((rows >= top[:, None]) & (rows < (top + box_h)[:, None]))[:, :, None] \
-        & ((cols >= left[:, None]) & (cols < (left + box_w)[:, None]))[:, None, :]
-    inside = (inside & erase[:, None, None])[:, None]  # (N, 1, H, W)
-    if mode == 'const':
-        fill = torch.zeros((), dtype=images.dtype, device=device)
-    else:
-        shape = (n, c, h, w) if mode == 'pixel' else (n, c, 1, 1)
-        fill = torch.randn(shape, generator=generator, device=device, dtype=images.dtype)
-    return torch.where(inside, fill, images)
 
 
 def one_hot_smoothed(labels: torch.Tensor, num_classes: int, smoothing: float = 0.) -> torch.Tensor:
@@ -265,21 +194,6 @@ class MimoCollate:
     def __call__(self, samples) -> MimoBatch:
         images, labels = default_collate(samples)
         return self.builder(images, torch.as_tensor(labels))
-
-
-class MemberSoftTargetCrossEntropy(torch.nn.Module):
-    """Sum over members of timm's soft-target cross-entropy (mean over the batch), spec §2.2.
-
-    Takes member logits (B, M, K) and targets (B, M, K) that already carry the MixMo weights.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.soft_ce = SoftTargetCrossEntropy()
-
-    def forward(self, member_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        num_members = member_logits.shape[1]
-        return self.soft_ce(member_logits.flatten(0, 1), targets.flatten(0, 1)) * num_members
 
 
 def unique_batch_size(batch_size: int, batch_repeat: int) -> int:

@@ -278,3 +278,29 @@ class MimoClassifierMixin:
         if isinstance(members, bool) and members:
             return self.forward_member_head(features)
         return self.forward_head(features)
+
+
+def is_mimo(model: nn.Module) -> bool:
+    """Whether the model has MIMO members (any other timm model is treated as M = 1)."""
+    return hasattr(model, 'forward_members') and hasattr(model, 'num_members')
+
+
+class MemberOutputs:
+    """How a model gives member logits (B, M, K), decided once from the bare model (wrappers hide its
+    attributes): a MIMO model by its own member calls, any other timm model as M = 1."""
+
+    def __init__(self, model: nn.Module):
+        self.mimo = is_mimo(model)
+        self.num_members = model.num_members if self.mimo else 1
+        self.rule = getattr(model, 'ensemble', 'logits')
+
+    def members(self, model: nn.Module, x: torch.Tensor, masks: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Member logits of member inputs (B, M, C, H, W) mixed with ``masks``, or of one image per sample."""
+        if not self.mimo:
+            return model(x[:, 0] if masks is not None else x).unsqueeze(1)
+        return model(x, masks) if masks is not None else model(x, members=True)
+
+    def predict(self, model: nn.Module, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Ensemble logits (B, K) and member logits (B, M, K) from one forward pass of one image per sample."""
+        members = self.members(model, x)
+        return (ensemble_logits(members, self.rule) if self.mimo else members[:, 0]), members

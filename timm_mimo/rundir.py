@@ -264,7 +264,7 @@ def load_model_folder(folder: Path, **kwargs) -> nn.Module:
     """A model folder (ours or any timm Hub-format folder): built from ``config.json`` as timm's ``local-dir:``
     does, weights read with safetensors. ``kwargs`` override the saved model arguments."""
     import timm
-    from .weights import load_weights
+    from .models.weights import load_weights
     folder = Path(folder)
     read_model_config(folder)
     weights = folder / WEIGHTS_FILE
@@ -464,13 +464,13 @@ def load_model(checkpoint: Checkpoint, model_name: Optional[str] = None, **kwarg
     """The model of ``checkpoint``, weights read safely; ``model_name`` / ``num_classes`` must agree with it."""
     import timm
     from timm.models import split_model_name_tag
-    from .weights import load_weights
+    from .models.weights import load_weights
     num_classes = kwargs.get('num_classes')
     if checkpoint.which == 'file':
         if not model_name:
             raise ValueError(f'{checkpoint.weights} is a weights file: name its architecture with --model')
         if not timm.is_model(model_name):
-            from .factory import unknown_model_error
+            from .models.factory import unknown_model_error
             raise unknown_model_error(model_name)
         model = timm.create_model(model_name, **kwargs)
         load_weights(model, checkpoint.weights)
@@ -561,7 +561,7 @@ def check_state_files_are_plain(state_dir: Path):
         try:
             accelerate_load(str(path), map_location='cpu', weights_only=True)
         except Exception as e:  # noqa: BLE001  (any failure of the restricted unpickler is a refusal)
-            from .weights import unpickling_reason
+            from .models.weights import unpickling_reason
             raise ValueError(f'refusing to resume from {path}: it is not a plain tensor file (weights-only load '
                              f'failed: {unpickling_reason(e, path)})') from None
 

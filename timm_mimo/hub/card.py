@@ -8,7 +8,7 @@ import yaml
 from timm.models._hub import generate_readme
 
 from ..constants import hub_id
-from ..report import code_block, code_span, markdown_text
+from ..eval.report import code_block, code_span, markdown_text
 
 DEFAULT_LICENSE = 'apache-2.0'
 # Hub data sets of the pretrained tags, for the card's metadata

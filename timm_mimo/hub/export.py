@@ -14,7 +14,7 @@ from timm.models import split_model_name_tag
 
 from .. import rundir
 from ..constants import HUB_NAME_RE, hub_id
-from ..engine import is_mimo
+from ..mimo import is_mimo
 from .card import DEFAULT_LICENSE, RECIPE_FILE, dataset_tag, model_card, training_recipe
 
 # what an export folder holds, and all that push uploads (recipe.yaml when the run recorded its arguments)
@@ -159,7 +159,7 @@ def export(source, out_dir, *, which: str = 'best', model_name: Optional[str] = 
         rundir.write_model_files(model, tmp, model_args)
         card = model_card(model, name, run_metrics, run_args, repo_id, license, checkpoint.resumes)
         if report is not None:  # validate.py's evaluation report as a card section, its pictures beside
-            from ..report import report_picture_files, report_section
+            from ..eval.report import report_picture_files, report_section
             card += '\n' + report_section(report, image_dir=REPORT_DIR)
             (tmp / REPORT_DIR).mkdir()
             for picture in report_picture_files(report).values():  # regular files inside the report folder only

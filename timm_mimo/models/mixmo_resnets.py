@@ -23,7 +23,7 @@ from ..constants import CIFAR_DEFAULT_MEAN, CIFAR_DEFAULT_STD, TINY_IMAGENET_MEA
 from ..mimo import (
     MemberClassifierHead, MemberConv2d, MimoClassifierMixin, check_ensemble_rule, check_image_input,
     check_num_members, mix_members)
-from ..official import OFFICIAL_ROWS
+from .official import OFFICIAL_ROWS
 from ._pretrained import hub_cfgs, pretrained_weights
 
 __all__ = ['MixMoResNet']
@@ -296,7 +296,7 @@ _TINY_ARCHS = ('preactresnet18', 'preactresnet18_mixmo2', 'preactresnet18_w2', '
                'preactresnet18_w3', 'preactresnet18_w3_mixmo2')
 
 # tags: '<dataset>' for weights trained with timm_mimo, 'official_<method>_<dataset>' for the checkpoints of
-# the official MixMo code (timm_mimo/official.py, hub/convert_official.py); only published.py's have weights
+# the official MixMo code (timm_mimo/models/official.py; converted by hub/convert_official.py); only published.py's have weights
 default_cfgs = generate_default_cfgs(hub_cfgs({
     **{f'{arch}.{dataset}': _DATASET_CFGS[dataset] for arch in _CIFAR_ARCHS for dataset in ('cifar10', 'cifar100')},
     **{f'{arch}.tiny_imagenet': _DATASET_CFGS['tiny_imagenet'] for arch in _TINY_ARCHS},

@@ -72,7 +72,7 @@ def to_input_layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
 
 
 def _version() -> str:
-    from . import __version__
+    from .. import __version__
     return __version__
 
 

@@ -15,8 +15,8 @@ from safetensors import SafetensorError
 import timm
 from timm.models import PretrainedCfg, split_model_name_tag
 
-from .models._pretrained import _download_error
-from .models.mimo_backbone import ARCHITECTURE as MIMO_BACKBONE, DEFAULT_BACKBONE
+from ._pretrained import _download_error
+from .mimo_backbone import ARCHITECTURE as MIMO_BACKBONE, DEFAULT_BACKBONE
 from .weights import checkpoint_error
 
 

@@ -13,7 +13,7 @@ from typing import List, Tuple
 
 import yaml
 
-from .cli import refuse_below_one
+from ..cli import refuse_below_one
 
 LOWER_IS_BETTER = ('nll', 'ece', 'brier', 'loss')
 EVAL_METRICS = ('top1', 'top5', 'nll', 'ece', 'brier', 'auc', 'member_mean_top1')
@@ -273,7 +273,7 @@ def parse_args(argv=None, description: str = '') -> argparse.Namespace:
     pre, _ = parser.parse_known_args(argv)
     saved = {}
     if pre.resume:
-        from .rundir import read_args, resolve_resume
+        from ..rundir import read_args, resolve_resume
         run_dir, _ = resolve_resume(Path(pre.resume))
         saved = read_args(run_dir)
         known = {a.dest for a in parser._actions}

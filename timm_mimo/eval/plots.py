@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 from .metrics import _check, _ece_from_bins, _probs, calibration_bins
-from .mixing import box_masks, sample_beta
-from .msda import check_msda_mode
+from ..mixing import box_masks, sample_beta
+from ..msda import check_msda_mode
 
 COLUMNS = ('image', 'partner', 'mask', 'mixed')
 _MIN_CELL = 80  # pixels per drawn image: an 8 x 8 digit at scale 3 is too small to read
@@ -193,7 +193,7 @@ def _vertical_text(image: Image.Image, text: str, font: ImageFont.ImageFont, cen
 def save_png(image, path) -> Path:
     """Write ``image`` as PNG atomically (readers never see half a file), with the user's permissions."""
     import io
-    from .rundir import write_atomic
+    from ..rundir import write_atomic
     buffer = io.BytesIO()
     image.save(buffer, format='PNG')
     write_atomic(path, buffer.getvalue())
@@ -369,7 +369,7 @@ def _legend(draw: ImageDraw.ImageDraw, entries, origin: Tuple[float, float], fon
 
 def risk_coverage_plot(curves: Dict[str, Tuple[torch.Tensor, torch.Tensor]], path, title: str = '') -> Path:
     """Risk (error rate of the accepted samples) against coverage, one line per entry ``name: (coverage,
-    risk)`` (e.g. from :func:`timm_mimo.uncertainty.risk_coverage_curve`); the legend carries each AURC."""
+    risk)`` (e.g. from :func:`timm_mimo.eval.uncertainty.risk_coverage_curve`); the legend carries each AURC."""
     if not curves:
         raise ValueError('no risk-coverage curve to draw')
     top_risk = max(float(risk.max()) for _, risk in curves.values())

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import rundir
+from .. import rundir
 
 _logger = logging.getLogger('train')
 
@@ -152,7 +152,7 @@ class Training:
 def restore(t: Training, checkpoint: Path):
     """Continue from ``checkpoint``: training state (every pickled file checked first, every weights file of the
     model's dtypes and shapes), task tensors, trainer state and the summary rows of the epochs it completed."""
-    from .weights import TensorMismatchError, check_tensors_match
+    from ..models.weights import TensorMismatchError, check_tensors_match
     state_dir = checkpoint / rundir.TRAINING_STATE_DIR
     rundir.check_state_files_are_plain(state_dir)
     state = rundir.read_trainer_state(checkpoint)
@@ -220,7 +220,7 @@ def check_resume(t: Training, checkpoint: Optional[Path]) -> list:
     """A resumed run keeps its arguments. Another architecture or fewer epochs than done is refused; what else
     the command line changed in the recipe is warned about and returned, for :func:`record_resume` once the
     resume has been accepted."""
-    from .train_args import recipe_changes
+    from .args import recipe_changes
     saved = rundir.read_args(t.run_dir)
     for key in ('model', 'num_members', 'num_classes'):
         if saved.get(key) is not None and saved.get(key) != getattr(t.args, key):

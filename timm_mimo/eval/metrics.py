@@ -9,7 +9,7 @@ they live, and returns plain Python numbers:
 
 Functions that only need probabilities (ECE, Brier, AUC) also take probabilities directly with
 ``from_logits=False``. OOD detection, selective classification and adaptive / classwise ECE are in
-:mod:`timm_mimo.uncertainty`; the reliability diagram is drawn by :mod:`timm_mimo.visualize`.
+:mod:`timm_mimo.eval.uncertainty`; the reliability diagram is drawn by :mod:`timm_mimo.eval.plots`.
 
 Differences from the official MixMo metric code, all deliberate:
   * NLL uses ``log_softmax`` instead of ``log(p + 1e-12)``; the two agree unless p_y < 1e-12.
@@ -343,10 +343,3 @@ def temperature_scaled_metrics(
     )
     return metrics
 
-
-def __getattr__(name: str):
-    # the reliability diagram moved to timm_mimo.visualize with the other pictures; old imports keep working
-    if name == 'reliability_diagram':
-        from .visualize import reliability_diagram
-        return reliability_diagram
-    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

@@ -16,9 +16,9 @@ from typing import Dict, List, Optional
 
 import torch
 
-from .rundir import RESULTS_FILE, check_regular_file_inside, write_atomic
+from ..rundir import RESULTS_FILE, check_regular_file_inside, write_atomic
 from .uncertainty import SCORE_LABELS, risk_coverage_curve, uncertainty_scores
-from .visualize import reliability_diagram, risk_coverage_plot, score_histogram
+from .plots import reliability_diagram, risk_coverage_plot, score_histogram
 
 __all__ = ['write_report', 'model_card_section', 'report_section', 'report_pictures', 'report_picture_files',
            'markdown_text', 'code_span', 'code_block']

@@ -9,15 +9,16 @@ optimizer step, which models are evaluated and deployed, and what a checkpoint m
 Both keep their extra models as tensors (:meth:`state_dict`), which train.py saves with safetensors: nothing
 of a checkpoint is ever unpickled to resume it.
 """
-import functools
 from typing import Dict, List, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
 
-from .batch import MemberSoftTargetCrossEntropy, MimoBatch, MimoBatchBuilder, random_crop_flip, random_erase
-from .engine import MemberOutputs
-from .rundir import EMA_DIR
+from ..augment import batch_augment
+from ..batch import MimoBatch, MimoBatchBuilder
+from ..loss import MemberSoftTargetCrossEntropy
+from ..mimo import MemberOutputs
+from ..rundir import EMA_DIR
 
 EMA = EMA_DIR  # the EMA model's name: its folder in the run, its prefix in results.json
 
@@ -27,23 +28,6 @@ class StepOutput(NamedTuple):
     parts: Dict[str, torch.Tensor]                # detached scalars, summed over the epoch for the summary
     samples: Optional[Dict[str, torch.Tensor]]    # mixed samples for a picture (when asked), else None
     what: str                                     # what the samples show
-
-
-def batch_augment(aug: str, erase_prob: float, erase_mode: str):
-    """The batched augmentation of every member view: pad-4 crop (+ flip for 'crop-flip'), then random
-    erasing, all drawn from the step's generator (so a resumed run replays them)."""
-    if not 0.0 <= erase_prob <= 1.0:
-        raise ValueError(f'--reprob must be in [0, 1], got {erase_prob}')
-    crop = None if aug == 'none' else functools.partial(
-        random_crop_flip, flip=aug.endswith('flip'), padding_mode='reflect' if aug.startswith('reflect') else 'constant')
-    if erase_prob == 0:
-        return crop
-
-    def augment(images, generator=None):
-        if crop is not None:
-            images = crop(images, generator=generator)
-        return random_erase(images, erase_prob, erase_mode, generator=generator)
-    return augment
 
 
 def build_builder(args, model, num_classes: int, img: int, mix_mode: str):
@@ -101,7 +85,7 @@ class MimoTask:
             self.ema.update(model, step=num_updates)
 
     def _pictures(self, batch: MimoBatch, images: torch.Tensor, generator: torch.Generator):
-        from .visualize import mimo_samples, msda_samples
+        from ..eval.plots import mimo_samples, msda_samples
         if batch.inputs.shape[1] >= 2:
             return mimo_samples(batch.inputs, batch.masks), \
                 f'MixMo {self.builder.mix_mode} masks (members 0 and 1; mixed = pixel illustration)' + \
@@ -116,7 +100,7 @@ class MimoTask:
     def _patch_note(self, batch: MimoBatch) -> str:
         """Cut-MixMo mixes a batch with patches or linearly (plain grey masks): say which, and the epoch's
         patch probability, which decays to 0 over the last 1/12 of training (a short run's last epoch)."""
-        from .mixing import patch_mix_prob
+        from ..mixing import patch_mix_prob
         if self.builder.mix_mode != 'cut':
             return ''
         p = patch_mix_prob(self.builder.progress, self.builder.mix_prob)
@@ -172,7 +156,7 @@ class AutoMixTask(MimoTask):
 
     def __init__(self, model: nn.Module, builder, args, num_members: int, img_size, device=None):
         from timm.utils import ModelEmaV3
-        from .automix import build_automix, check_features, freeze
+        from ..automix import build_automix, check_features, freeze
         super().__init__(model, builder)
         self.automix = build_automix(
             model, args.automix_stage, num_members=num_members, lam_concat=args.automix_lam_concat,
@@ -191,7 +175,7 @@ class AutoMixTask(MimoTask):
         self.total_updates = 0
 
     def param_groups(self, lr: float, weight_decay: float, decay_all: bool) -> List[dict]:
-        from .automix import mixblock_param_groups
+        from ..automix import mixblock_param_groups
         return mixblock_param_groups(self.mixblock, self.mixblock_lr, weight_decay, decay_all=decay_all)
 
     def prepare(self, accelerator, total_updates: int):
@@ -215,7 +199,7 @@ class AutoMixTask(MimoTask):
         return StepOutput(out.loss, out.parts, out.vis, what)
 
     def after_step(self, model: nn.Module, num_updates: int):
-        from .automix import momentum_at
+        from ..automix import momentum_at
         # the momentum for the update after iteration t = num_updates - 1 (spec §6), then the EMA update
         self.ema.decay = momentum_at(num_updates - 1, self.total_updates, *self.momentum)
         self.ema.update(model)
@@ -236,7 +220,7 @@ class AutoMixTask(MimoTask):
             mixblock_params=sum(p.numel() for p in mixblock.parameters()), final_momentum=self.ema.decay))
 
     def files(self) -> Dict[str, Dict[str, torch.Tensor]]:
-        from .rundir import MIXBLOCK_FILE
+        from ..rundir import MIXBLOCK_FILE
         mixblock = self.mixblock
         return {MIXBLOCK_FILE: {k: v.detach().contiguous() for k, v in mixblock.state_dict().items()}}
 
@@ -249,7 +233,7 @@ class AutoMixTask(MimoTask):
 
 def check_automix_args(args, model: nn.Module, num_members: int, mix_mode: str):
     """The combinations AutoMix supports, refused with one line otherwise."""
-    from .mixing import BINARY_MIX_MODES
+    from ..mixing import BINARY_MIX_MODES
     if args.msda == 'automix' and mix_mode == 'automix':
         raise ValueError('use --msda automix (M = 1) or --mix-mode automix (M = 2), not both')
     if args.msda == 'automix' and num_members != 1:

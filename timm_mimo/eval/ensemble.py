@@ -2,8 +2,8 @@
 
 A deep ensemble (Lakshminarayanan et al. 2017) is, to the evaluation code, one more model with member
 logits (B, M, K): :class:`DeepEnsemble` concatenates the member logits of its networks (a plain timm model
-gives one member, a MIMO model its M), so :func:`timm_mimo.engine.collect_predictions` and every metric of
-:mod:`timm_mimo.metrics` / :mod:`timm_mimo.uncertainty` serve one network and many alike.
+gives one member, a MIMO model its M), so :func:`timm_mimo.eval.predict.collect_predictions` and every metric of
+:mod:`timm_mimo.eval.metrics` / :mod:`timm_mimo.eval.uncertainty` serve one network and many alike.
 
 :class:`MembersAsEstimators` gives TorchUncertainty's ``ClassificationRoutine(is_ensemble=True)`` the
 output it expects from an ensemble: the member logits stacked member-major, (M x B, K).
@@ -14,8 +14,7 @@ from typing import Dict, Sequence
 import torch
 import torch.nn as nn
 
-from .engine import MemberOutputs
-from .mimo import check_ensemble_rule, ensemble_logits
+from ..mimo import MemberOutputs, check_ensemble_rule, ensemble_logits
 
 __all__ = ['DeepEnsemble', 'MembersAsEstimators', 'inference_cost', 'ENSEMBLE_CHOICES']
 

@@ -1,7 +1,7 @@
 """Out-of-distribution detection, selective classification and more calibration errors (docs/evaluation.md).
 
-The companions of :mod:`timm_mimo.metrics` for the evaluations TorchUncertainty reports. Vectorised torch
-functions of full tensors (any device), plain Python numbers out; shapes as in :mod:`timm_mimo.metrics`:
+The companions of :mod:`timm_mimo.eval.metrics` for the evaluations TorchUncertainty reports. Vectorised torch
+functions of full tensors (any device), plain Python numbers out; shapes as in :mod:`timm_mimo.eval.metrics`:
 ensemble logits (N, K), member logits (N, M, K), labels (N,).
 
 Uncertainty scores are per-sample tensors where *higher means more uncertain* (more likely OOD, rejected
@@ -238,7 +238,7 @@ def classwise_calibration_error(scores: torch.Tensor, labels: torch.Tensor, num_
                                 from_logits: bool = True) -> float:
     """Classwise ECE (Kull et al. 2019): mean over classes k of the equal-width ECE of p_k against 1[y = k].
 
-    Bins are (lower, upper] like :func:`timm_mimo.metrics.calibration_bins`; every class's ECE weighs its
+    Bins are (lower, upper] like :func:`timm_mimo.eval.metrics.calibration_bins`; every class's ECE weighs its
     bins by their share of all N samples.
     """
     if num_bins < 1:
@@ -261,7 +261,7 @@ def uncertainty_metrics(logits: torch.Tensor, labels: torch.Tensor, member_logit
                         num_bins: int = 15) -> Dict[str, object]:
     """Selective classification and calibration metrics of one set (keys of :func:`selective_metrics` plus
     ``ece_adaptive``, ``ece_classwise`` and, with member logits, ``member_ece_adaptive``; ``member_ece`` is
-    :func:`timm_mimo.metrics.classification_metrics`'s)."""
+    :func:`timm_mimo.eval.metrics.classification_metrics`'s)."""
     metrics: Dict[str, object] = dict(selective_metrics(logits, labels))
     metrics['ece_adaptive'] = adaptive_calibration_error(logits, labels, num_bins)
     metrics['ece_classwise'] = classwise_calibration_error(logits, labels, num_bins)
