@@ -1,7 +1,7 @@
 """The YAML recipes under configs/: they load, train.py accepts them, and they hold the paper's numbers.
 
 Every file is checked against ``train.build_parser()`` (keys, types, choices) and parsed with
-``train.parse_args(['-c', path])``; the paper rows are checked against spec ``mixmo.md`` §3 and §5.1 (batch,
+``train.parse_args(['-c', path])``; the paper rows are checked against docs/methods/mixmo.md §3 and §5.1 (batch,
 lr / b, warmup, milestones, weight decay, mixing settings), and the multistep milestones are run through
 timm's scheduler to check that the lr drops at the start of the paper's (1-based) epochs. No model is built.
 """
@@ -86,8 +86,8 @@ def test_all_expected_files_exist():
 @pytest.mark.parametrize('path', ALL, ids=IDS)
 def test_header(path):
     lines = path.read_text().splitlines()
-    assert lines[0].startswith('# ') and 'spec' in lines[0] and '§' in lines[0], \
-        f'{path}: the first line must name the row and the spec section'
+    assert lines[0].startswith('# ') and re.search(r'docs/methods/[a-z-]+\.md §\d', lines[0]), \
+        f'{path}: the first line must name the row and the section of docs/methods/ it follows'
     rel = path.relative_to(REPO).as_posix()
     assert any(f'accelerate launch train.py -c {rel}' in line for line in lines[:4] if line.startswith('#')), \
         f'{path}: the header must give the command "accelerate launch train.py -c {rel}"'
@@ -146,7 +146,7 @@ def test_cifar_paper_rows(ds, stem):
     assert args.batch_size == 64
     assert args.batch_repeat == (4 if mimo else 1)
     assert args.lr == pytest.approx(0.0125 if mimo else 0.05)
-    assert args.lr * args.batch_repeat == pytest.approx(0.05)  # lr divided by b (spec §3)
+    assert args.lr * args.batch_repeat == pytest.approx(0.05)  # lr divided by b (docs/methods/mixmo.md §3)
     assert args.sched == 'multistep' and args.epochs == 300
     assert args.decay_milestones == [100, 200, 225] and args.decay_rate == pytest.approx(0.1)
     assert args.warmup_epochs == 1 and args.warmup_lr <= 1e-5
@@ -209,10 +209,11 @@ def lr_at(args, epoch: int, updates_per_epoch: int = 8) -> float:
 
 
 @pytest.mark.parametrize('path, plateaus', [
-    # spec §5.1: "0.0125 (ep 1-100), 1.25e-3 (101-200), 1.25e-4 (201-225), 1.25e-5 (226-300)" (1-based)
+    # docs/methods/mixmo.md §5.1, CIFAR b = 4 (1-based epochs):
+    # 0.0125 (1-100), 1.25e-3 (101-200), 1.25e-4 (201-225), 1.25e-5 (226-300)
     (CONFIGS / 'cifar100' / 'cut_mixmo.yaml', [(2, 100, 1.0), (101, 200, 0.1), (201, 225, 0.01), (226, 300, 1e-3)]),
     (CONFIGS / 'cifar10' / 'vanilla.yaml', [(2, 100, 1.0), (101, 200, 0.1), (201, 225, 0.01), (226, 300, 1e-3)]),
-    # spec §5.1: "Tiny b=4: 0.05 (1-599), 5e-3 (600-899), 5e-4 (900-1200)" (1-based)
+    # docs/methods/mixmo.md §5.1, Tiny ImageNet b = 4 (1-based epochs): 0.05 (1-599), 5e-3 (600-899), 5e-4 (900-1200)
     (CONFIGS / 'tiny_imagenet' / 'w3_cut_mixmo.yaml', [(2, 599, 1.0), (600, 899, 0.1), (900, 1200, 0.01)]),
 ], ids=['cifar100-b4', 'cifar10-b1', 'tiny-b4'])
 def test_multistep_lr_matches_paper_epochs(path, plateaus):
@@ -293,7 +294,7 @@ def test_readme_lists_every_config():
 
 @pytest.mark.parametrize('model', ['cait_xxs_mixvit2', 'cait_xxs_mixvit1'])
 def test_mixvit_recipe_is_the_same_for_the_model_and_its_baseline(model):
-    """spec mixvit.md §5: AdamW, cosine with warmup, timm augmentation, the same for M = 2 and M = 1."""
+    """docs/methods/mixvit.md §5: AdamW, cosine with warmup, timm augmentation, the same for M = 2 and M = 1."""
     path = MIXVIT_FILES[0]
     args = train.parse_args(['-c', str(path), '--model', model])
     assert args.model == model and timm.is_model(model)
@@ -305,7 +306,7 @@ def test_mixvit_recipe_is_the_same_for_the_model_and_its_baseline(model):
 
 @pytest.mark.parametrize('path', AUTOMIX_FILES, ids=lambda p: p.name)
 def test_automix_reference_recipe(path):
-    """Spec automix.md §7, CIFAR-100 ResNet-18: SGD (momentum 0.9, no Nesterov) lr 0.1, wd 1e-4 on every
+    """docs/methods/automix.md §7, CIFAR-100 ResNet-18: SGD (momentum 0.9, no Nesterov) lr 0.1, wd 1e-4 on every
     parameter, cosine to min_lr 0.05, batch 100, 400 epochs, 4 px reflect-padded crop + flip."""
     args = train.parse_args(['-c', str(path)])
     assert args.dataset == 'torch/cifar100' and args.num_classes == 100

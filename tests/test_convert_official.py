@@ -1,7 +1,7 @@
 """hub/convert_official.py: checkpoints of the official MixMo code -> timm's Hub format -> the Hub -> timm.
 
 The official checkpoints are built here from the official code's naming (mixmo/networks/{wrn,resnet}.py
-of github.com/alexrame/mixmo-pytorch, spec mixmo.md §4) and layout (``AbstractLearner.save_checkpoint``:
+of github.com/alexrame/mixmo-pytorch, docs/methods/mixmo.md §4) and layout (``AbstractLearner.save_checkpoint``:
 ``{'epoch', 'classifier_state_dict', 'classifier_optimizer_state_dict'}``), and their outputs are computed
 by :func:`official_forward`, a functional transcription of the official forward pass in eval mode (the
 same image into every encoder, features summed, member logits averaged). A converted model must give

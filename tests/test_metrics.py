@@ -1,4 +1,4 @@
-"""Metrics of spec mixmo.md §6: known values, calibration properties, temperature scaling, CIFAR-C reading."""
+"""Metrics of docs/methods/mixmo.md §6: known values, calibration properties, temperature scaling, CIFAR-C reading."""
 import math
 import pickle
 
@@ -137,7 +137,7 @@ def test_ratio_errors_and_disagreement_two_members():
 def test_ratio_errors_and_disagreement_three_members_no_shared_error_rule():
     preds, labels = crafted_members()
     logits = one_hot_logits(preds)
-    # pairs with member 3 share no error: 2 · (N01 + N10) = 2 · 0.4 (spec §6.1)
+    # pairs with member 3 share no error: 2 · (N01 + N10) = 2 · 0.4 (docs/methods/mixmo.md §6.1)
     assert ratio_errors(logits, labels) == pytest.approx((2.0 + 0.8 + 0.8) / 3)
     assert disagreement(logits) == pytest.approx((0.5 + 0.4 + 0.4) / 3)
 

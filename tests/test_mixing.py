@@ -1,4 +1,4 @@
-"""MixMo mixing functions against the spec (mixmo.md §1-2)."""
+"""MixMo mixing functions against the method (docs/methods/mixmo.md §1-2)."""
 import math
 
 import pytest
@@ -40,7 +40,8 @@ def test_draws_are_reproducible_from_a_seed():
 
 
 def test_box_geometry():
-    """Side floor(size * sqrt(area)), even-floored around a centre, clipped at the border (spec §1.4)."""
+    """Side floor(size * sqrt(area)), even-floored around a centre, clipped at the border
+    (docs/methods/mixmo.md §1.4)."""
     area = torch.full((2000,), 0.25)
     masks = box_masks(area, (32, 32), gen())
     assert set(masks.unique().tolist()) <= {0.0, 1.0}

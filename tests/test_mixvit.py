@@ -49,7 +49,7 @@ def test_sizes_cifar_defaults_and_parameter_overhead(name, width, heads, blocks)
     assert model.pretrained_cfg['input_size'] == (3, 32, 32) and model.num_classes == 10
     n_model = sum(p.numel() for p in model.parameters())
     n_base = sum(p.numel() for p in base.parameters())
-    # spec §3.8, default design: M source embeddings and a second head (D x K + K)
+    # docs/methods/mixvit.md §3.8, default design: M source embeddings and a second head (D x K + K)
     assert n_model - n_base == 2 * width + width * 10 + 10
     assert (n_model - n_base) / n_base < 0.01
     if name.startswith('cait'):

@@ -17,7 +17,7 @@ def random_crop_flip(
         generator: Optional[torch.Generator] = None, padding_mode: str = 'constant') -> torch.Tensor:
     """Per-sample random crop after padding, and horizontal flip, for a batch (N, C, H, W).
 
-    The CIFAR / Tiny ImageNet augmentation of MixMo (pad-4 crop + flip, spec §5.2), which timm's
+    The CIFAR / Tiny ImageNet augmentation of MixMo (pad-4 crop + flip, docs/methods/mixmo.md §5.2), which timm's
     transforms do not offer. Batched indexing, independent draws per sample. ``padding_mode`` 'constant'
     pads zeros in the space of ``images`` (on normalised inputs: the mean colour rather than black);
     'reflect' mirrors the border (torchvision's RandomCrop(padding_mode='reflect'), AutoMix's recipe).

@@ -1,25 +1,28 @@
-"""AutoMix: a learned mixing policy trained through a momentum copy of the classifier (spec automix.md).
+"""AutoMix: a learned mixing policy trained through a momentum copy of the classifier.
 
 Paper: `AutoMix: Unveiling the Power of Mixup for Stronger Classifiers` (Liu et al., ECCV 2022,
-arXiv 2103.13027). Written from the project's spec (``shared/spec/automix.md``), not from OpenMixup.
+arXiv 2103.13027). Written from the method description in docs/methods/automix.md (the sections cited
+below), not from OpenMixup's code.
 
 Pieces:
 
 - :class:`MixBlock`: a small network that turns feature maps of two images into a soft per-pixel mask
-  (spec §3): a shared 1x1 query conv, a 1x1 value conv on the partner, a cross-attention softmax in fp32,
-  upsampling, then a sigmoid.
+  (docs/methods/automix.md §3): a shared 1x1 query conv, a 1x1 value conv on the partner, a
+  cross-attention softmax in fp32, upsampling, then a sigmoid.
 - :class:`FeatureTap`: features of any timm model at one ``feature_info`` level, through the model's
   ``forward_intermediates`` (timm >= 1.0) or, failing that, a forward hook on the level's module.
-- :func:`momentum_at`: the cosine momentum schedule of the momentum (EMA) encoder (spec §6).
-- :func:`mask_loss`: the L1 mask regulariser with its margin (spec §5).
-- :class:`AutoMix`: the loss of one training iteration (spec §4) given the online model, its momentum
-  copy and a :class:`~timm_mimo.batch.MimoBatch`, for single networks (M = 1: pixel masks) and, beyond the
-  paper, for MixMo networks with M = 2 (the Mix Block draws the MixMo mask on the mixing grid).
+- :func:`momentum_at`: the cosine momentum schedule of the momentum (EMA) encoder (docs/methods/automix.md §6).
+- :func:`mask_loss`: the L1 mask regulariser with its margin (docs/methods/automix.md §5).
+- :class:`AutoMix`: the loss of one training iteration (docs/methods/automix.md §4) given the online
+  model, its momentum copy and a :class:`~timm_mimo.batch.MimoBatch`, for single networks (M = 1: pixel
+  masks) and, beyond the paper, for MixMo networks with M = 2 (the Mix Block draws the MixMo mask on the
+  mixing grid).
 
-Gradient flow (spec §4): the Mix Block learns only from the mixup loss of the *momentum* encoder on its
-own mixed samples (through the frozen encoder into the mask) and from the mask loss; the online model
-learns from mixed samples whose mask is detached (and from clean images for M = 1); the momentum
-encoder learns nothing by gradient: it is an EMA of the online model, updated after each optimizer step.
+Gradient flow (docs/methods/automix.md §4): the Mix Block learns only from the mixup loss of the
+*momentum* encoder on its own mixed samples (through the frozen encoder into the mask) and from the mask
+loss; the online model learns from mixed samples whose mask is detached (and from clean images for M = 1);
+the momentum encoder learns nothing by gradient: it is an EMA of the online model, updated after each
+optimizer step.
 The momentum encoder's parameters are frozen, but by default (``momentum_train_mode``) it runs its
 AutoMix forward passes in train mode: BatchNorm normalises with batch statistics, and its running
 statistics follow its own activations (the EMA update then pulls them by 1 - m towards the online
@@ -46,7 +49,8 @@ UPSAMPLE_MODES = ('nearest', 'bilinear', 'bicubic')
 
 
 class MixBlock(nn.Module):
-    """The Mix Block (PixelMixBlock, spec §3): features of image i and of its partner j -> partner's mask.
+    """The Mix Block (PixelMixBlock, docs/methods/automix.md §3): features of image i and of its partner j
+    -> the partner's mask.
 
     Args:
         in_chans: C, channels of the feature map it reads.
@@ -94,7 +98,8 @@ class MixBlock(nn.Module):
         value = self.value(z_partner).flatten(2)                 # (N, 1, hw): saliency of the partner
         query = self.query(z).flatten(2)                         # (N, C/r, hw)
         key = self.query(z_partner).flatten(2)                   # (N, C/r, hw), the same conv
-        # cross-attention in fp32 whatever the autocast dtype (fp16 overflow was seen in practice, spec §11.9)
+        # cross-attention in fp32 whatever the autocast dtype: fp16 overflow was seen in practice
+        # (docs/methods/automix.md §11.9)
         with torch.autocast(device_type=z.device.type, enabled=False):
             scores = torch.bmm(query.float().transpose(1, 2), key.float()) / math.sqrt(self.hidden)
             attention = scores.softmax(-1)                       # (N, hw, hw): row a = partner positions like a
@@ -107,7 +112,7 @@ class MixBlock(nn.Module):
         if size is not None and tuple(size) != tuple(mask.shape[-2:]):
             mask = F.interpolate(mask, size=tuple(size), mode=self.upsample,
                                  **({} if self.upsample == 'nearest' else dict(align_corners=False)))
-        return mask.sigmoid()                                    # sigmoid after upsampling (spec §3.6)
+        return mask.sigmoid()  # sigmoid after upsampling (docs/methods/automix.md §3.6)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -201,7 +206,7 @@ class FeatureTap:
 
 def momentum_at(step: int, total: int, m0: float = 0.999, m_end: float = 0.999999,
                 start_frac: float = 0.1) -> float:
-    """EMA momentum used after iteration ``step`` of ``total`` (spec §6, ``warming_up='constant'``).
+    """EMA momentum used after iteration ``step`` of ``total`` (docs/methods/automix.md §6, constant warm-up).
 
     Constant ``m0`` before ``start_frac * total``; from there ``m_end - (m_end - m0) * (cos(pi t / T) + 1) / 2``
     (t / T over the whole run, so the value jumps a little at the start of the cosine part).
@@ -215,7 +220,7 @@ def momentum_at(step: int, total: int, m0: float = 0.999, m_end: float = 0.99999
 
 
 def mask_loss(mask: torch.Tensor, lam: Union[float, torch.Tensor], margin: float = 0.1) -> torch.Tensor:
-    """L1 mask loss with a margin (spec §5): max(|1 - mean(s_j) - lam| - margin, 0).
+    """L1 mask loss with a margin (docs/methods/automix.md §5): max(|1 - mean(s_j) - lam| - margin, 0).
 
     ``mask`` holds s_j, the partner's weight; its mean is taken over the whole batch and every pixel
     (one scalar), so image i's share 1 - mean(s_j) is pulled to within ``margin`` of lambda.
@@ -255,7 +260,8 @@ class AutoMixOutput(NamedTuple):
 
 @dataclass
 class AutoMix:
-    """The AutoMix loss of one iteration (spec §4), for ``num_members`` 1 (pixel masks) or 2 (MixMo masks).
+    """The AutoMix loss of one iteration (docs/methods/automix.md §4), for ``num_members`` 1 (pixel masks)
+    or 2 (MixMo masks).
 
     Args:
         mixblock: the :class:`MixBlock` (its parameters go to the optimizer with their own lr).
@@ -263,7 +269,7 @@ class AutoMix:
         num_members: 1: AutoMix on images; 2: the Mix Block draws the MixMo mask of member 1 on the mixing
             grid (member 0 gets 1 - mask), in place of Cut-MixMo's random box (experimental).
         alpha: lambda ~ Beta(alpha, alpha), drawn twice per batch (Mix Block and backbone branches).
-        mask_loss_weight / margin: the L1 mask loss (spec §5).
+        mask_loss_weight / margin: the L1 mask loss (docs/methods/automix.md §5).
         lam_margin: the backbone branch falls back to a constant mask (Mixup; Linear-MixMo for M = 2) when
             lambda <= lam_margin or >= 1 - lam_margin.
         weight_root: r of the MixMo member loss weights (M = 2), applied to (lambda, 1 - lambda).

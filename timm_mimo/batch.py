@@ -1,4 +1,4 @@
-"""MIMO batches: batch repetition, member permutations, MixMo masks and soft targets (spec mixmo.md §3).
+"""MIMO batches: batch repetition, member permutations, MixMo masks and soft targets (docs/methods/mixmo.md §3).
 
 One batch format from loader to loss::
 
@@ -40,7 +40,7 @@ def one_hot_smoothed(labels: torch.Tensor, num_classes: int, smoothing: float = 
 class MimoBatchBuilder:
     """Builds :class:`MimoBatch` es from U unique images (U, C, H, W) and integer labels (U,).
 
-    Steps (spec mixmo.md §1-3): repeat every image ``batch_repeat`` times; draw M independent permutations
+    Steps (docs/methods/mixmo.md §1-3): repeat every image ``batch_repeat`` times; draw M independent permutations
     of the B positions for the M members; augment each of the M * B member views independently
     (``augment``, as the official code does); sample MixMo masks on the mixing grid; optionally apply MSDA per member; build soft targets
     weighted by the MixMo loss weights.
@@ -150,7 +150,7 @@ class MimoBatchBuilder:
         b = self.batch_repeat
         if not torch.is_floating_point(images):
             images = images.float()
-        # b consecutive copies of each unique image (spec §3)
+        # b consecutive copies of each unique image (docs/methods/mixmo.md §3)
         copy_of = torch.arange(images.shape[0], device=device).repeat_interleave(b)
         labels = labels.to(device)
         batch_size = copy_of.shape[0]

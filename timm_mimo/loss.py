@@ -4,7 +4,7 @@ from timm.loss import SoftTargetCrossEntropy
 
 
 class MemberSoftTargetCrossEntropy(torch.nn.Module):
-    """Sum over members of timm's soft-target cross-entropy (mean over the batch), spec §2.2.
+    """Sum over members of timm's soft-target cross-entropy (mean over the batch), docs/methods/mixmo.md §2.2.
 
     Takes member logits (B, M, K) and targets (B, M, K) that already carry the MixMo weights.
     """

@@ -62,7 +62,7 @@ def check_image_input(x: torch.Tensor, in_chans: int, min_size: int = 1, patch: 
 def mix_members(features: torch.Tensor, masks: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     """Merge member features (B, M, C, *grid) with masks (B, M, *grid) into (B, C, *grid).
 
-    MixMo multiplies the merged map by M (spec mixmo.md §1.7) so that its expected scale equals the
+    MixMo multiplies the merged map by M (docs/methods/mixmo.md §1.7) so that its expected scale equals the
     inference-time sum of the encoders; token mixing in ViTs selects tokens and uses scale 1.
     """
     merged = (features * masks.unsqueeze(2).to(features.dtype)).sum(1)
@@ -72,7 +72,7 @@ def mix_members(features: torch.Tensor, masks: torch.Tensor, scale: float = 1.0)
 def ensemble_logits(member_logits: torch.Tensor, rule: str = 'logits') -> torch.Tensor:
     """Combine member logits (B, M, K) into one prediction (B, K).
 
-    'logits': mean of the member logits, MixMo's rule (spec mixmo.md §4.4): softmax(mean logits).
+    'logits': mean of the member logits, MixMo's rule (docs/methods/mixmo.md §4.4): softmax(mean logits).
     'probs': log of the mean member probability (the original MIMO rule); softmax of the result is
     the averaged probability, so it can be used as logits by any timm evaluation code.
     """

@@ -1,4 +1,4 @@
-"""MixMo mixing as pure tensor functions (spec mixmo.md §1-2).
+"""MixMo mixing as pure tensor functions (docs/methods/mixmo.md §1-2).
 
 Every function works on the device of its inputs, is vectorised over the batch (no per-sample Python),
 and takes an optional ``torch.Generator`` so a seed reproduces the draws exactly.
@@ -13,7 +13,7 @@ import torch
 MIX_MODES = ('mimo', 'linear', 'cut', 'box', 'token')
 """'mimo': kappa = 1/M, linear sum (Havasi et al.); 'linear': Linear-MixMo; 'cut': Cut-MixMo (patch masks
 with probability ``mix_prob`` per batch, linear masks otherwise). Binary masks, every cell from exactly one
-member (MixViT's token mixing, spec mixvit.md §3.2): 'box': a box for one member ("corrected" CutMix on the
+member (MixViT's token mixing, docs/methods/mixvit.md §3.2): 'box': a box for one member ("corrected" CutMix on the
 grid), the rest for the others; 'token': every cell drawn on its own ("patch-Mixup")."""
 
 BINARY_MIX_MODES = ('box', 'token')
@@ -84,9 +84,9 @@ def box_masks(
         inside: bool = False) -> torch.Tensor:
     """Binary masks (N, h, w), 1 inside one box per sample of about ``area`` of the grid.
 
-    MixMo's geometry (spec mixmo.md §1.4, default): side = floor(size * sqrt(area)); centre uniform over
+    MixMo's geometry (docs/methods/mixmo.md §1.4, default): side = floor(size * sqrt(area)); centre uniform over
     all cells; corners at centre -+ side // 2, clipped to the grid (so border boxes shrink).
-    ``inside`` (MixViT's token grid, spec mixvit.md §3.2): side = round(size * sqrt(area)), the box placed
+    ``inside`` (MixViT's token grid, docs/methods/mixvit.md §3.2): side = round(size * sqrt(area)), the box placed
     uniformly where it fits whole, so the area stays close to ``area`` on a grid as coarse as 8x8.
     Either way the true area is the mask mean: callers re-read it.
     """
@@ -129,7 +129,7 @@ def mixmo_masks(
         generator: Optional[torch.Generator] = None, binary: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """Member masks (B, M, h, w) summing to 1 over M, and the true ratios kappa (B, M) = mask means.
 
-    Linear masks are the constant kappa. Patch masks ("cut-in-mix", spec §1.4, §1.8): member 0 gets a
+    Linear masks are the constant kappa. Patch masks ("cut-in-mix", docs/methods/mixmo.md §1.4, §1.8): member 0 gets a
     box of area kappa_0; the complement is shared by the others in proportion to their kappa, linearly,
     or cell by cell when ``binary`` (for M = 2 the other member gets exactly the complement either way).
     ``binary`` also places the box whole inside the grid (MixViT's token geometry, see :func:`box_masks`).
@@ -158,7 +158,7 @@ def check_binary_grid(num_members: int, grid: Tuple[int, int]):
 
 
 def member_loss_weights(kappa: torch.Tensor, weight_root: float) -> torch.Tensor:
-    """MixMo loss weights w_k = M * kappa_k^(1/r) / sum_j kappa_j^(1/r) (spec §2.1); they sum to M.
+    """MixMo loss weights w_k = M * kappa_k^(1/r) / sum_j kappa_j^(1/r) (docs/methods/mixmo.md §2.1); they sum to M.
 
     r = 1 weighs members like mixup labels; r -> inf gives uniform weights; MixMo uses r = 3.
     """
@@ -169,7 +169,7 @@ def member_loss_weights(kappa: torch.Tensor, weight_root: float) -> torch.Tensor
 
 
 def patch_mix_prob(progress: float, mix_prob: float = 0.5, decay_start: float = 11 / 12) -> float:
-    """Probability of patch mixing at training progress in [0, 1] (epoch / epochs, spec §1.5).
+    """Probability of patch mixing at training progress in [0, 1] (epoch / epochs, docs/methods/mixmo.md §1.5).
 
     Constant ``mix_prob`` until ``decay_start``, then linear decay to 0 at the end of training.
     """
@@ -211,7 +211,7 @@ def sample_mixing(
             p = patch_mix_prob(progress, mix_prob)
             patch = bool(torch.rand((), generator=generator, device=device) < p)
         masks, kappa = mixmo_masks(kappa, grid, patch, generator, binary=mix_mode == 'box')
-    # batch-level role permutation: which member gets the box (spec §1.6)
+    # batch-level role permutation: which member gets the box (docs/methods/mixmo.md §1.6)
     roles = torch.randperm(num_members, generator=generator, device=device)
     return masks[:, roles], kappa[:, roles]
 

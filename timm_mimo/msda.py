@@ -1,4 +1,4 @@
-"""Pixel-space CutMix / Mixup on each member's input, inside MIMO batches (spec mixmo.md §2.3).
+"""Pixel-space CutMix / Mixup on each member's input, inside MIMO batches (docs/methods/mixmo.md §2.3).
 
 Each member image is, with probability ``prob``, mixed with a partner image; the label shares are then
 measured on the part of the member that survives the MixMo mask ("what the member's head can see"),

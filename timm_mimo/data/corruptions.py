@@ -1,4 +1,5 @@
-"""CIFAR-10-C / CIFAR-100-C (Hendrycks & Dietterich 2019) as one map-style dataset (spec mixmo.md §6.3).
+"""CIFAR-10-C / CIFAR-100-C (Hendrycks & Dietterich 2019) as one map-style dataset
+(docs/methods/mixmo.md §6.3).
 
 Standard layout of the released folders::
 
@@ -20,8 +21,8 @@ __all__ = ['CorruptionDataset', 'CIFAR_C_CORRUPTIONS', 'NUM_SEVERITIES']
 
 NUM_SEVERITIES = 5
 
-# the 15 benchmark corruptions, then the 4 extra ones shipped with CIFAR-C (spec §6.3); for reference only,
-# the dataset uses whatever .npy files the folder holds
+# the 15 benchmark corruptions, then the 4 extra ones shipped with CIFAR-C (docs/methods/mixmo.md §6.3);
+# for reference only: the dataset uses whatever .npy files the folder holds
 CIFAR_C_CORRUPTIONS: Tuple[str, ...] = (
     'gaussian_noise', 'shot_noise', 'impulse_noise', 'defocus_blur', 'glass_blur', 'motion_blur', 'zoom_blur',
     'snow', 'frost', 'fog', 'brightness', 'contrast', 'elastic_transform', 'pixelate', 'jpeg_compression',

@@ -13,7 +13,7 @@ class MixMoStem(MemberConv2d):
 
     The timm model calls it as it called its first convolution: with an image (B, C, H, W) it runs the
     sum of the member kernels; with ``(member inputs (B, M, C, H, W), masks (B, M, h, w) or None)`` it
-    runs every encoder on its own input and returns the mixed map, x M (spec mixmo.md §1.7), or the plain
+    runs every encoder on its own input and returns the mixed map, x M (docs/methods/mixmo.md §1.7), or the plain
     sum of the member features without masks (MIMO).
     """
 

@@ -88,7 +88,7 @@ class MixViTMixin(MimoClassifierMixin):
     Features (``forward_features`` / ``forward_mixed_features``) are laid out as timm's ViTs lay them
     out, prefix tokens first: (B, M + N, D), the M member class tokens then the patch tokens, normed.
     """
-    default_mix_mode = 'box'  # binary token masks: every token comes from one input (spec mixvit.md §1.1)
+    default_mix_mode = 'box'  # binary token masks: every token comes from one input (docs/methods/mixvit.md §1.1)
     num_members: int
     attribution_depth: int
     class_stage_mode: str
@@ -145,7 +145,8 @@ class MixViTMixin(MimoClassifierMixin):
         embed_dim = self.embed_dim
         self.source_embed = None
         if self.attribution_depth >= 0:
-            # spec §3.4: one learned vector per member, initialised like the position embedding, no decay
+            # docs/methods/mixvit.md §3.4: one learned vector per member, initialised like the position
+            # embedding, no weight decay
             self.source_embed = nn.Parameter(torch.zeros(num_members, embed_dim))
             trunc_normal_(self.source_embed, std=.02)
         self.num_prefix_tokens = num_members
@@ -234,7 +235,7 @@ class MixViTMixin(MimoClassifierMixin):
 
         ``per_member``: M views (B * M, N, D), view i tags member i's own tokens with s_i (the 'member'
         class stage and per-member inference); otherwise one view (B, N, D) where each token carries the
-        embedding of its source, sum_k m_k s_k (soft masks give soft attribution, spec §7.4).
+        embedding of its source, sum_k m_k s_k (soft masks give soft attribution, docs/methods/mixvit.md §7.4).
         """
         source = self.source_embed
         assert source is not None
@@ -269,7 +270,7 @@ class MixViTMixin(MimoClassifierMixin):
         """Trunk (from block ``start``), source attribution, class stage and norm for tokens (B, N, D).
 
         ``masks`` (B, M, N) are the token sources of mixed inputs; None means a single image, which
-        belongs to every member (inference, spec §3.7).
+        belongs to every member (inference, docs/methods/mixvit.md §3.7).
         """
         b, n, _ = tokens.shape
         m = self.num_members
@@ -287,7 +288,8 @@ class MixViTMixin(MimoClassifierMixin):
                 tokens = tokens.repeat(1, m, 1)
                 masks = torch.eye(m, device=tokens.device, dtype=tokens.dtype).repeat_interleave(n, 1)
                 masks = masks.unsqueeze(0).expand(b, -1, -1)
-                # one class-stage pass over all M*N tokens (spec §3.7 I1), whatever the class stage
+                # one class-stage pass over all M*N tokens (docs/methods/mixvit.md §3.7, I1), whatever the
+                # class stage
                 per_member = False
             elif masks is None:
                 # I2: member i's pass sees every token as its own

@@ -8,10 +8,10 @@ The backbone is built by ``timm.create_model`` and converted in place, so every 
 method of the timm model stays as timm built it (``forward_intermediates``, ``features_only``, grad
 checkpointing, ...); only these change (see docs/backbones.md):
 
-- CNNs (MixMo, spec mixmo.md): the first convolution (``pretrained_cfg['first_conv']``) becomes M member
+- CNNs (MixMo, docs/methods/mixmo.md): the first convolution (``pretrained_cfg['first_conv']``) becomes M member
   encoders (:class:`MixMoStem`, a :class:`~timm_mimo.mimo.MemberConv2d`) that mix member inputs right
   after them (x M, MixMo's scaling); the classifier (``pretrained_cfg['classifier']``) becomes M heads.
-- ViTs (timm's ``VisionTransformer`` with a class token, spec mixvit.md): member inputs are mixed token by
+- ViTs (timm's ``VisionTransformer`` with a class token, docs/methods/mixvit.md): member inputs are mixed token by
   token after the patch embedding; source embeddings are added before the last ``member_blocks`` blocks,
   which run once per member with the class token, then M heads (``MixViTMixin``'s attribution pieces).
 
@@ -90,7 +90,7 @@ class _BackboneMixin(MimoClassifierMixin):
 
 class MixMoBackboneMixin(_BackboneMixin):
     """A timm CNN as MixMo: :class:`MixMoStem` at its first convolution, M heads at its classifier."""
-    default_mix_mode = 'cut'  # Cut-MixMo, MixMo's best mix for M = 2 (spec mixmo.md)
+    default_mix_mode = 'cut'  # Cut-MixMo, MixMo's best mix for M = 2 (docs/methods/mixmo.md)
     __jit_unused_properties__ = ['mimo_stem']  # TorchScript compiles properties; this one serves Python only
     stem_path: str
     ensemble: str
@@ -124,7 +124,7 @@ class MixMoBackboneMixin(_BackboneMixin):
 
 
 class MixViTBackboneMixin(_BackboneMixin, MixViTMixin):
-    """A timm ``VisionTransformer`` with a class token as MixViT (spec mixvit.md).
+    """A timm ``VisionTransformer`` with a class token as MixViT (docs/methods/mixvit.md).
 
     Token mixing after the patch embedding; the class token and the first L - k blocks are shared; source
     embeddings tag each member's tokens before the last k = ``member_blocks`` blocks, which run once per

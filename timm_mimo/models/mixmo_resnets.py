@@ -3,7 +3,7 @@
 Paper: `MixMo: Mixing Multiple Inputs for Multiple Outputs via Deep Subnetworks`
     - https://arxiv.org/abs/2103.06132 (Rame, Sun, Cord, ICCV 2021)
 
-Architectures as in the official MixMo code (spec mixmo.md §4): the WideResNet is the TF/edward2 variant
+Architectures as in the official MixMo code (docs/methods/mixmo.md §4): the WideResNet is the TF/edward2 variant
 (stride on the second conv of a block, asymmetric zero padding before it, BN-ReLU before pooling);
 PreActResNet-18 has a stride-2 3x3 stem for 64 px inputs and no final BN-ReLU.
 
@@ -39,7 +39,7 @@ class WideBasicBlock(nn.Module):
         self.norm1 = nn.BatchNorm2d(in_chs)
         self.conv1 = nn.Conv2d(in_chs, out_chs, 3, padding=1, bias=False)
         self.norm2 = nn.BatchNorm2d(out_chs)
-        # 'same' padding with stride 2 pads right/bottom only, as TF does (spec mixmo.md §4.1)
+        # 'same' padding with stride 2 pads right/bottom only, as TF does (docs/methods/mixmo.md §4.1)
         self.conv2 = create_conv2d(out_chs, out_chs, 3, stride=stride, padding='same', bias=False)
         self.shortcut = nn.Identity()
         if stride != 1 or in_chs != out_chs:
@@ -75,7 +75,7 @@ _BLOCKS = {'wide': WideBasicBlock, 'preact': PreActBasicBlock}
 
 
 def _trunc_he_normal_(weight: torch.Tensor):
-    """TF 'variance_scaling' truncated normal, fan_in, ReLU gain (spec mixmo.md §4.3)."""
+    """TF 'variance_scaling' truncated normal, fan_in, ReLU gain (docs/methods/mixmo.md §4.3)."""
     fan_in = weight[0].numel()
     # 0.87962566 is the std of a unit normal truncated at +-2 sigma; dividing restores the He variance
     std = math.sqrt(2.0 / fan_in) / 0.87962566103423978
@@ -176,7 +176,7 @@ class MixMoResNet(MimoClassifierMixin, nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self):
-        # MixMo's CIFAR recipe puts L2 on every parameter (spec mixmo.md §5.1): nothing is exempt
+        # MixMo's CIFAR recipe puts L2 on every parameter (docs/methods/mixmo.md §5.1): nothing is exempt
         return set()
 
     @torch.jit.ignore

@@ -1,4 +1,4 @@
-"""MixViT: MIMO vision transformers (CaiT, ConViT) with source attribution (spec mixvit.md).
+"""MixViT: MIMO vision transformers (CaiT, ConViT) with source attribution (docs/methods/mixvit.md).
 
 The M inputs are mixed in token space with binary masks (a token per position from one input), the
 shared trunk runs once on the mixed tokens, and the subnetworks separate only at the end: learned
@@ -9,7 +9,7 @@ the trunk once; the class stage runs once per member on the tokens attributed to
 The models subclass timm's ``Cait`` and ``ConVit`` (all blocks, init and weight names are timm's): with
 M = 1 they are the plain networks and give the same outputs from the same weights.
 
-Design options (spec mixvit.md §3, §7; the paper's exact choices are not public):
+Design options (docs/methods/mixvit.md §3, §7; the paper's exact choices are not public):
 
 ``attribution``: where the source embeddings are added and the members separate.
     'class' (default): at the class stage, added to the patch tokens after the first norm of every
@@ -18,13 +18,13 @@ Design options (spec mixvit.md §3, §7; the paper's exact choices are not publi
     choice, README); 'mid': after half of the trunk; 'input': right after the
     patch embedding; an int d: after trunk block d; 'none': no attribution (a "naive" MIMO ViT).
     With the 'member' class stage, the trunk blocks after the attribution run once per member.
-``class_stage``: how the M predictions are read (spec §1.1, §3.5).
+``class_stage``: how the M predictions are read (docs/methods/mixvit.md §1.1, §3.5).
     'member' (default, §1.1): the shared class token and class blocks run once per member, on the tokens
     with member i's own tokens tagged by s_i; head i reads pass i.
     'tokens' (§3.5 A): M class tokens, one pass over tokens tagged by their source, token i -> head i.
     'shared' (§3.5 B, the most literal reading of the paper's §2.1): one class token, one pass over the
     tokens tagged by their source, M heads read the same feature.
-``inference``: how a single image is attributed (spec §3.7).
+``inference``: how a single image is attributed (docs/methods/mixvit.md §3.7).
     'passes' (I2, default): member i's pass sees every token tagged s_i.
     'duplicate' (I1): the tokens are repeated once per member, copy k tagged s_k, and the class stage
     reads all M*N tokens in one pass (only with attribution at the class stage). With the 'member' and
@@ -67,7 +67,7 @@ class TaggedConVitBlock(ConVitBlock):
 
 class MixViTCait(MixViTMixin, Cait):
     """CaiT with M members: the 24 self-attention blocks are the shared trunk, the class-attention blocks
-    and M heads the member part (spec mixvit.md §3)."""
+    and M heads the member part (docs/methods/mixvit.md §3)."""
 
     def __init__(self, **kwargs):
         kwargs.setdefault('block_layers_token', TaggedClassAttnBlock)
@@ -103,7 +103,7 @@ class MixViTCait(MixViTMixin, Cait):
 
 class MixViTConVit(MixViTMixin, ConVit):
     """ConViT with M members: the GPSA blocks are the shared trunk; the blocks where the class token
-    joins (the last ``depth - local_up_to_layer``) and M heads the member part (spec mixvit.md §3.5)."""
+    joins (the last ``depth - local_up_to_layer``) and M heads the member part (docs/methods/mixvit.md §3.5)."""
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
@@ -182,7 +182,7 @@ def _create_variant(model_cls, variant: str, pretrained: bool, **kwargs):
         return _create_mixvit(model_cls, variant, pretrained=pretrained, **kwargs)
 
 
-# sizes as timm's CaiT-XXS/XS/S-24 and ConViT-Ti/S (spec mixvit.md §4); kwargs override, num_members too
+# sizes as timm's CaiT-XXS/XS/S-24 and ConViT-Ti/S (docs/methods/mixvit.md §4); kwargs override, num_members too
 @register_model
 def cait_xxs_mixvit1(pretrained: bool = False, **kwargs) -> MixViTCait:
     """CaiT-XXS-24 for small images, one member: the plain CaiT baseline of MixViT."""

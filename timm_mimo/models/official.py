@@ -60,7 +60,7 @@ def _table(arch: str, dataset: str, config: str, methods, results) -> List[Offic
             for (method, prefix, suffix), (top1, ids) in zip(methods, results)]
 
 
-# the official README's tables ("Results and available checkpoints"), spec mixmo.md §6.4. Its link for the
+# the official README's tables ("Results and available checkpoints"), docs/methods/mixmo.md §6.4. Its link for the
 # Tiny ImageNet w = 3 Cut-MixMo row is the file of the w = 2 Linear-MixMo row (a w = 2 network: converting
 # it as preactresnet18_w3_mixmo2 fails on every shape), so that row has no usable checkpoint.
 OFFICIAL_ROWS: Tuple[OfficialRow, ...] = tuple(
