@@ -18,6 +18,8 @@ import train
 from timm_mimo.data import create_dataset, native_img_size
 from timm_mimo.models.factory import registered_cfg, resolve_img_size, unknown_model_error
 from timm_mimo.eval.metrics import classification_metrics
+from timm_mimo.train.run import RunState
+from timm_mimo.train.speed import report_cpu_threads
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -108,8 +110,8 @@ def test_busy_cores_warn_once_with_the_cure(load, threads, launched, warning, ca
         monkeypatch.setenv('ACCELERATE_MIXED_PRECISION', 'no')
     else:
         monkeypatch.delenv('ACCELERATE_MIXED_PRECISION', raising=False)
-    caplog.set_level(logging.INFO, logger='train')
-    train.report_cpu_threads(SimpleNamespace(device=torch.device('cpu'), is_main_process=True))
+    caplog.set_level(logging.INFO, logger='timm_mimo.train.speed')
+    report_cpu_threads(SimpleNamespace(device=torch.device('cpu'), is_main_process=True))
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert f'CPU: {threads} thread(s) per process' in caplog.text
     assert len(warnings) == (warning is not None) and (warning is None or warning in warnings[0]), warnings
@@ -146,9 +148,9 @@ def test_the_final_report_gives_every_members_nll_and_ece(tmp_path, capsys):
     members = torch.randn(60, 2, 10, generator=gen)
     labels = torch.randint(0, 10, (60,), generator=gen)
     metrics = classification_metrics(None, labels, members)
-    t = SimpleNamespace(accelerator=SimpleNamespace(is_main_process=True), state=dict(best_epoch=3),
-                        task=SimpleNamespace(deployed='model'), run_dir=tmp_path)
-    train.report(t, dict(best=dict(test=metrics), test_split='a test split'))
+    run = SimpleNamespace(accelerator=SimpleNamespace(is_main_process=True), state=RunState(best_epoch=3),
+                          task=SimpleNamespace(deployed='model'), run_dir=tmp_path)
+    train.report(run, dict(best=dict(test=metrics), test_split='a test split'))
     out = capsys.readouterr().out
     assert re.search(r'top-1\s+NLL\s+ECE', out)
     for k in range(2):

@@ -6,7 +6,7 @@ code 2, never a traceback (``--debug`` prints it, with any Hugging Face token re
 import re
 import sys
 import traceback
-from typing import Callable, Dict, Optional, Sequence, Type
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Type
 
 # what a user can cause and mend: bad values, missing or unreadable files, a full or read-only disk
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, ImportError, OSError)
@@ -34,8 +34,11 @@ def one_line(err: BaseException) -> str:
 
 
 def run_cli(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequence[str]] = None,
-            failures: Optional[Dict[Type[BaseException], int]] = None) -> int:
-    """Run ``main(argv)``; ``failures`` maps further exception types to their exit codes (default 2)."""
+            failures: Optional[Dict[Type[BaseException], int]] = None,
+            debug: Optional[Callable[[List[str]], bool]] = None) -> int:
+    """Run ``main(argv)``; ``failures`` maps further exception types to their exit codes (default 2). ``debug``
+    says from the arguments whether the traceback is wanted (e.g. a config's ``debug: true``); without it, a
+    ``--debug`` among them."""
     argv = list(sys.argv[1:] if argv is None else argv)
     codes = {**{e: 2 for e in USER_ERRORS}, **(failures or {})}
     try:
@@ -45,7 +48,8 @@ def run_cli(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Seque
         print('interrupted', file=sys.stderr)
         return 130
     except tuple(codes) as err:
-        if '--debug' in argv:
+        wants_traceback = debug(argv) if debug is not None else '--debug' in argv
+        if wants_traceback:
             print(redact(traceback.format_exc()), file=sys.stderr)
         else:
             print(f'error: {redact(one_line(err))}', file=sys.stderr)
@@ -68,10 +72,12 @@ def parse_model_kwargs(items) -> dict:
     return kwargs
 
 
-def refuse_below_one(args, keys: Sequence[str]):
-    """A ValueError naming the flag of the first of ``keys`` (argparse names) that is set and below 1."""
+def refuse_below_one(values: Mapping[str, Any], keys: Sequence[str]):
+    """A ValueError naming the flag of the first of ``keys`` (argparse names) that is set and below 1 in
+    ``values`` (the arguments by name)."""
+    values = values if isinstance(values, Mapping) else vars(values)  # validate.py still passes its arguments
     for key in keys:
-        value = getattr(args, key)
+        value = values[key]
         if value is not None and value < 1:
             raise ValueError(f'--{key.replace("_", "-")} must be >= 1, got {value}')
 

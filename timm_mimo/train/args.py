@@ -14,6 +14,7 @@ from typing import List, Tuple
 import yaml
 
 from ..cli import refuse_below_one
+from .settings import AugmentSettings, AutoMixSettings, MixingSettings, OptimSettings, RunSettings
 
 LOWER_IS_BETTER = ('nll', 'ece', 'brier', 'loss')
 EVAL_METRICS = ('top1', 'top5', 'nll', 'ece', 'brier', 'auc', 'member_mean_top1')
@@ -176,8 +177,6 @@ def _config_value(action: argparse.Action, key: str, value, where: str):
             raise ValueError(f'{where}: {key} must be one of {", ".join(map(str, action.choices))}, got {v!r}')
         return v
 
-    if key == 'torchcompile' and isinstance(value, bool):  # the flag's older yes/no form, kept for configs
-        return value
     if isinstance(action, _BOOL_ACTIONS):
         if isinstance(value, str) and value.strip().lower() in _BOOL_WORDS:
             value = _BOOL_WORDS[value.strip().lower()]
@@ -235,7 +234,7 @@ def check_values(args: argparse.Namespace):
     for key in ('epochs', 'batch_size', 'batch_repeat', 'grad_accum_steps', 'checkpoint_hist', 'log_interval'):
         if getattr(args, key) < 1:
             raise ValueError(f'--{key.replace("_", "-")} must be >= 1, got {getattr(args, key)}')
-    refuse_below_one(args, ('num_members', 'limit_train_batches', 'num_classes', 'val_per_class', 'img_size'))
+    refuse_below_one(vars(args), ('num_members', 'limit_train_batches', 'num_classes', 'val_per_class', 'img_size'))
     for key in ('lr', 'weight_decay', 'momentum', 'warmup_lr', 'min_lr', 'warmup_epochs', 'mix_alpha', 'msda_alpha',
                 'weight_root', 'model_ema_decay', 'decay_rate'):
         value = getattr(args, key)
@@ -254,10 +253,11 @@ def check_values(args: argparse.Namespace):
         raise ValueError(f'--mix-vis-interval must be >= 0, got {args.mix_vis_interval}')
 
 
-def recipe_changes(saved: dict, args: argparse.Namespace) -> list:
-    """The recipe arguments of ``args`` that differ from a run's saved ones: ``['--lr 0.1 (was 0.05)', ...]``."""
+def recipe_changes(saved: dict, arguments: dict) -> list:
+    """The recipe arguments of ``arguments`` (args.yaml's form) that differ from a run's saved ones:
+    ``['--lr 0.1 (was 0.05)', ...]``."""
     changes = []
-    for key, value in vars(args).items():
+    for key, value in arguments.items():
         if key in LOCAL_KEYS or key not in saved:
             continue
         old = saved[key]
@@ -266,6 +266,45 @@ def recipe_changes(saved: dict, args: argparse.Namespace) -> list:
         if old != value:
             changes.append(f'--{key.replace("_", "-")} {value} (was {old})')
     return changes
+
+
+def run_settings(args: argparse.Namespace) -> RunSettings:
+    """The typed settings of a run, from its parsed (and checked) arguments: what the library reads."""
+    mixing = MixingSettings(
+        batch_repeat=args.batch_repeat, mix_mode=args.mix_mode, mix_prob=args.mix_prob, mix_alpha=args.mix_alpha,
+        weight_root=args.weight_root, msda=None if args.msda == 'none' else args.msda, msda_prob=args.msda_prob,
+        msda_alpha=args.msda_alpha, label_smoothing=args.smoothing)
+    optim = OptimSettings(
+        opt=args.opt, lr=args.lr, weight_decay=args.weight_decay, decay_all=args.wd_all, momentum=args.momentum,
+        fused=args.fused_opt, clip_grad=args.clip_grad, sched=args.sched, warmup_epochs=args.warmup_epochs,
+        warmup_lr=args.warmup_lr, min_lr=args.min_lr, decay_milestones=tuple(args.decay_milestones),
+        decay_rate=args.decay_rate)
+    automix = AutoMixSettings(
+        stage=args.automix_stage, alpha=args.automix_alpha, mask_loss_weight=args.automix_mask_loss,
+        margin=args.automix_margin, lam_margin=args.automix_lam_margin, lam_concat=args.automix_lam_concat,
+        momentum=args.automix_momentum, momentum_end=args.automix_momentum_end,
+        momentum_start=args.automix_momentum_start,
+        mixblock_lr=args.mixblock_lr if args.mixblock_lr is not None else args.lr)
+    return RunSettings(
+        model=args.model, epochs=args.epochs, seed=args.seed, batch_size=args.batch_size,
+        grad_accum_steps=args.grad_accum_steps, eval_metric=args.eval_metric, checkpoint_hist=args.checkpoint_hist,
+        log_interval=args.log_interval, log_interval_s=args.log_interval_s, mix_vis_interval=args.mix_vis_interval,
+        log_tensorboard=args.log_tensorboard, channels_last=args.channels_last, torchcompile=args.torchcompile,
+        torchcompile_mode=args.torchcompile_mode, ema_decay=args.model_ema_decay if args.model_ema else None,
+        mixing=mixing, augment=AugmentSettings(crop=args.aug, erase_prob=args.reprob, erase_mode=args.remode),
+        optim=optim, automix=automix)
+
+
+def debug_requested(argv) -> bool:
+    """Whether ``argv`` asks for tracebacks: ``--debug`` on the command line or ``debug: true`` in its ``-c``
+    config. For the error trap, which runs when parsing itself may have failed: a config that cannot be read
+    asks for nothing."""
+    parser = build_parser()
+    try:
+        pre, _ = parser.parse_known_args(argv)
+        return bool(pre.debug or (pre.config and read_config(Path(pre.config), parser).get('debug')))
+    except (ValueError, OSError, SystemExit):
+        return '--debug' in argv
 
 
 def parse_args(argv=None, description: str = '') -> argparse.Namespace:
@@ -281,8 +320,6 @@ def parse_args(argv=None, description: str = '') -> argparse.Namespace:
     if pre.config:
         parser.set_defaults(**read_config(Path(pre.config), parser))
     args = parser.parse_args(argv)
-    if isinstance(args.torchcompile, bool):  # a config's `torchcompile: true` (the flag's older yes/no form)
-        args.torchcompile = 'inductor' if args.torchcompile else None
     if args.torchcompile in ('none', 'off'):
         args.torchcompile = None
     if args.mixup > 0:

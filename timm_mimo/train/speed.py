@@ -1,4 +1,5 @@
-"""Fast training settings of the trainer and the benchmarks: torch.compile with a fallback, fused optimizers.
+"""Fast training settings of the trainer and the benchmarks: torch.compile with a fallback, fused optimizers,
+and the CPU threads a run gets (said once, with a warning where they fit the machine badly).
 
 bf16 autocast and channels-last need nothing of their own (Accelerate's ``mixed_precision`` and
 ``model.to(memory_format=...)``); these two do, because each can be unavailable on a given machine:
@@ -7,6 +8,7 @@ bf16 autocast and channels-last need nothing of their own (Accelerate's ``mixed_
 for some of PyTorch's optimizers, not for timm's own (LAMB, LARS, ...).
 """
 import logging
+import os
 from typing import Optional
 
 import torch
@@ -81,3 +83,34 @@ def create_optimizer(model_or_params, opt: str, fused: Optional[bool], device: t
     optimizer = timm.optim.create_optimizer_v2(model_or_params, opt=opt, **kwargs)
     return optimizer, False
 
+
+def report_cpu_threads(accelerator) -> int:
+    """On the CPU: the threads of this process, said once; a warning where they are fewer than the cores
+    (`accelerate launch` gives each process one thread, OMP_NUM_THREADS=1, unless told otherwise) or more than
+    the cores that other jobs leave free (OpenMP threads then spin on busy cores: an epoch measured 20-60x
+    slower with two threads on two cores next to another torch job than with one). Returns the threads."""
+    if accelerator.device.type != 'cpu' or not accelerator.is_main_process:
+        return 0
+    processes = max(int(os.environ.get('LOCAL_WORLD_SIZE', '1')), 1)
+    total = os.cpu_count() or 1
+    cores, threads = max(total // processes, 1), torch.get_num_threads()
+    _logger.info(f'CPU: {threads} thread(s) per process, {processes} process(es) on {total} core(s)')
+    launched = 'ACCELERATE_MIXED_PRECISION' in os.environ  # set by accelerate launch
+    busy = os.getloadavg()[0] if hasattr(os, 'getloadavg') else 0.0  # the last minute's, before we add ours
+    free = total - busy
+    fit = max(int(free + 0.5) // processes, 1)  # half a core of slack: this process's start-up adds to the load
+    if threads * processes > free + 0.5:
+        busy_line = f'the machine is busy: load average {busy:.1f} on {total} core(s) leaves ~{max(free, 0):.1f} ' \
+                    f'free for {threads * processes} thread(s)'
+        if threads > fit:
+            _logger.warning(f'{busy_line}; threads that share busy cores wait on each other (epochs up to 20-60x '
+                            f'slower): set OMP_NUM_THREADS={fit} (accelerate launch: --num_cpu_threads_per_process '
+                            f'{fit}), or wait for idle cores')
+        else:
+            _logger.warning(f'{busy_line}; with one thread per process already, this run shares its core(s) and '
+                            f'takes longer than on idle ones')
+    elif launched and threads < min(cores, fit):
+        _logger.warning(f'training on the CPU with {threads} thread(s) per process for {cores} core(s): accelerate '
+                        f'launch sets OMP_NUM_THREADS=1; pass --num_cpu_threads_per_process {min(cores, fit)} to it '
+                        f'(or run python train.py)')
+    return threads

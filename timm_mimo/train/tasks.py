@@ -19,6 +19,7 @@ from ..batch import MimoBatch, MimoBatchBuilder
 from ..loss import MemberSoftTargetCrossEntropy
 from ..mimo import MemberOutputs
 from ..rundir import EMA_DIR
+from .settings import AugmentSettings, AutoMixSettings, MixingSettings, RunSettings
 
 EMA = EMA_DIR  # the EMA model's name: its folder in the run, its prefix in results.json
 
@@ -30,17 +31,17 @@ class StepOutput(NamedTuple):
     what: str                                     # what the samples show
 
 
-def build_builder(args, model, num_classes: int, img: int, mix_mode: str):
+def build_builder(model, num_classes: int, img: int, mix_mode: str, mixing: MixingSettings,
+                  augment: AugmentSettings) -> MimoBatchBuilder:
     """The MIMO batch builder. AutoMix mixes the batch itself: the builder then draws no MixMo masks (M = 2:
     'mimo', member weights 1) and no MSDA (M = 1); it still repeats, augments, pairs and makes the targets."""
     grid = model.mix_grid_size((img, img)) if hasattr(model, 'mix_grid_size') else (img, img)
     return MimoBatchBuilder(
-        getattr(model, 'num_members', 1), num_classes, grid, batch_repeat=args.batch_repeat,
-        mix_mode='mimo' if mix_mode == 'automix' else mix_mode, mix_prob=args.mix_prob, mix_alpha=args.mix_alpha,
-        weight_root=args.weight_root, msda=None if args.msda in ('none', 'automix') else args.msda,
-        msda_prob=args.msda_prob, msda_alpha=args.msda_alpha, label_smoothing=args.smoothing,
-        augment=batch_augment(args.aug, args.reprob, args.remode))
-
+        getattr(model, 'num_members', 1), num_classes, grid, batch_repeat=mixing.batch_repeat,
+        mix_mode='mimo' if mix_mode == 'automix' else mix_mode, mix_prob=mixing.mix_prob, mix_alpha=mixing.mix_alpha,
+        weight_root=mixing.weight_root, msda=None if mixing.msda == 'automix' else mixing.msda,
+        msda_prob=mixing.msda_prob, msda_alpha=mixing.msda_alpha, label_smoothing=mixing.label_smoothing,
+        augment=batch_augment(augment.crop, augment.erase_prob, augment.erase_mode))
 
 
 class MimoTask:
@@ -154,22 +155,23 @@ class AutoMixTask(MimoTask):
 
     deployed = EMA
 
-    def __init__(self, model: nn.Module, builder, args, num_members: int, img_size, device=None):
+    def __init__(self, model: nn.Module, builder, settings: AutoMixSettings, mixing: MixingSettings, img_size,
+                 device=None):
         from timm.utils import ModelEmaV3
         from ..automix import build_automix, check_features, freeze
         super().__init__(model, builder)
+        num_members = getattr(model, 'num_members', 1)
         self.automix = build_automix(
-            model, args.automix_stage, num_members=num_members, lam_concat=args.automix_lam_concat,
-            alpha=args.automix_alpha, mask_loss_weight=args.automix_mask_loss, margin=args.automix_margin,
-            lam_margin=args.automix_lam_margin, weight_root=args.weight_root,
-            mix_prob=args.mix_prob if num_members == 2 else 1.0)
+            model, settings.stage, num_members=num_members, lam_concat=settings.lam_concat, alpha=settings.alpha,
+            mask_loss_weight=settings.mask_loss_weight, margin=settings.margin, lam_margin=settings.lam_margin,
+            weight_root=mixing.weight_root, mix_prob=mixing.mix_prob if num_members == 2 else 1.0)
         # the model is not on the training device yet (Accelerate moves it): probe it where it is
         check_features(self.automix, model, img_size, getattr(model, 'in_chans', 3), next(model.parameters()).device)
-        self.momentum = (args.automix_momentum, args.automix_momentum_end, args.automix_momentum_start)
-        self.mixblock_lr = args.mixblock_lr if args.mixblock_lr is not None else args.lr
+        self.momentum = (settings.momentum, settings.momentum_end, settings.momentum_start)
+        self.mixblock_lr = settings.mixblock_lr
         # the momentum encoder runs AutoMix's passes in train mode, so its BatchNorm statistics mostly follow
         # its own activations (timm_mimo.automix); it learns nothing by gradient
-        self.ema = ModelEmaV3(model, decay=args.automix_momentum, device=device)
+        self.ema = ModelEmaV3(model, decay=settings.momentum, device=device)
         freeze(self.ema.module)
         self.mixblock = self.automix.mixblock.to(device)
         self.total_updates = 0
@@ -231,32 +233,33 @@ class AutoMixTask(MimoTask):
                 f'{self.mixblock_lr}; momentum encoder {m0} -> {m_end} (cosine from {start:.0%} of training)')
 
 
-def check_automix_args(args, model: nn.Module, num_members: int, mix_mode: str):
-    """The combinations AutoMix supports, refused with one line otherwise."""
+def check_automix_settings(settings: RunSettings, model: nn.Module, mix_mode: str):
+    """The combinations AutoMix supports, refused with one line otherwise (naming the flags)."""
     from ..mixing import BINARY_MIX_MODES
-    if args.msda == 'automix' and mix_mode == 'automix':
+    num_members, automix = getattr(model, 'num_members', 1), settings.automix
+    if settings.mixing.msda == 'automix' and mix_mode == 'automix':
         raise ValueError('use --msda automix (M = 1) or --mix-mode automix (M = 2), not both')
-    if args.msda == 'automix' and num_members != 1:
-        raise ValueError(f'--msda automix is AutoMix for single networks (M = 1) but {args.model} has '
+    if settings.mixing.msda == 'automix' and num_members != 1:
+        raise ValueError(f'--msda automix is AutoMix for single networks (M = 1) but {settings.model} has '
                          f'M = {num_members}: use --mix-mode automix for M = 2')
     if mix_mode == 'automix':
         if num_members != 2:
-            raise ValueError(f'--mix-mode automix learns MixMo masks for M = 2 but {args.model} has M = {num_members}')
+            raise ValueError(f'--mix-mode automix learns MixMo masks for M = 2 but {settings.model} has '
+                             f'M = {num_members}')
         if getattr(model, 'default_mix_mode', 'cut') in BINARY_MIX_MODES:
-            raise ValueError(f'--mix-mode automix draws soft masks; {args.model} mixes tokens with binary masks')
-    if args.model_ema:
+            raise ValueError(f'--mix-mode automix draws soft masks; {settings.model} mixes tokens with binary masks')
+    if settings.ema_decay is not None:
         raise ValueError('AutoMix keeps its own momentum encoder, evaluated and saved as the EMA model: '
                          'drop --model-ema')
-    if args.mixblock_lr is not None and args.mixblock_lr < 0:
-        raise ValueError(f'--mixblock-lr must be >= 0, got {args.mixblock_lr}')
-    if not 0 <= args.automix_momentum <= 1 or not 0 <= args.automix_momentum_end <= 1:
+    if automix.mixblock_lr < 0:
+        raise ValueError(f'--mixblock-lr must be >= 0, got {automix.mixblock_lr}')
+    if not 0 <= automix.momentum <= 1 or not 0 <= automix.momentum_end <= 1:
         raise ValueError('--automix-momentum and --automix-momentum-end must be in [0, 1]')
 
 
-def create_task(args, model: nn.Module, builder, mix_mode: str, img_size, device=None) -> MimoTask:
-    """The run's training method, chosen once from its arguments."""
-    num_members = getattr(model, 'num_members', 1)
-    if 'automix' in (args.msda, mix_mode):
-        check_automix_args(args, model, num_members, mix_mode)
-        return AutoMixTask(model, builder, args, num_members, img_size, device)
-    return MimoTask(model, builder, ema_decay=args.model_ema_decay if args.model_ema else None, device=device)
+def create_task(settings: RunSettings, model: nn.Module, builder, mix_mode: str, img_size, device=None) -> MimoTask:
+    """The run's training method, chosen once from its settings."""
+    if 'automix' in (settings.mixing.msda, mix_mode):
+        check_automix_settings(settings, model, mix_mode)
+        return AutoMixTask(model, builder, settings.automix, settings.mixing, img_size, device)
+    return MimoTask(model, builder, ema_decay=settings.ema_decay, device=device)
