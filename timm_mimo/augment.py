@@ -86,7 +86,7 @@ def batch_augment(aug: str, erase_prob: float, erase_mode: str):
     """The batched augmentation of every member view: pad-4 crop (+ flip for 'crop-flip'), then random
     erasing, all drawn from the step's generator (so a resumed run replays them)."""
     if not 0.0 <= erase_prob <= 1.0:
-        raise ValueError(f'--reprob must be in [0, 1], got {erase_prob}')
+        raise ValueError(f'erase_prob must be in [0, 1], got {erase_prob}')
     crop = None if aug == 'none' else functools.partial(
         random_crop_flip, flip=aug.endswith('flip'), padding_mode='reflect' if aug.startswith('reflect') else 'constant')
     if erase_prob == 0:
