@@ -151,7 +151,7 @@ class MimoTask:
 
 class AutoMixTask(MimoTask):
     """AutoMix: the Mix Block learns masks through a frozen momentum encoder (an EMA of the model with a
-    cosine momentum schedule), which is also the deployed model (spec automix.md §6, §8)."""
+    cosine momentum schedule), which is also the deployed model (docs/methods/automix.md §6, §8)."""
 
     deployed = EMA
 
@@ -202,7 +202,8 @@ class AutoMixTask(MimoTask):
 
     def after_step(self, model: nn.Module, num_updates: int):
         from ..automix import momentum_at
-        # the momentum for the update after iteration t = num_updates - 1 (spec §6), then the EMA update
+        # the momentum for the update after iteration t = num_updates - 1 (docs/methods/automix.md §6), then the
+        # EMA update
         self.ema.decay = momentum_at(num_updates - 1, self.total_updates, *self.momentum)
         self.ema.update(model)
 
