@@ -20,8 +20,9 @@ LOWER_IS_BETTER = ('nll', 'ece', 'brier', 'loss')
 EVAL_METRICS = ('top1', 'top5', 'nll', 'ece', 'brier', 'auc', 'member_mean_top1')
 # where a run's files go and how it is watched: these may change on --resume, everything else is the recipe
 LOCAL_KEYS = {'config', 'resume', 'output', 'experiment', 'debug', 'workers', 'device_data', 'data_cache_dir',
-              'data_dir', 'dataset_download', 'pretrained_path', 'initial_checkpoint', 'log_tensorboard', 'checkpoint_hist', 'log_interval', 'torchcompile',
-              'log_interval_s', 'torchcompile_mode', 'channels_last', 'fused_opt', 'mix_vis_interval'}
+              'data_dir', 'dataset_download', 'pretrained_path', 'initial_checkpoint', 'log_tensorboard',
+              'checkpoint_hist', 'log_interval', 'log_interval_s', 'torchcompile', 'torchcompile_mode',
+              'channels_last', 'fused_opt', 'mix_vis_interval'}
 _BOOL_WORDS = {'true': True, 'yes': True, 'on': True, '1': True, 'false': False, 'no': False, 'off': False, '0': False}
 _BOOL_ACTIONS = (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse.BooleanOptionalAction)
 
