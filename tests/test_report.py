@@ -1,4 +1,5 @@
-"""The evaluation pictures (timm_mimo.eval.plots), the report page (timm_mimo.eval.report) and validate.py's progress."""
+"""The evaluation pictures (timm_mimo.eval.plots), the report page (timm_mimo.eval.report) and the progress and
+loading helpers of timm_mimo.eval.evaluation."""
 import importlib.util
 import logging
 import os
@@ -9,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from timm_mimo.eval.evaluation import Renormalized, default_workers, with_progress
 from timm_mimo.eval.report import model_card_section, report_section, write_report
 from timm_mimo.eval.uncertainty import risk_coverage_curve
 from timm_mimo.eval.plots import _ACC_FILL, _GAP_FILL, _HIST_ALPHA, _SERIES, _nice_ticks, _over, \
@@ -186,38 +188,35 @@ def load_validate():
 
 
 def test_progress_bar_on_a_terminal_and_log_lines_otherwise(monkeypatch, capsys, caplog):
-    validate = load_validate()
     loader = [(torch.zeros(3, 1), torch.zeros(3)), (torch.zeros(2, 1), torch.zeros(2))]
-    with caplog.at_level(logging.INFO, logger='validate'):
-        assert len(list(validate.with_progress(loader, 'eval', interval=0))) == 2
+    with caplog.at_level(logging.INFO, logger='timm_mimo.eval.evaluation'):
+        assert len(list(with_progress(loader, 'eval', interval=0))) == 2
     assert [r.getMessage().split(',')[0] for r in caplog.records] == ['eval: 1/2 batches', 'eval: 2/2 batches']
     assert 'eval: 2/2 batches, 5 images' in caplog.records[-1].getMessage()
     assert '|' not in capsys.readouterr().err  # no bar when stderr is not a terminal
 
     monkeypatch.setattr(sys.stderr, 'isatty', lambda: True)
     caplog.clear()
-    assert len(list(validate.with_progress(loader, 'eval', interval=0))) == 2
+    assert len(list(with_progress(loader, 'eval', interval=0))) == 2
     bar = capsys.readouterr().err
     assert bar.startswith('\reval:') and '/2 [' in bar and not caplog.records  # tqdm's bar, no log lines
 
 
 def test_default_workers_only_for_decoded_images():
-    validate = load_validate()
     from timm_mimo.data import DigitsDataset
     digits = DigitsDataset('test', 8)
-    assert validate.default_workers(torch.utils.data.Subset(digits, [0, 1])) == 0
-    assert validate.default_workers(validate.Renormalized(digits, (0.5,), (0.2,), (0.4,), (0.3,))) == 0
-    assert validate.default_workers(object()) == max(0, min(4, (os.cpu_count() or 1) - 1))
+    assert default_workers(torch.utils.data.Subset(digits, [0, 1])) == 0
+    assert default_workers(Renormalized(digits, (0.5,), (0.2,), (0.4,), (0.3,))) == 0
+    assert default_workers(object()) == max(0, min(4, (os.cpu_count() or 1) - 1))
 
 
 def test_renormalized_digits_equal_raw_pixels_normalised_like_cifar():
-    validate = load_validate()
     from timm_mimo.constants import CIFAR_DEFAULT_MEAN, CIFAR_DEFAULT_STD
     from timm_mimo.data import DigitsDataset
     from timm_mimo.data.digits import DIGITS_MEAN, DIGITS_STD, load_digits_tensors
 
     digits = DigitsDataset('all', 8)
-    moved = validate.Renormalized(digits, DIGITS_MEAN, DIGITS_STD, CIFAR_DEFAULT_MEAN, CIFAR_DEFAULT_STD)
+    moved = Renormalized(digits, DIGITS_MEAN, DIGITS_STD, CIFAR_DEFAULT_MEAN, CIFAR_DEFAULT_STD)
     raw, labels = load_digits_tensors(8)
     mean, std = torch.tensor(CIFAR_DEFAULT_MEAN)[:, None, None], torch.tensor(CIFAR_DEFAULT_STD)[:, None, None]
     for index in (0, 500, len(digits) - 1):
