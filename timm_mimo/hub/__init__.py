@@ -21,7 +21,7 @@ lines. Weights are read with safetensors or ``torch.load(weights_only=True)`` on
 from ..models.factory import create_model  # noqa: F401  (timm.create_model with one-line errors, re-exported)
 from .card import DEFAULT_LICENSE, HUB_DATASETS, citation_keys, dataset_tag, metrics_table, model_card, \
     training_recipe  # noqa: F401
-from .export import EXPORT_FILES, ExportResult, add_export_arguments, check_repo_id, export, export_options  # noqa: F401
+from .export import EXPORT_FILES, ExportResult, check_repo_id, export  # noqa: F401
 from .push import HubError, push, upload_files  # noqa: F401
 
 
