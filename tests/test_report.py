@@ -13,7 +13,7 @@ from PIL import Image
 from timm_mimo.eval.evaluation import Renormalized, default_workers, with_progress
 from timm_mimo.eval.report import model_card_section, report_section, write_report
 from timm_mimo.eval.uncertainty import risk_coverage_curve
-from timm_mimo.eval.plots import _ACC_FILL, _GAP_FILL, _HIST_ALPHA, _SERIES, _nice_ticks, _over, \
+from timm_mimo.eval.plots import ACC_FILL, GAP_FILL, HIST_ALPHA, SERIES, nice_ticks, composite, \
     reliability_diagram, risk_coverage_plot, save_mix_grid, score_histogram
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,7 +48,7 @@ def test_risk_coverage_plot_draws_the_curve_at_its_values(tmp_path):
     correct = torch.rand(1000, generator=torch.Generator().manual_seed(0)) > torch.linspace(0, 0.8, 1000)
     coverage, risk = risk_coverage_curve(confidence, correct)
     path = risk_coverage_plot({'model': (coverage, risk)}, tmp_path / 'rc.png')
-    top = _nice_ticks(0.0, float(torch.ceil(risk.max() * 20) / 20))[0][-1]  # the next 5 % step, then a round tick
+    top = nice_ticks(0.0, float(torch.ceil(risk.max() * 20) / 20))[0][-1]  # the next 5 % step, then a round tick
     with Image.open(path) as image:
         image = image.convert('RGB')
         for index in (400, 700, 999):
@@ -67,14 +67,14 @@ def near(colour, target, tolerance=3) -> bool:
 def test_overlapping_histograms_show_both_sets_and_their_overlap_colour_in_the_legend(tmp_path):
     scores = torch.linspace(0.0, 1.0, 300)
     path = score_histogram(scores, scores[::2], tmp_path / 'h.png', 'score')  # the same range: all overlap
-    in_colour = _over((*_SERIES[0], _HIST_ALPHA), WHITE)
-    both = _over((*_SERIES[1], _HIST_ALPHA), in_colour)
+    in_colour = composite((*SERIES[0], HIST_ALPHA), WHITE)
+    both = composite((*SERIES[1], HIST_ALPHA), in_colour)
     with Image.open(path) as image:
         image = image.convert('RGB')
         middle = column_colours(image, LEFT + WIDTH // 2 + 3)
         legend = [image.getpixel((x, y)) for x in range(LEFT + 280, LEFT + 300) for y in range(TOP, TOP + 80)]
     # where both sets have samples the second one no longer hides the first: their colours mix
-    assert any(near(c, both) for c in middle) and not any(near(c, _over((*_SERIES[1], _HIST_ALPHA), WHITE))
+    assert any(near(c, both) for c in middle) and not any(near(c, composite((*SERIES[1], HIST_ALPHA), WHITE))
                                                            for c in middle)
     assert any(near(c, both) for c in legend)  # the mixed colour is explained
 
@@ -87,7 +87,7 @@ def test_overlapping_histograms_show_both_sets_and_their_overlap_colour_in_the_l
     (0.0, 0.0125, [0.0, 0.0025, 0.005, 0.0075, 0.01, 0.0125], '.4f'),
 ])
 def test_chart_ticks_are_round_numbers_that_cover_the_range(low, high, ticks, form):
-    assert _nice_ticks(low, high) == (pytest.approx(ticks), form)
+    assert nice_ticks(low, high) == (pytest.approx(ticks), form)
 
 
 def test_every_tick_label_of_a_chart_lies_inside_the_picture(tmp_path):
@@ -108,7 +108,7 @@ def test_reliability_legend_shows_the_colour_of_the_gap_inside_the_bars(tmp_path
     logits = torch.zeros(200, 4)
     logits[torch.arange(200), labels] = 1.3
     path = reliability_diagram(logits, labels, tmp_path / 'r.png')
-    purple = _over(_GAP_FILL, _ACC_FILL)
+    purple = composite(GAP_FILL, ACC_FILL)
     with Image.open(path) as image:
         image = image.convert('RGB')
         pixels = list(image.getdata())

@@ -25,16 +25,17 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    'topk_accuracy', 'nll', 'calibration_bins', 'expected_calibration_error', 'brier_score',
-    'misclassification_auc', 'member_predictions', 'ratio_errors', 'disagreement', 'classification_metrics',
+    'check_scores', 'probabilities', 'topk_accuracy', 'nll', 'calibration_bins', 'ece_from_bins',
+    'expected_calibration_error', 'brier_score', 'misclassification_auc', 'member_predictions', 'ratio_errors', 'disagreement', 'classification_metrics',
     'fit_temperature', 'temperature_scaled_metrics',
 ]
 
 TS_SEED = 31  # spec §6.2: the official split of the test set uses seed 31
 
 
-def _check(scores: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Validate (N, K) scores against (N,) labels; return float scores and long labels on one device."""
+def check_scores(scores: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Validate (N, K) scores against (N,) labels; return float scores and long labels on one device. The
+    metrics of this module and of ``uncertainty``, and the reliability diagram, all start here."""
     if scores.dim() != 2:
         raise ValueError(f'expected (N, K) logits or probabilities, got shape {tuple(scores.shape)}')
     if labels.dim() != 1 or labels.shape[0] != scores.shape[0]:
@@ -46,13 +47,14 @@ def _check(scores: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, to
     return scores, labels.to(device=scores.device, dtype=torch.long)
 
 
-def _probs(scores: torch.Tensor, from_logits: bool) -> torch.Tensor:
+def probabilities(scores: torch.Tensor, from_logits: bool) -> torch.Tensor:
+    """Class probabilities from logits (``from_logits``) or probabilities given as they are."""
     return scores.softmax(dim=1) if from_logits else scores
 
 
 def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int = 1) -> float:
     """Top-k accuracy in percent (timm style); k is clipped to the number of classes."""
-    logits, labels = _check(logits, labels)
+    logits, labels = check_scores(logits, labels)
     if k < 1:
         raise ValueError(f'k must be >= 1, got {k}')
     topk = logits.topk(min(k, logits.shape[1]), dim=1).indices
@@ -61,7 +63,7 @@ def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int = 1) -> flo
 
 def nll(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """Mean negative log-likelihood of the true class, −log softmax(logits)_y (spec §6.1)."""
-    logits, labels = _check(logits, labels)
+    logits, labels = check_scores(logits, labels)
     return F.cross_entropy(logits, labels).item()  # log_softmax inside: stable for huge logits
 
 
@@ -94,7 +96,8 @@ def calibration_bins(
     }
 
 
-def _ece_from_bins(bins: Dict[str, torch.Tensor]) -> float:
+def ece_from_bins(bins: Dict[str, torch.Tensor]) -> float:
+    """ECE of :func:`calibration_bins`' output: the count-weighted mean gap between confidence and accuracy."""
     count = bins['count']
     gap = (bins['confidence'] - bins['accuracy']).abs().nan_to_num(0.0)  # empty bins weigh 0
     return ((gap * count).sum() / count.sum()).item()
@@ -106,9 +109,9 @@ def expected_calibration_error(
 
     A fraction in [0, 1] (MixMo reports it that way, e.g. 0.0229), not a percentage.
     """
-    scores, labels = _check(scores, labels)
-    conf, pred = _probs(scores, from_logits).max(dim=1)
-    return _ece_from_bins(calibration_bins(conf, pred == labels, num_bins))
+    scores, labels = check_scores(scores, labels)
+    conf, pred = probabilities(scores, from_logits).max(dim=1)
+    return ece_from_bins(calibration_bins(conf, pred == labels, num_bins))
 
 
 def brier_score(scores: torch.Tensor, labels: torch.Tensor, from_logits: bool = True) -> float:
@@ -116,8 +119,8 @@ def brier_score(scores: torch.Tensor, labels: torch.Tensor, from_logits: bool = 
 
     MixMo's code reports this divided by the number of classes K (spec §6.1).
     """
-    scores, labels = _check(scores, labels)
-    probs = _probs(scores, from_logits)
+    scores, labels = check_scores(scores, labels)
+    probs = probabilities(scores, from_logits)
     p_true = probs.gather(1, labels[:, None]).squeeze(1)
     # Σ_c (p_c − 1[c = y])² = Σ_c p_c² − 2 p_y + 1, without building the one-hot matrix
     return (probs.square().sum(1) - 2 * p_true + 1).mean().item()
@@ -130,8 +133,8 @@ def misclassification_auc(
     Mann-Whitney statistic with tied confidences counted as one half; None when every prediction is
     correct or every one is wrong (the AUC is undefined then).
     """
-    scores, labels = _check(scores, labels)
-    conf, pred = _probs(scores, from_logits).max(dim=1)
+    scores, labels = check_scores(scores, labels)
+    conf, pred = probabilities(scores, from_logits).max(dim=1)
     correct = pred == labels
     num_pos = int(correct.sum())
     num_neg = correct.numel() - num_pos
@@ -217,7 +220,7 @@ def classification_metrics(
         if member_logits is None:
             raise ValueError('need ensemble_logits or member_logits')
         ensemble_logits = member_logits.float().mean(dim=1)
-    logits, labels = _check(ensemble_logits, labels)
+    logits, labels = check_scores(ensemble_logits, labels)
     top1 = topk_accuracy(logits, labels, 1)
     metrics: Dict[str, Any] = {
         'top1': top1,
@@ -265,7 +268,7 @@ def fit_temperature(
     If the optimum lies beyond the range, the bound is returned. As in MixMo, T = 1 is returned when the
     fitted T does not lower the NLL.
     """
-    logits, labels = _check(logits, labels)
+    logits, labels = check_scores(logits, labels)
     z = logits.double()  # float64: the Newton steps and the final NLL comparison need the precision
     z_true = z.gather(1, labels[:, None]).squeeze(1)
 
@@ -319,7 +322,7 @@ def temperature_scaled_metrics(
     metrics = classification_metrics(logits, labels, member_logits, num_bins)
     if logits is None:
         logits = member_logits.float().mean(dim=1)
-    logits, labels = _check(logits, labels)
+    logits, labels = check_scores(logits, labels)
     num = logits.shape[0]
     if num < 2:
         raise ValueError('temperature scaling needs at least 2 samples to split')
