@@ -26,7 +26,6 @@ from .ensemble import ENSEMBLE_CHOICES
 
 _logger = logging.getLogger(__name__)
 
-SPLITS = ('train', 'validation', 'test')
 # run arguments that decide which images a run trained and was selected on: the runs of a deep ensemble share them
 DATA_ARGS = ('dataset', 'data_dir', 'val_per_class')
 

@@ -13,7 +13,7 @@ Publishing: :func:`export` turns a training run (``train.py``'s output folder) o
 in timm's Hub format: ``model.safetensors``, ``config.json`` (written by timm's ``save_config_for_hf``) and a
 ``README.md`` model card with the run's metrics. :func:`push` exports, then lets ``huggingface_hub`` create
 the repository and upload exactly those three files. ``hub/export.py`` and ``hub/push.py`` are the command
-lines. Weights are read with safetensors or ``torch.load(weights_only=True)`` only (``engine.load_weights``).
+lines. Weights are read with safetensors or ``torch.load(weights_only=True)`` only (``timm_mimo.models.weights.load_weights``).
 
 :func:`create_model` is ``timm.create_model`` with one-line errors for weights that cannot be found
 (unpublished repository, offline without a cached copy) and for architectures timm does not know.
