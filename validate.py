@@ -62,7 +62,8 @@ def build_parser():
                    help='loader processes; default: 0 for in-memory tensors (digits), else up to 4')
     p.add_argument('--log-interval', type=float, default=30.0,
                    help='seconds between progress lines when stderr is not a terminal (a terminal gets a bar)')
-    p.add_argument('--tempscale', action='store_true', help='temperature scaling, two-fold protocol (spec 6.2)')
+    p.add_argument('--tempscale', action='store_true',
+                   help='temperature scaling, two-fold protocol (docs/methods/mixmo.md §6.2)')
     p.add_argument('--corruptions', default='', help='CIFAR-10-C / 100-C folder of .npy files')
     p.add_argument('--ood-dataset', default=None, metavar='NAME_OR_PATH',
                    help="out-of-distribution set, as --dataset ('' = embedded digits) or a folder / zip path")

@@ -62,11 +62,13 @@ class ModelSource:
             models = [rundir.load_model(checkpoint, self.name or None, **kwargs) for checkpoint in resolved]
             check_same_task(self.checkpoints, models, [checkpoint.run_args for checkpoint in resolved])
             run_args = resolved[0].run_args
-            model = models[0] if len(models) == 1 else DeepEnsemble(models, ENSEMBLE_CHOICES[self.ensemble or 'mean-prob'])
+            model = models[0] if len(models) == 1 else \
+                DeepEnsemble(models, ENSEMBLE_CHOICES[self.ensemble or 'mean-prob'])
         if self.ensemble and len(self.checkpoints) < 2:
             if getattr(model, 'num_members', 1) < 2:
-                raise ValueError(f'--ensemble {self.ensemble}: {self.checkpoints[0] if self.checkpoints else self.name} '
-                                 f'has one member; give several checkpoints or a MIMO model')
+                named = self.checkpoints[0] if self.checkpoints else self.name
+                raise ValueError(f'--ensemble {self.ensemble}: {named} has one member; give several checkpoints '
+                                 f'or a MIMO model')
             model.ensemble = ENSEMBLE_CHOICES[self.ensemble]
         return model, run_args
 
@@ -359,7 +361,8 @@ def evaluate(model: ModelLike, data: Optional[DataSettings] = None, *, ood: Opti
 
     if options.corruptions:
         from ..data.corruptions import CorruptionDataset
-        corrupted = CorruptionDataset(options.corruptions, transform=tensor_transform(img_size, splits.mean, splits.std))
+        corrupted = CorruptionDataset(options.corruptions,
+                                      transform=tensor_transform(img_size, splits.mean, splits.std))
         results['corruptions'], _ = metrics_of(corrupted, 'corruptions')
         c = results['corruptions']
         rows.append(dict(set='corruptions', **{k: v for k, v in c.items() if not isinstance(v, list)}))

@@ -210,7 +210,7 @@ def reliability_diagram(
         title: Optional[str] = None,
         from_logits: bool = True,
 ) -> Path:
-    """Write a reliability diagram PNG (spec §6.1 ECE bins) with Pillow only; returns the path.
+    """Write a reliability diagram PNG (docs/methods/mixmo.md §6.1 ECE bins) with Pillow only; returns the path.
 
     Top: per-bin accuracy bars against the diagonal of perfect calibration, the gap to the bin's mean
     confidence shaded red; bottom: the share of samples per confidence bin. The title carries the ECE.

@@ -14,7 +14,7 @@ first), so one convention serves OOD detection and the histograms:
     mutual_info     H(mean_m p_m) - mean_m H(p_m), the members' epistemic share (M >= 2)
     disagreement    fraction of member pairs whose top classes differ (M >= 2)
 
-p is the softmax of the ensemble logits (the model's own prediction, spec mixmo.md §4.4: mean of member
+p is the softmax of the ensemble logits (the model's own prediction, docs/methods/mixmo.md §4.4: mean of member
 logits); mutual information needs the mean of the member *probabilities* so that it is >= 0 (Jensen).
 Energy and max-logit read logits, so they take the mean member logits whatever the ensemble rule (as
 TorchUncertainty's criteria do): under the mean-probability rule the ensemble's "logits" are log-probabilities,
