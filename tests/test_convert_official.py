@@ -320,6 +320,8 @@ def test_bad_input_gives_one_line_errors_and_writes_nothing(wrn_checkpoint, conv
         ((source, out, '--model', 'cait_xxs_mixvit2', '--num-classes', 10), ('WideResNet and PreActResNet',)),
         ((source, out, *args, '--verify'), ('--verify', '--dataset')),
         ((source, out, *args, '--verify', '--dataset', ''), ('no row for wrn16_2_mixmo2.cifar10',)),
+        ((source, out, *args, '--dataset', 'torch/none'), ('evaluating the converted weights failed',
+                                                           'torch/none')),
         ((source, out, '--model', 'preactresnet18_mixmo2', '--num-classes', 200, '--dataset', ''),
          ('shapes that differ',)),
         ((source, converted, *args), ('exists and is not an empty folder', '--overwrite')),
