@@ -260,6 +260,84 @@ def summary_lines(results: dict, split: str) -> Tuple[str, ...]:
 ModelLike = Union[ModelSource, nn.Module, str, os.PathLike, Sequence[Union[str, os.PathLike]]]
 
 
+def _model_of(model: ModelLike) -> Tuple[nn.Module, dict, ModelSource, str]:
+    """(the module, its run's args.yaml dict or {}, its source, the results' ``checkpoint``)."""
+    if isinstance(model, nn.Module):
+        cfg = getattr(model, 'pretrained_cfg', {}) or {}
+        source = ModelSource(name=cfg.get('architecture', type(model).__name__))
+        return model, {}, source, f'{source.name} (in memory)'
+    source = model if isinstance(model, ModelSource) else ModelSource(
+        checkpoints=[str(model)] if isinstance(model, (str, os.PathLike)) else [str(m) for m in model])
+    module, run_args = source.load()
+    return module, run_args, source, source.description()
+
+
+def _splits_of(model: nn.Module, data: DataSettings, run_args: dict):
+    """(the data set's splits, the evaluated split's name, its dataset, the image side), read as train.py
+    reads them, preprocessed as the model expects."""
+    from ..data.splits import build_splits
+    cfg = getattr(model, 'pretrained_cfg', {}) or {}
+    dataset = data.dataset if data.dataset is not None else run_args.get('dataset', '')
+    data_dir = data.data_dir if data.data_dir is not None else run_args.get('data_dir')
+    img_size = data.img_size or (cfg.get('input_size') or (3, 32, 32))[-1]
+    splits = build_splits(dataset, data_dir, data.download, img_size,
+                          mean=cfg.get('mean') if dataset else None, std=cfg.get('std') if dataset else None,
+                          val_per_class=data.val_per_class or run_args.get('val_per_class'))
+    if getattr(model, 'num_classes', splits.num_classes) != splits.num_classes:
+        raise ValueError(f'the model predicts {model.num_classes} classes but the dataset has {splits.num_classes}')
+    split = data.split or ('test' if splits.test is not None else 'validation')
+    eval_set = getattr(splits, split)
+    if eval_set is None:
+        raise ValueError(f'{splits.description} has no {split} split')
+    return splits, split, eval_set, img_size
+
+
+def _ood_results(predicted, ood_predicted, description: str, count: int, log) -> Tuple[dict, list]:
+    """(results['ood'], its CSV rows) from the in-distribution and OOD (ensemble, member) logits; logs a line
+    per score."""
+    from .uncertainty import SCORE_LABELS, member_ood_metrics, ood_metrics
+    (ens, members), (ood_ens, ood_members) = predicted, ood_predicted
+    results = dict(dataset=description, num_samples=count, scores=ood_metrics(ens, ood_ens, members, ood_members))
+    if members.shape[1] >= 2:
+        results['member_scores'] = member_ood_metrics(members, ood_members)
+    rows = []
+    for score, values in results['scores'].items():
+        rows.append(dict(set=f'ood_{score}', **values))
+        log(f'OOD {SCORE_LABELS[score]}: AUROC {100 * values["auroc"]:.2f} AUPR-in '
+            f'{100 * values["aupr_in"]:.2f} AUPR-out {100 * values["aupr_out"]:.2f} '
+            f'FPR95 {100 * values["fpr95"]:.2f}  ({description}, {count} images)')
+    for score, per_member in results.get('member_scores', {}).items():
+        rows += [dict(set=f'ood_member{index}_{score}', **values) for index, values in enumerate(per_member)]
+        log(f'OOD {SCORE_LABELS[score]}, each member alone: AUROC '
+            + ' / '.join(f'{100 * values["auroc"]:.2f}' for values in per_member))
+    return results, rows
+
+
+def _write_outputs(outputs: OutputFiles, results: dict, rows: list, logits: Dict[str, torch.Tensor], log):
+    """The files asked for; ``logits``: logits, member_logits, labels and, with an OOD set, the OOD ones."""
+    if outputs.reliability_png:
+        from .plots import reliability_diagram
+        reliability_diagram(logits['logits'], logits['labels'], outputs.reliability_png,
+                            title=f'{results["model"]} on {results["split"]}')
+    if outputs.report:
+        from .report import write_report
+        page = write_report(outputs.report, results, logits['logits'], logits['member_logits'], logits['labels'],
+                            logits.get('ood_logits'), logits.get('ood_member_logits'))
+        log(f'report: {page}')
+    if outputs.save_predictions:
+        from safetensors.torch import save
+        rundir.write_atomic(Path(outputs.save_predictions), save({k: v.contiguous() for k, v in logits.items()}))
+    if outputs.results_file:
+        rundir.write_atomic(Path(outputs.results_file), json.dumps(results, indent=2))
+    if outputs.results_csv:
+        rundir.write_csv_atomic(Path(outputs.results_csv), rows)
+
+
+def _table_row(name: str, metrics: dict, **extra) -> dict:
+    """A CSV row: the metrics that are numbers (per-member lists stay in the JSON)."""
+    return dict(set=name, **{k: v for k, v in metrics.items() if not isinstance(v, list)}, **extra)
+
+
 def evaluate(model: ModelLike, data: Optional[DataSettings] = None, *, ood: Optional[OODSettings] = None,
              options: Optional[EvalOptions] = None, outputs: Optional[OutputFiles] = None,
              log: Callable[[str], None] = print) -> dict:
@@ -277,38 +355,16 @@ def evaluate(model: ModelLike, data: Optional[DataSettings] = None, *, ood: Opti
 
     from torch.utils.data import DataLoader
     from ..cli import usable_device
-    from ..data.splits import build_splits, tensor_transform
+    from ..data.splits import tensor_transform
     from .ensemble import DeepEnsemble, inference_cost
     from .metrics import classification_metrics, temperature_scaled_metrics
-    from .plots import reliability_diagram
     from .predict import collect_predictions
-    from .uncertainty import SCORE_LABELS, member_ood_metrics, ood_metrics, uncertainty_metrics
+    from .uncertainty import uncertainty_metrics
 
     device = usable_device(options.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    if isinstance(model, nn.Module):
-        cfg = getattr(model, 'pretrained_cfg', {}) or {}
-        source = ModelSource(name=cfg.get('architecture', type(model).__name__))
-        checkpoint, run_args = f'{source.name} (in memory)', {}
-    else:
-        source = model if isinstance(model, ModelSource) else ModelSource(
-            checkpoints=[str(model)] if isinstance(model, (str, os.PathLike)) else [str(m) for m in model])
-        model, run_args = source.load()
-        checkpoint = source.description()
+    model, run_args, source, checkpoint = _model_of(model)
     model = model.to(device).eval()
-    cfg = getattr(model, 'pretrained_cfg', {}) or {}
-    dataset = data.dataset if data.dataset is not None else run_args.get('dataset', '')
-    data_dir = data.data_dir if data.data_dir is not None else run_args.get('data_dir')
-    img_size = data.img_size or (cfg.get('input_size') or (3, 32, 32))[-1]
-    splits = build_splits(dataset, data_dir, data.download, img_size,
-                          mean=cfg.get('mean') if dataset else None, std=cfg.get('std') if dataset else None,
-                          val_per_class=data.val_per_class or run_args.get('val_per_class'))
-    if getattr(model, 'num_classes', splits.num_classes) != splits.num_classes:
-        raise ValueError(f'the model predicts {model.num_classes} classes but the dataset has {splits.num_classes}')
-    split = data.split or ('test' if splits.test is not None else 'validation')
-    eval_set = getattr(splits, split)
-    if eval_set is None:
-        raise ValueError(f'{splits.description} has no {split} split')
-
+    splits, split, eval_set, img_size = _splits_of(model, data, run_args)
     # read the OOD set before the long evaluation so that a bad OOD setting fails at once
     ood_set, ood_description = (ood_eval_set(ood, splits, img_size, split, data.download) if ood is not None
                                 else (None, ''))
@@ -326,8 +382,9 @@ def evaluate(model: ModelLike, data: Optional[DataSettings] = None, *, ood: Opti
         else:
             metrics = classification_metrics(ens, labels, members)
         metrics.update(uncertainty_metrics(ens, labels, members))
-        return metrics, (ens, members, labels)
+        return metrics, dict(logits=ens, member_logits=members, labels=labels)
 
+    cfg = getattr(model, 'pretrained_cfg', {}) or {}
     results = dict(checkpoint=checkpoint, model=cfg.get('architecture', source.name),
                    num_members=getattr(model, 'num_members', 1), dataset=splits.description, split=split,
                    num_samples=len(eval_set))
@@ -336,28 +393,17 @@ def evaluate(model: ModelLike, data: Optional[DataSettings] = None, *, ood: Opti
     if hasattr(model, 'ensemble'):
         results['ensemble'] = {rule: name for name, rule in ENSEMBLE_CHOICES.items()}[model.ensemble]
     results['cost'] = inference_cost(model, eval_set[0][0].to(device))
-    results[split], (ens, members, labels) = metrics_of(eval_set, split)
-    rows = [dict(set=split, **{k: v for k, v in results[split].items() if not isinstance(v, list)},
-                 **results['cost'])]
+    results[split], logits = metrics_of(eval_set, split)
+    rows = [_table_row(split, results[split], **results['cost'])]
     for line in summary_lines(results, split):
         log(line)
 
-    ood_ens = ood_members = None
     if ood is not None:
         ood_ens, ood_members, _ = predictions(ood_set, 'ood')
-        results['ood'] = dict(dataset=ood_description, num_samples=len(ood_set),
-                              scores=ood_metrics(ens, ood_ens, members, ood_members))
-        if members.shape[1] >= 2:
-            results['ood']['member_scores'] = member_ood_metrics(members, ood_members)
-        for score, values in results['ood']['scores'].items():
-            rows.append(dict(set=f'ood_{score}', **values))
-            log(f'OOD {SCORE_LABELS[score]}: AUROC {100 * values["auroc"]:.2f} AUPR-in '
-                f'{100 * values["aupr_in"]:.2f} AUPR-out {100 * values["aupr_out"]:.2f} '
-                f'FPR95 {100 * values["fpr95"]:.2f}  ({ood_description}, {len(ood_set)} images)')
-        for score, per_member in results['ood'].get('member_scores', {}).items():
-            rows += [dict(set=f'ood_member{index}_{score}', **values) for index, values in enumerate(per_member)]
-            log(f'OOD {SCORE_LABELS[score]}, each member alone: AUROC '
-                + ' / '.join(f'{100 * values["auroc"]:.2f}' for values in per_member))
+        results['ood'], ood_rows = _ood_results((logits['logits'], logits['member_logits']), (ood_ens, ood_members),
+                                                ood_description, len(ood_set), log)
+        rows += ood_rows
+        logits.update(ood_logits=ood_ens, ood_member_logits=ood_members)
 
     if options.corruptions:
         from ..data.corruptions import CorruptionDataset
@@ -365,23 +411,8 @@ def evaluate(model: ModelLike, data: Optional[DataSettings] = None, *, ood: Opti
                                       transform=tensor_transform(img_size, splits.mean, splits.std))
         results['corruptions'], _ = metrics_of(corrupted, 'corruptions')
         c = results['corruptions']
-        rows.append(dict(set='corruptions', **{k: v for k, v in c.items() if not isinstance(v, list)}))
+        rows.append(_table_row('corruptions', c))
         log(f'corruptions ({len(corrupted)} images): top1 {c["top1"]:.2f} NLL {c["nll"]:.4f} ECE {c["ece"]:.4f}')
 
-    if outputs.reliability_png:
-        reliability_diagram(ens, labels, outputs.reliability_png, title=f'{results["model"]} on {split}')
-    if outputs.report:
-        from .report import write_report
-        page = write_report(outputs.report, results, ens, members, labels, ood_ens, ood_members)
-        log(f'report: {page}')
-    if outputs.save_predictions:
-        from safetensors.torch import save
-        tensors = dict(logits=ens, member_logits=members, labels=labels)
-        if ood_ens is not None:
-            tensors.update(ood_logits=ood_ens, ood_member_logits=ood_members)
-        rundir.write_atomic(Path(outputs.save_predictions), save({k: v.contiguous() for k, v in tensors.items()}))
-    if outputs.results_file:
-        rundir.write_atomic(Path(outputs.results_file), json.dumps(results, indent=2))
-    if outputs.results_csv:
-        rundir.write_csv_atomic(Path(outputs.results_csv), rows)
+    _write_outputs(outputs, results, rows, logits, log)
     return results
