@@ -393,8 +393,8 @@ def save_png(image, path: Path):
 def curves_png(curves: Dict[str, List[List[float]]], path: Path, title: str):
     """Validation top-1 per epoch: one colour per model spec, one line per seed."""
     from PIL import Image, ImageDraw
-    from timm_mimo.eval.plots import _font
-    font, small = _font(15), _font(12)
+    from timm_mimo.eval.plots import default_font
+    font, small = default_font(15), default_font(12)
     legend = [f'{spec} ({len(runs)})' for spec, runs in curves.items()]
     probe = ImageDraw.Draw(Image.new('RGB', (1, 1)))
     legend_w = max(probe.textbbox((0, 0), text, font=small)[2] for text in legend)
@@ -441,7 +441,7 @@ def curves_png(curves: Dict[str, List[List[float]]], path: Path, title: str):
 def reliability_grid_png(panels: Dict[str, List[Path]], path: Path, scale: float = 0.5):
     """The runs' reliability diagrams side by side: one row per model spec, one column per seed."""
     from PIL import Image, ImageDraw
-    from timm_mimo.eval.plots import _font
+    from timm_mimo.eval.plots import default_font
     opened = {spec: [Image.open(p).convert('RGB') for p in files] for spec, files in panels.items()}
     first = next(iter(opened.values()))[0]
     w, h = int(first.width * scale), int(first.height * scale)
@@ -449,7 +449,7 @@ def reliability_grid_png(panels: Dict[str, List[Path]], path: Path, scale: float
     cols = max(len(v) for v in opened.values())
     grid = Image.new('RGB', (cols * w, len(opened) * (h + label_h)), 'white')
     draw = ImageDraw.Draw(grid)
-    font = _font(14)
+    font = default_font(14)
     for row, (spec, images) in enumerate(opened.items()):
         y = row * (h + label_h)
         draw.text((6, y + 3), spec, font=font, fill=(20, 20, 20))

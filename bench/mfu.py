@@ -183,7 +183,7 @@ def main(argv=None) -> int:
     model.zero_grad(set_to_none=True)
     flops_fwd, flops_bwd = fwd_counter.get_total_flops(), bwd_counter.get_total_flops()
     flops_step = flops_fwd + flops_bwd
-    bench = TrainBench(model, x, masks, targets, loss_fn, args, autocast, scaler)
+    bench = TrainBench(model, x, masks, targets, loss_fn, args.lr, autocast, scaler)
     bench.prepare()
     if args.compile:  # compiles in the first (untimed) step; eager from then on if compiling fails
         bench.model = CompiledWithFallback(model)

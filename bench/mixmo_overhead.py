@@ -248,17 +248,17 @@ def main(argv=None) -> int:
             van_t = mix_batch.targets.new_zeros(b, k)
             van_t[torch.arange(b, device=device), mix_batch.targets[:, 0].argmax(-1)] = 1.0
             benches['vanilla'] = TrainBench(
-                models['vanilla'], van_x, None, van_t, SoftTargetCrossEntropy(), args, autocast, scaler)
+                models['vanilla'], van_x, None, van_t, SoftTargetCrossEntropy(), args.lr, autocast, scaler)
         else:
             van_builder = MimoBatchBuilder.from_model(
                 models['vanilla'], img_size, batch_repeat=args.batch_repeat, seed=args.seed)
             vb = van_builder(unique_images.to(device), unique_labels.to(device))
             benches['vanilla'] = TrainBench(
                 models['vanilla'], to_input_layout(vb.inputs, args.channels_last), vb.masks, vb.targets,
-                MemberSoftTargetCrossEntropy(), args, autocast, scaler)
+                MemberSoftTargetCrossEntropy(), args.lr, autocast, scaler)
         benches['mixmo'] = TrainBench(
             models['mixmo'], to_input_layout(mix_batch.inputs, args.channels_last), mix_batch.masks,
-            mix_batch.targets, MemberSoftTargetCrossEntropy(), args, autocast, scaler)
+            mix_batch.targets, MemberSoftTargetCrossEntropy(), args.lr, autocast, scaler)
         samples, round_ratios = interleave(benches, args, sync)
         tr = {name: summarize(s) for name, s in samples.items()}
         for name in tr:

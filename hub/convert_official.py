@@ -31,10 +31,10 @@ def build_parser():
     p.add_argument('--num-classes', type=int, required=True, help='10, 100 (CIFAR) or 200 (Tiny ImageNet)')
     p.add_argument('--tag', default=None, help='pretrained tag, e.g. official_cut_mixmo_cutmix_cifar100 '
                                                '(default: the data set of --num-classes)')
-    p.add_argument('--dataset', default=None, help="evaluate with validate.py on this data set (as train.py's "
+    p.add_argument('--dataset', default=None, help="evaluate on this data set as validate.py does (named as train.py's "
                                                    "--dataset) and record the metrics in the card")
     p.add_argument('--data-dir', default=None)
-    p.add_argument('--dataset-download', action='store_true', help='let validate.py download a torch/ data set')
+    p.add_argument('--dataset-download', action='store_true', help='let the evaluation download a torch/ data set')
     p.add_argument('--split', default=None, choices=['train', 'validation', 'test'])
     p.add_argument('-b', '--batch-size', type=int, default=256)
     p.add_argument('--verify', action='store_true', help="fail unless the measured top-1 matches the paper's row")

@@ -14,10 +14,13 @@ See docs/hub.md.
 import argparse
 import logging
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # hub/_arguments.py, also when loaded by runpy
+from _arguments import add_export_arguments, export_options  # noqa: E402
 
 
 def build_parser():
-    from timm_mimo.hub import add_export_arguments
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_export_arguments(p)
     p.add_argument('--repo-id', required=True, help='Hub repository, org/name')
@@ -32,7 +35,7 @@ def build_parser():
 
 
 def main(argv=None):
-    from timm_mimo.hub import export_options, push
+    from timm_mimo.hub import push
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format='%(message)s')
     logging.getLogger('timm').setLevel(logging.WARNING)

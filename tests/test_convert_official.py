@@ -320,6 +320,8 @@ def test_bad_input_gives_one_line_errors_and_writes_nothing(wrn_checkpoint, conv
         ((source, out, '--model', 'cait_xxs_mixvit2', '--num-classes', 10), ('WideResNet and PreActResNet',)),
         ((source, out, *args, '--verify'), ('--verify', '--dataset')),
         ((source, out, *args, '--verify', '--dataset', ''), ('no row for wrn16_2_mixmo2.cifar10',)),
+        ((source, out, *args, '--dataset', 'torch/none'), ('evaluating the converted weights failed',
+                                                           'torch/none')),
         ((source, out, '--model', 'preactresnet18_mixmo2', '--num-classes', 200, '--dataset', ''),
          ('shapes that differ',)),
         ((source, converted, *args), ('exists and is not an empty folder', '--overwrite')),
@@ -337,12 +339,37 @@ def test_bad_input_gives_one_line_errors_and_writes_nothing(wrn_checkpoint, conv
 
 def test_verify_fails_when_the_measured_top1_is_not_the_papers(wrn_checkpoint, tmp_path, monkeypatch):
     """A checkpoint that does not reach its row's accuracy (random weights here: the digits are not CIFAR) is
-    refused by --verify and nothing is written; validate.py runs for real."""
+    refused by --verify and nothing is written; the evaluation runs for real."""
     claimed = OfficialRow('wrn16_2_mixmo2', 'cifar10', 'cifar10', 'Cut-MixMo', (97.52,), ('drive-id',), 'config/x.yaml')
     monkeypatch.setattr(official, 'official_row', lambda arch, tag: claimed)
     with pytest.raises(ValueError, match=r'verify failed: measured top-1 \d+\.\d\d % .* 97\.52 %'):
         official.convert(wrn_checkpoint[0], tmp_path / 'out', 'wrn16_2_mixmo2', 10, dataset='', verify=True)
     assert list(tmp_path.iterdir()) == []
+
+
+INSTALLED_CONVERT = r'''
+import json, sys
+from timm_mimo.hub.official import convert
+result = convert(sys.argv[1], sys.argv[2], 'wrn16_2_mixmo2', 10, dataset='', split='test')
+print(json.dumps(result.measured))
+'''
+
+
+def test_conversion_measures_the_weights_with_the_package_alone_as_installed(wrn_checkpoint, converted, tmp_path):
+    """The package copied without the repository around it (as pip installs it: no validate.py beside it) still
+    evaluates the converted weights, in process, to the numbers validate.py measures on them."""
+    import shutil
+    from timm_mimo.eval import DataSettings, evaluate
+    site = tmp_path / 'site-packages'
+    shutil.copytree(REPO / 'timm_mimo', site / 'timm_mimo', ignore=shutil.ignore_patterns('__pycache__'))
+    env = dict(_env(), PYTHONPATH=str(site))
+    proc = subprocess.run([sys.executable, '-c', INSTALLED_CONVERT, str(wrn_checkpoint[0]), str(tmp_path / 'out')],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    measured = json.loads(proc.stdout.strip().splitlines()[-1])
+    expected = evaluate(converted, DataSettings(dataset='', split='test'), log=lambda line: None)
+    assert measured['test']['top1'] == expected['test']['top1'] and measured['test']['nll'] == expected['test']['nll']
+    assert measured['num_members'] == 2 and (tmp_path / 'out' / 'model.safetensors').is_file()
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from timm_mimo.constants import hub_id
 from timm_mimo.rundir import load_model_folder, save_model_folder, write_model_files
 from timm_mimo.models.weights import UnsafeCheckpointError, load_weights
 from timm_mimo.eval.metrics import classification_metrics
+from timm_mimo.eval import ModelSource
 
 REPO = Path(__file__).resolve().parents[1]
 # an export of a training run also holds the recipe its model card tells to reproduce it with
@@ -330,9 +331,8 @@ def test_a_checkpoint_that_would_run_code_is_refused(run_dir, tmp_path, capsys):
     code, _, err = run_cli('export', capsys, evil, tmp_path / 'out', '--model', ARCH, '--results',
                            tmp_path / 'val.json')
     assert_one_line_error(code, err, 'refusing to load', 'not a plain tensor checkpoint')
-    validate = runpy.run_path(str(REPO / 'validate.py'), run_name='validate_for_test')
     with pytest.raises(UnsafeCheckpointError):
-        validate['resolve_model'](validate['build_parser']().parse_args([str(evil), '--model', ARCH]))
+        ModelSource(checkpoints=[str(evil)], name=ARCH).load()  # what validate.py and evaluate() load with
     assert not marker.exists() and not (tmp_path / 'out').exists()
     # the same tensors saved plainly load fine
     torch.save({'state_dict': state}, tmp_path / 'plain.pth')
@@ -358,7 +358,7 @@ def test_upload_takes_only_regular_files_inside_the_export_folder(exported, tmp_
 # loading from the Hub cache, offline
 
 OFFLINE_SCRIPT = r'''
-import json, runpy, sys, torch, timm, timm_mimo
+import json, sys, torch, timm, timm_mimo
 from safetensors.torch import load_file
 from timm_mimo.hub import create_model
 ref = load_file(sys.argv[1])
@@ -372,10 +372,9 @@ try:
     create_model('wrn16_2_mixmo2.cifar100', pretrained=True)
 except ValueError as e:
     result['unpublished'] = str(e)
-validate = runpy.run_path(sys.argv[2], run_name='validate_for_test')
-args = validate['build_parser']().parse_args(['--model', 'wrn16_2_mixmo2.cifar100', '--pretrained'])
+from timm_mimo.eval import ModelSource
 try:
-    validate['resolve_model'](args)
+    ModelSource(name='wrn16_2_mixmo2.cifar100', pretrained=True).load()
 except ValueError as e:
     result['validate'] = str(e)
 print(json.dumps(result))
@@ -390,8 +389,7 @@ def test_registered_name_and_hf_hub_load_from_an_offline_cache(exported, tmp_pat
     env = {k: v for k, v in os.environ.items() if not k.startswith('HF_')}
     env.update(HF_HOME=str(home), HF_HUB_OFFLINE='1', TIMM_MIMO_HUB_ORG='test-org', OMP_NUM_THREADS='1',
                TIMM_MIMO_PUBLISHED='wrn16_2_mixmo2.cifar10')
-    proc = subprocess.run([sys.executable, '-c', OFFLINE_SCRIPT, str(tmp_path / 'ref.safetensors'),
-                           str(REPO / 'validate.py')], env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, '-c', OFFLINE_SCRIPT, str(tmp_path / 'ref.safetensors')], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result['wrn16_2_mixmo2.cifar10'] == dict(hf_hub_id='test-org/wrn16_2_mixmo2.cifar10', same=True)

@@ -1,4 +1,5 @@
-"""The evaluation pictures (timm_mimo.eval.plots), the report page (timm_mimo.eval.report) and validate.py's progress."""
+"""The evaluation pictures (timm_mimo.eval.plots), the report page (timm_mimo.eval.report) and the progress and
+loading helpers of timm_mimo.eval.evaluation."""
 import importlib.util
 import logging
 import os
@@ -9,9 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
+from timm_mimo.eval.evaluation import Renormalized, default_workers, with_progress
 from timm_mimo.eval.report import model_card_section, report_section, write_report
 from timm_mimo.eval.uncertainty import risk_coverage_curve
-from timm_mimo.eval.plots import _ACC_FILL, _GAP_FILL, _HIST_ALPHA, _SERIES, _nice_ticks, _over, \
+from timm_mimo.eval.plots import ACC_FILL, GAP_FILL, HIST_ALPHA, SERIES, nice_ticks, composite, \
     reliability_diagram, risk_coverage_plot, save_mix_grid, score_histogram
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,7 +48,7 @@ def test_risk_coverage_plot_draws_the_curve_at_its_values(tmp_path):
     correct = torch.rand(1000, generator=torch.Generator().manual_seed(0)) > torch.linspace(0, 0.8, 1000)
     coverage, risk = risk_coverage_curve(confidence, correct)
     path = risk_coverage_plot({'model': (coverage, risk)}, tmp_path / 'rc.png')
-    top = _nice_ticks(0.0, float(torch.ceil(risk.max() * 20) / 20))[0][-1]  # the next 5 % step, then a round tick
+    top = nice_ticks(0.0, float(torch.ceil(risk.max() * 20) / 20))[0][-1]  # the next 5 % step, then a round tick
     with Image.open(path) as image:
         image = image.convert('RGB')
         for index in (400, 700, 999):
@@ -65,14 +67,14 @@ def near(colour, target, tolerance=3) -> bool:
 def test_overlapping_histograms_show_both_sets_and_their_overlap_colour_in_the_legend(tmp_path):
     scores = torch.linspace(0.0, 1.0, 300)
     path = score_histogram(scores, scores[::2], tmp_path / 'h.png', 'score')  # the same range: all overlap
-    in_colour = _over((*_SERIES[0], _HIST_ALPHA), WHITE)
-    both = _over((*_SERIES[1], _HIST_ALPHA), in_colour)
+    in_colour = composite((*SERIES[0], HIST_ALPHA), WHITE)
+    both = composite((*SERIES[1], HIST_ALPHA), in_colour)
     with Image.open(path) as image:
         image = image.convert('RGB')
         middle = column_colours(image, LEFT + WIDTH // 2 + 3)
         legend = [image.getpixel((x, y)) for x in range(LEFT + 280, LEFT + 300) for y in range(TOP, TOP + 80)]
     # where both sets have samples the second one no longer hides the first: their colours mix
-    assert any(near(c, both) for c in middle) and not any(near(c, _over((*_SERIES[1], _HIST_ALPHA), WHITE))
+    assert any(near(c, both) for c in middle) and not any(near(c, composite((*SERIES[1], HIST_ALPHA), WHITE))
                                                            for c in middle)
     assert any(near(c, both) for c in legend)  # the mixed colour is explained
 
@@ -85,7 +87,7 @@ def test_overlapping_histograms_show_both_sets_and_their_overlap_colour_in_the_l
     (0.0, 0.0125, [0.0, 0.0025, 0.005, 0.0075, 0.01, 0.0125], '.4f'),
 ])
 def test_chart_ticks_are_round_numbers_that_cover_the_range(low, high, ticks, form):
-    assert _nice_ticks(low, high) == (pytest.approx(ticks), form)
+    assert nice_ticks(low, high) == (pytest.approx(ticks), form)
 
 
 def test_every_tick_label_of_a_chart_lies_inside_the_picture(tmp_path):
@@ -106,7 +108,7 @@ def test_reliability_legend_shows_the_colour_of_the_gap_inside_the_bars(tmp_path
     logits = torch.zeros(200, 4)
     logits[torch.arange(200), labels] = 1.3
     path = reliability_diagram(logits, labels, tmp_path / 'r.png')
-    purple = _over(_GAP_FILL, _ACC_FILL)
+    purple = composite(GAP_FILL, ACC_FILL)
     with Image.open(path) as image:
         image = image.convert('RGB')
         pixels = list(image.getdata())
@@ -186,38 +188,35 @@ def load_validate():
 
 
 def test_progress_bar_on_a_terminal_and_log_lines_otherwise(monkeypatch, capsys, caplog):
-    validate = load_validate()
     loader = [(torch.zeros(3, 1), torch.zeros(3)), (torch.zeros(2, 1), torch.zeros(2))]
-    with caplog.at_level(logging.INFO, logger='validate'):
-        assert len(list(validate.with_progress(loader, 'eval', interval=0))) == 2
+    with caplog.at_level(logging.INFO, logger='timm_mimo.eval.evaluation'):
+        assert len(list(with_progress(loader, 'eval', interval=0))) == 2
     assert [r.getMessage().split(',')[0] for r in caplog.records] == ['eval: 1/2 batches', 'eval: 2/2 batches']
     assert 'eval: 2/2 batches, 5 images' in caplog.records[-1].getMessage()
     assert '|' not in capsys.readouterr().err  # no bar when stderr is not a terminal
 
     monkeypatch.setattr(sys.stderr, 'isatty', lambda: True)
     caplog.clear()
-    assert len(list(validate.with_progress(loader, 'eval', interval=0))) == 2
+    assert len(list(with_progress(loader, 'eval', interval=0))) == 2
     bar = capsys.readouterr().err
     assert bar.startswith('\reval:') and '/2 [' in bar and not caplog.records  # tqdm's bar, no log lines
 
 
 def test_default_workers_only_for_decoded_images():
-    validate = load_validate()
     from timm_mimo.data import DigitsDataset
     digits = DigitsDataset('test', 8)
-    assert validate.default_workers(torch.utils.data.Subset(digits, [0, 1])) == 0
-    assert validate.default_workers(validate.Renormalized(digits, (0.5,), (0.2,), (0.4,), (0.3,))) == 0
-    assert validate.default_workers(object()) == max(0, min(4, (os.cpu_count() or 1) - 1))
+    assert default_workers(torch.utils.data.Subset(digits, [0, 1])) == 0
+    assert default_workers(Renormalized(digits, (0.5,), (0.2,), (0.4,), (0.3,))) == 0
+    assert default_workers(object()) == max(0, min(4, (os.cpu_count() or 1) - 1))
 
 
 def test_renormalized_digits_equal_raw_pixels_normalised_like_cifar():
-    validate = load_validate()
     from timm_mimo.constants import CIFAR_DEFAULT_MEAN, CIFAR_DEFAULT_STD
     from timm_mimo.data import DigitsDataset
     from timm_mimo.data.digits import DIGITS_MEAN, DIGITS_STD, load_digits_tensors
 
     digits = DigitsDataset('all', 8)
-    moved = validate.Renormalized(digits, DIGITS_MEAN, DIGITS_STD, CIFAR_DEFAULT_MEAN, CIFAR_DEFAULT_STD)
+    moved = Renormalized(digits, DIGITS_MEAN, DIGITS_STD, CIFAR_DEFAULT_MEAN, CIFAR_DEFAULT_STD)
     raw, labels = load_digits_tensors(8)
     mean, std = torch.tensor(CIFAR_DEFAULT_MEAN)[:, None, None], torch.tensor(CIFAR_DEFAULT_STD)[:, None, None]
     for index in (0, 500, len(digits) - 1):

@@ -263,3 +263,36 @@ def test_runs_that_do_not_match_are_one_error_line(ensemble_folders, tmp_path):
         validate_main(digits_a, digits_b)
     with pytest.raises(ValueError, match='has one member'):
         validate_main(ensemble_folders[0], '--dataset', '', '--ensemble', 'mean-prob')
+
+
+# ------------------------------------------------------------------------------------------------------
+# timm_mimo.eval.evaluate, the library function validate.py calls
+
+def test_evaluate_on_a_module_gives_the_results_and_lines_of_validate_py_on_its_folder(tmp_path, capsys, one_thread):
+    import timm
+    from timm.models import save_for_hf
+    from timm_mimo.eval import DataSettings, EvalOptions, OODSettings, evaluate
+
+    model = timm.create_model('wrn16_2_mixmo2', num_classes=10)
+    save_for_hf(model, str(tmp_path / 'folder'), model_args=dict(num_members=2), safe_serialization=True)
+    capsys.readouterr()
+    from_cli = validate_main(tmp_path / 'folder', '--dataset', '', '--split', 'validation', '--img-size', 16,
+                             '--ood-dataset', '', '--ood-split', 'test', '--tempscale', '--device', 'cpu')
+    printed = capsys.readouterr().out.splitlines()
+    lines = []
+    in_memory = evaluate(model, DataSettings(dataset='', split='validation', img_size=16), ood=OODSettings(split='test'),
+                         options=EvalOptions(device='cpu', tempscale=True), log=lines.append)
+    assert in_memory.pop('checkpoint') == 'wrn16_2_mixmo2 (in memory)'
+    assert from_cli.pop('checkpoint') == str(tmp_path / 'folder')
+    assert in_memory == from_cli and lines == printed and len(lines) == 13  # 3 + 6 OOD scores + 4 per member
+
+
+def test_the_evaluate_example_of_the_docs_runs_and_writes_its_files(tmp_path, monkeypatch, one_thread):
+    from test_readme import python_blocks
+    blocks = [code for _, code, skip in python_blocks((REPO / 'docs' / 'evaluation.md').read_text()) if not skip]
+    assert len(blocks) == 1
+    monkeypatch.chdir(tmp_path)
+    exec(compile(blocks[0], 'docs/evaluation.md', 'exec'), {'__name__': '__docs__'})
+    results = json.loads((tmp_path / 'eval' / 'results.json').read_text())
+    assert results['split'] == 'validation' and results['num_members'] == 2 and 'temperature' in results['validation']
+    assert (tmp_path / 'eval' / 'report' / 'report.md').is_file()

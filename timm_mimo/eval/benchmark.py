@@ -91,12 +91,13 @@ class InferenceBench:
 
 
 class TrainBench:
-    """(b) one SGD training step on a fixed, pre-built batch."""
+    """(b) one SGD training step (learning rate ``lr``, MixMo's momentum and weight decay) on a fixed, pre-built
+    batch."""
 
-    def __init__(self, model: nn.Module, inputs, masks, targets, loss_fn, args, autocast, scaler):
+    def __init__(self, model: nn.Module, inputs, masks, targets, loss_fn, lr: float, autocast, scaler):
         self.model, self.inputs, self.masks, self.targets = model, inputs, masks, targets
         self.loss_fn, self.autocast, self.scaler = loss_fn, autocast, scaler
-        self.optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
 
     def prepare(self):
         self.model.train()

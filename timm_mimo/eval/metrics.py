@@ -1,9 +1,9 @@
-"""Accuracy, calibration and diversity metrics for MIMO ensembles (spec mixmo.md §6).
+"""Accuracy, calibration and diversity metrics for MIMO ensembles (docs/methods/mixmo.md §6).
 
 Every function is a vectorised torch function of full (already gathered) tensors, on whichever device
 they live, and returns plain Python numbers:
 
-    ensemble logits (N, K)     mean of the member logits by default (spec §4.4); p = softmax(logits)
+    ensemble logits (N, K)     mean of the member logits by default (docs/methods/mixmo.md §4.4); p = softmax(logits)
     member logits   (N, M, K)  M = 1 for any plain timm model
     labels          (N,)       integer class indices
 
@@ -14,9 +14,9 @@ Functions that only need probabilities (ECE, Brier, AUC) also take probabilities
 Differences from the official MixMo metric code, all deliberate:
   * NLL uses ``log_softmax`` instead of ``log(p + 1e-12)``; the two agree unless p_y < 1e-12.
   * Brier is the standard multi-class score, mean_n Σ_c (p_c − onehot_c)²; MixMo's code divides it by
-    K (spec §6.1: its 0.00205 on CIFAR-100 is 0.205 here).
+    K (docs/methods/mixmo.md §6.1: its 0.00205 on CIFAR-100 is 0.205 here).
   * Temperature scaling solves the 1-D problem exactly instead of MixMo's LBFGS with a closure that never
-    zeroes gradients (spec §6.2); see :func:`fit_temperature`.
+    zeroes gradients (docs/methods/mixmo.md §6.2); see :func:`fit_temperature`.
 """
 import math
 from typing import Any, Dict, Optional, Tuple
@@ -25,16 +25,17 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    'topk_accuracy', 'nll', 'calibration_bins', 'expected_calibration_error', 'brier_score',
-    'misclassification_auc', 'member_predictions', 'ratio_errors', 'disagreement', 'classification_metrics',
-    'fit_temperature', 'temperature_scaled_metrics',
+    'check_scores', 'probabilities', 'topk_accuracy', 'nll', 'calibration_bins', 'ece_from_bins',
+    'expected_calibration_error', 'brier_score', 'misclassification_auc', 'member_predictions', 'ratio_errors',
+    'disagreement', 'classification_metrics', 'fit_temperature', 'temperature_scaled_metrics',
 ]
 
-TS_SEED = 31  # spec §6.2: the official split of the test set uses seed 31
+TS_SEED = 31  # docs/methods/mixmo.md §6.2: the official split of the test set uses seed 31
 
 
-def _check(scores: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Validate (N, K) scores against (N,) labels; return float scores and long labels on one device."""
+def check_scores(scores: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Validate (N, K) scores against (N,) labels; return float scores and long labels on one device. The
+    metrics of this module and of ``uncertainty``, and the reliability diagram, all start here."""
     if scores.dim() != 2:
         raise ValueError(f'expected (N, K) logits or probabilities, got shape {tuple(scores.shape)}')
     if labels.dim() != 1 or labels.shape[0] != scores.shape[0]:
@@ -46,13 +47,14 @@ def _check(scores: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, to
     return scores, labels.to(device=scores.device, dtype=torch.long)
 
 
-def _probs(scores: torch.Tensor, from_logits: bool) -> torch.Tensor:
+def probabilities(scores: torch.Tensor, from_logits: bool) -> torch.Tensor:
+    """Class probabilities from logits (``from_logits``) or probabilities given as they are."""
     return scores.softmax(dim=1) if from_logits else scores
 
 
 def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int = 1) -> float:
     """Top-k accuracy in percent (timm style); k is clipped to the number of classes."""
-    logits, labels = _check(logits, labels)
+    logits, labels = check_scores(logits, labels)
     if k < 1:
         raise ValueError(f'k must be >= 1, got {k}')
     topk = logits.topk(min(k, logits.shape[1]), dim=1).indices
@@ -60,14 +62,14 @@ def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int = 1) -> flo
 
 
 def nll(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """Mean negative log-likelihood of the true class, −log softmax(logits)_y (spec §6.1)."""
-    logits, labels = _check(logits, labels)
+    """Mean negative log-likelihood of the true class, −log softmax(logits)_y (docs/methods/mixmo.md §6.1)."""
+    logits, labels = check_scores(logits, labels)
     return F.cross_entropy(logits, labels).item()  # log_softmax inside: stable for huge logits
 
 
 def calibration_bins(
         confidences: torch.Tensor, correct: torch.Tensor, num_bins: int = 15) -> Dict[str, torch.Tensor]:
-    """Per-bin statistics of confidence vs accuracy: 15 equal-width bins on [0, 1] (spec §6.1).
+    """Per-bin statistics of confidence vs accuracy: 15 equal-width bins on [0, 1] (docs/methods/mixmo.md §6.1).
 
     Bins are (lower, upper], as in MixMo's code; edges are i / num_bins in float64 and confidences are
     compared in float64, so a confidence exactly on an edge goes to the bin below it. A confidence of
@@ -94,7 +96,8 @@ def calibration_bins(
     }
 
 
-def _ece_from_bins(bins: Dict[str, torch.Tensor]) -> float:
+def ece_from_bins(bins: Dict[str, torch.Tensor]) -> float:
+    """ECE of :func:`calibration_bins`' output: the count-weighted mean gap between confidence and accuracy."""
     count = bins['count']
     gap = (bins['confidence'] - bins['accuracy']).abs().nan_to_num(0.0)  # empty bins weigh 0
     return ((gap * count).sum() / count.sum()).item()
@@ -102,22 +105,23 @@ def _ece_from_bins(bins: Dict[str, torch.Tensor]) -> float:
 
 def expected_calibration_error(
         scores: torch.Tensor, labels: torch.Tensor, num_bins: int = 15, from_logits: bool = True) -> float:
-    """ECE = Σ_bins |mean confidence − accuracy| · fraction of samples, over max-prob confidence (spec §6.1).
+    """ECE = Σ_bins |mean confidence − accuracy| · fraction of samples, over max-prob confidence
+    (docs/methods/mixmo.md §6.1).
 
     A fraction in [0, 1] (MixMo reports it that way, e.g. 0.0229), not a percentage.
     """
-    scores, labels = _check(scores, labels)
-    conf, pred = _probs(scores, from_logits).max(dim=1)
-    return _ece_from_bins(calibration_bins(conf, pred == labels, num_bins))
+    scores, labels = check_scores(scores, labels)
+    conf, pred = probabilities(scores, from_logits).max(dim=1)
+    return ece_from_bins(calibration_bins(conf, pred == labels, num_bins))
 
 
 def brier_score(scores: torch.Tensor, labels: torch.Tensor, from_logits: bool = True) -> float:
     """Standard multi-class Brier score, mean over samples of Σ_c (p_c − onehot_c)², in [0, 2].
 
-    MixMo's code reports this divided by the number of classes K (spec §6.1).
+    MixMo's code reports this divided by the number of classes K (docs/methods/mixmo.md §6.1).
     """
-    scores, labels = _check(scores, labels)
-    probs = _probs(scores, from_logits)
+    scores, labels = check_scores(scores, labels)
+    probs = probabilities(scores, from_logits)
     p_true = probs.gather(1, labels[:, None]).squeeze(1)
     # Σ_c (p_c − 1[c = y])² = Σ_c p_c² − 2 p_y + 1, without building the one-hot matrix
     return (probs.square().sum(1) - 2 * p_true + 1).mean().item()
@@ -125,13 +129,13 @@ def brier_score(scores: torch.Tensor, labels: torch.Tensor, from_logits: bool = 
 
 def misclassification_auc(
         scores: torch.Tensor, labels: torch.Tensor, from_logits: bool = True) -> Optional[float]:
-    """ROC-AUC of the confidence for telling correct from wrong predictions (spec §6.1 "AUC").
+    """ROC-AUC of the confidence for telling correct from wrong predictions (docs/methods/mixmo.md §6.1 "AUC").
 
     Mann-Whitney statistic with tied confidences counted as one half; None when every prediction is
     correct or every one is wrong (the AUC is undefined then).
     """
-    scores, labels = _check(scores, labels)
-    conf, pred = _probs(scores, from_logits).max(dim=1)
+    scores, labels = check_scores(scores, labels)
+    conf, pred = probabilities(scores, from_logits).max(dim=1)
     correct = pred == labels
     num_pos = int(correct.sum())
     num_neg = correct.numel() - num_pos
@@ -164,7 +168,7 @@ def _pair_indices(num_members: int, device: torch.device) -> Tuple[torch.Tensor,
 
 
 def ratio_errors(member_logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """Ratio-errors diversity (Aksela 2003), averaged over member pairs (spec §6.1).
+    """Ratio-errors diversity (Aksela 2003), averaged over member pairs (docs/methods/mixmo.md §6.1).
 
     For a pair, with fractions of samples N00 (both wrong) and N01 + N10 (exactly one wrong), the ratio is
     (N01 + N10) / N00, or 2·(N01 + N10) when the pair shares no error (N00 = 0), exactly as MixMo's code.
@@ -188,7 +192,7 @@ def ratio_errors(member_logits: torch.Tensor, labels: torch.Tensor) -> float:
 def disagreement(member_logits: torch.Tensor) -> float:
     """Mean over member pairs of the fraction of samples whose predicted classes differ.
 
-    Not in MixMo's shipped code (spec §6.1) but the usual MIMO diversity measure (Havasi et al. 2021).
+    Not in MixMo's shipped code (docs/methods/mixmo.md §6.1) but the usual MIMO diversity measure (Havasi et al. 2021).
     """
     preds = member_predictions(member_logits)
     if preds.shape[0] == 0:
@@ -204,9 +208,10 @@ def classification_metrics(
         member_logits: Optional[torch.Tensor] = None,
         num_bins: int = 15,
 ) -> Dict[str, Any]:
-    """All metrics of spec §6.1 for one evaluation set, from gathered tensors.
+    """All metrics of docs/methods/mixmo.md §6.1 for one evaluation set, from gathered tensors.
 
-    ``ensemble_logits`` may be None when ``member_logits`` are given: it is then their mean (spec §4.4).
+    ``ensemble_logits`` may be None when ``member_logits`` are given: it is then their mean
+    (docs/methods/mixmo.md §4.4).
     Keys: ``top1``, ``top5``, ``member_top1`` (list), ``member_mean_top1`` (all in %), ``nll``, ``ece``,
     ``member_nll``, ``member_ece`` (lists), ``brier``, ``auc`` (None if undefined), and for M >= 2 members
     ``best_member_top1``, ``ensemble_gain`` (top1 − best member top1, in points), ``disagreement``,
@@ -217,7 +222,7 @@ def classification_metrics(
         if member_logits is None:
             raise ValueError('need ensemble_logits or member_logits')
         ensemble_logits = member_logits.float().mean(dim=1)
-    logits, labels = _check(ensemble_logits, labels)
+    logits, labels = check_scores(ensemble_logits, labels)
     top1 = topk_accuracy(logits, labels, 1)
     metrics: Dict[str, Any] = {
         'top1': top1,
@@ -256,7 +261,7 @@ def fit_temperature(
         t_max: float = 1e2,
         max_iter: int = 100,
 ) -> float:
-    """Temperature T in [t_min, t_max] minimising the NLL of softmax(logits / T) (spec §6.2).
+    """Temperature T in [t_min, t_max] minimising the NLL of softmax(logits / T) (docs/methods/mixmo.md §6.2).
 
     Instead of MixMo's LBFGS over an lr grid, this solves the 1-D problem exactly: in β = 1/T the mean NLL
     f(β) = mean[logsumexp(β z) − β z_y] is convex, with f'(β) = mean[E_p z − z_y] and
@@ -265,7 +270,7 @@ def fit_temperature(
     If the optimum lies beyond the range, the bound is returned. As in MixMo, T = 1 is returned when the
     fitted T does not lower the NLL.
     """
-    logits, labels = _check(logits, labels)
+    logits, labels = check_scores(logits, labels)
     z = logits.double()  # float64: the Newton steps and the final NLL comparison need the precision
     z_true = z.gather(1, labels[:, None]).squeeze(1)
 
@@ -307,7 +312,7 @@ def temperature_scaled_metrics(
         seed: int = TS_SEED,
         num_bins: int = 15,
 ) -> Dict[str, Any]:
-    """Calibrated NLL / ECE / Brier with the two-fold protocol of spec §6.2.
+    """Calibrated NLL / ECE / Brier with the two-fold protocol of docs/methods/mixmo.md §6.2.
 
     The set is split 50/50 by a permutation from ``seed`` (31, as MixMo); T is fitted on half A and the
     metrics evaluated on half B, then the halves swap; the calibrated metrics are the mean of the two
@@ -319,7 +324,7 @@ def temperature_scaled_metrics(
     metrics = classification_metrics(logits, labels, member_logits, num_bins)
     if logits is None:
         logits = member_logits.float().mean(dim=1)
-    logits, labels = _check(logits, labels)
+    logits, labels = check_scores(logits, labels)
     num = logits.shape[0]
     if num < 2:
         raise ValueError('temperature scaling needs at least 2 samples to split')

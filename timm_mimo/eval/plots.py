@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from .metrics import _check, _ece_from_bins, _probs, calibration_bins
+from .metrics import calibration_bins, check_scores, ece_from_bins, probabilities
 from ..mixing import box_masks, sample_beta
 from ..msda import check_msda_mode
 
@@ -109,7 +109,7 @@ def save_mix_grid(path, samples: Dict[str, torch.Tensor], mean: Sequence[float] 
     own_px = 1 - columns[2][..., 0].float().mean((1, 2)) / 255
     scale = max(scale, math.ceil(_MIN_CELL / max(h, w)))  # 8-16 px images: cells a reader can see
     cell_h, cell_w, pad = h * scale, w * scale, 6
-    font = _font(14)
+    font = default_font(14)
     probe = ImageDraw.Draw(Image.new('RGB', (1, 1)))
     label_w = _text_size(probe, 'lambda / px', font)[0] + 2 * pad
     width = pad + len(COLUMNS) * (cell_w + pad) + label_w
@@ -136,12 +136,14 @@ def save_mix_grid(path, samples: Dict[str, torch.Tensor], mean: Sequence[float] 
 
 # --- plots of evaluation results (Pillow only) --------------------------------------------------------
 
-_ACC_FILL, _ACC_LINE = (70, 110, 190), (30, 60, 120)
-_GAP_FILL, _GAP_LINE = (220, 60, 60, 110), (190, 40, 40, 255)
+# the reliability diagram's colours (RGB; the gap is translucent RGBA, drawn over the bars and the background)
+ACC_FILL, ACC_LINE = (70, 110, 190), (30, 60, 120)
+GAP_FILL, GAP_LINE = (220, 60, 60, 110), (190, 40, 40, 255)
 _GRID, _AXIS, _TEXT, _DIAGONAL, _HIST = (228, 228, 228), (60, 60, 60), (20, 20, 20), (120, 120, 120), (150, 150, 150)
 
 
-def _font(size: int) -> ImageFont.ImageFont:
+def default_font(size: int) -> ImageFont.ImageFont:
+    """Pillow's built-in font at ``size`` pixels (the fixed bitmap font where Pillow lacks FreeType)."""
     try:
         return ImageFont.load_default(size=size)  # scalable built-in font when Pillow has FreeType
     except (TypeError, ValueError, OSError, ImportError):
@@ -164,13 +166,13 @@ def _wrap(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont, width
     return lines
 
 
-def _over(colour: Tuple[int, int, int, int], base: Tuple[int, ...]) -> Tuple[int, int, int]:
+def composite(colour: Tuple[int, int, int, int], base: Tuple[int, ...]) -> Tuple[int, int, int]:
     """The RGB that the translucent ``colour`` shows over ``base`` (what alpha compositing draws)."""
     alpha = colour[3] / 255
     return tuple(round(c * alpha + b * (1 - alpha)) for c, b in zip(colour[:3], base[:3]))
 
 
-def _nice_ticks(low: float, high: float, count: int = 5) -> Tuple[list, str]:
+def nice_ticks(low: float, high: float, count: int = 5) -> Tuple[list, str]:
     """About ``count`` + 1 round tick values (steps of 1, 2, 2.5 or 5 x 10^k) from at or below ``low`` to at
     or above ``high``, and the format that prints them without spurious digits."""
     span = max(high - low, 1e-12)
@@ -208,17 +210,17 @@ def reliability_diagram(
         title: Optional[str] = None,
         from_logits: bool = True,
 ) -> Path:
-    """Write a reliability diagram PNG (spec §6.1 ECE bins) with Pillow only; returns the path.
+    """Write a reliability diagram PNG (docs/methods/mixmo.md §6.1 ECE bins) with Pillow only; returns the path.
 
     Top: per-bin accuracy bars against the diagonal of perfect calibration, the gap to the bin's mean
     confidence shaded red; bottom: the share of samples per confidence bin. The title carries the ECE.
     The file is written to a temporary name in the same folder and moved into place, so readers never
     see a half-written image.
     """
-    scores, labels = _check(scores, labels)
-    conf, pred = _probs(scores, from_logits).max(dim=1)
+    scores, labels = check_scores(scores, labels)
+    conf, pred = probabilities(scores, from_logits).max(dim=1)
     bins = calibration_bins(conf, pred == labels, num_bins)
-    ece = _ece_from_bins(bins)
+    ece = ece_from_bins(bins)
     count = bins['count'].cpu().tolist()
     accuracy = bins['accuracy'].cpu().tolist()
     confidence = bins['confidence'].cpu().tolist()
@@ -230,7 +232,7 @@ def reliability_diagram(
     hist_top, hist_bottom = plot_bottom + 22, plot_bottom + 112
     image = Image.new('RGB', (width, height), 'white')
     draw = ImageDraw.Draw(image)
-    font, small = _font(16), _font(13)
+    font, small = default_font(16), default_font(13)
 
     def x_px(value: float) -> float:
         return left + value * side
@@ -259,9 +261,9 @@ def reliability_diagram(
             continue
         x0, x1 = x_px(i / num_bins) + 1, x_px((i + 1) / num_bins) - 1
         if accuracy[i] > 0:
-            draw.rectangle([x0, y_px(accuracy[i]), x1, plot_bottom], fill=_ACC_FILL, outline=_ACC_LINE)
+            draw.rectangle([x0, y_px(accuracy[i]), x1, plot_bottom], fill=ACC_FILL, outline=ACC_LINE)
         low, high = sorted((accuracy[i], confidence[i]))
-        gap_draw.rectangle([x0, y_px(high), x1, y_px(low)], fill=_GAP_FILL, outline=_GAP_LINE)
+        gap_draw.rectangle([x0, y_px(high), x1, y_px(low)], fill=GAP_FILL, outline=GAP_LINE)
     image.paste(Image.alpha_composite(image.convert('RGBA'), overlay).convert('RGB'))
     draw = ImageDraw.Draw(image)
 
@@ -285,9 +287,9 @@ def reliability_diagram(
 
     # legend in the upper-left triangle, which the bars of a sensible model leave empty
     # the gap is translucent: over white above a bar (confidence > accuracy), over the bar's blue inside it
-    legend = [('Accuracy', _ACC_FILL, _ACC_LINE),
-              ('Gap, overconfident (confidence > accuracy)', _over(_GAP_FILL, (255, 255, 255)), _GAP_LINE[:3]),
-              ('Gap, underconfident (accuracy > confidence)', _over(_GAP_FILL, _ACC_FILL), _GAP_LINE[:3]),
+    legend = [('Accuracy', ACC_FILL, ACC_LINE),
+              ('Gap, overconfident (confidence > accuracy)', composite(GAP_FILL, (255, 255, 255)), GAP_LINE[:3]),
+              ('Gap, underconfident (accuracy > confidence)', composite(GAP_FILL, ACC_FILL), GAP_LINE[:3]),
               ('Perfect calibration', None, None)]
     lx, ly = left + 12, top + 12
     for text, colour, line in legend:
@@ -305,18 +307,18 @@ def reliability_diagram(
     _vertical_text(image, 'Samples', small, (40, (hist_top + hist_bottom) // 2))
     heading = f'{title + "  -  " if title else ""}ECE {ece:.4f}  (N = {int(total)}, {num_bins} bins)'
     size = 18
-    title_font = _font(size)
+    title_font = default_font(size)
     while _text_size(draw, heading, title_font)[0] > width - 20 and size > 8:
         size -= 1
-        title_font = _font(size)
+        title_font = default_font(size)
     tw, _ = _text_size(draw, heading, title_font)
     draw.text(((width - tw) / 2, 16), heading, font=title_font, fill=_TEXT)
 
     return save_png(image, path)
 
 
-_SERIES = ((40, 90, 190), (210, 80, 30), (40, 150, 70), (150, 60, 170), (120, 120, 120))
-_HIST_ALPHA = 110
+SERIES = ((40, 90, 190), (210, 80, 30), (40, 150, 70), (150, 60, 170), (120, 120, 120))  # one colour per curve / set
+HIST_ALPHA = 110  # histogram bars are translucent: where the two sets overlap both show
 
 
 def _chart(xlim: Tuple[float, float], ylim: Tuple[float, float], xlabel: str, ylabel: str, title: str,
@@ -327,10 +329,10 @@ def _chart(xlim: Tuple[float, float], ylim: Tuple[float, float], xlabel: str, yl
     left, right, top, bottom = 84, 32, 48, 64
     image = Image.new('RGB', size, 'white')
     draw = ImageDraw.Draw(image)
-    font, small = _font(16), _font(13)
+    font, small = default_font(16), default_font(13)
     plot_w, plot_h = width - left - right, height - top - bottom
     # round ticks, the axes widened to the outer ones
-    (x_ticks, x_format), (y_ticks, y_format) = _nice_ticks(*xlim), _nice_ticks(*ylim)
+    (x_ticks, x_format), (y_ticks, y_format) = nice_ticks(*xlim), nice_ticks(*ylim)
     xlim, ylim = (x_ticks[0], x_ticks[-1]), (y_ticks[0], y_ticks[-1])
 
     def x_px(value: float) -> float:
@@ -353,7 +355,7 @@ def _chart(xlim: Tuple[float, float], ylim: Tuple[float, float], xlabel: str, yl
     xw, _ = _text_size(draw, xlabel, font)
     draw.text((left + plot_w / 2 - xw / 2, height - 30), xlabel, font=font, fill=_TEXT)
     _vertical_text(image, ylabel, font, (22, top + plot_h // 2))
-    title_font = _font(17)
+    title_font = default_font(17)
     tw, _ = _text_size(draw, title, title_font)
     draw.text(((width - min(tw, width)) / 2, 14), title, font=title_font, fill=_TEXT)
     return image, draw, x_px, y_px, small, xlim, ylim
@@ -377,7 +379,7 @@ def risk_coverage_plot(curves: Dict[str, Tuple[torch.Tensor, torch.Tensor]], pat
     image, draw, x_px, y_px, small, _, ylim = _chart((0.0, 1.0), ylim, 'Coverage', 'Risk (error rate)',
                                                      title or 'Risk-coverage curve')
     entries = []
-    for colour, (name, (coverage, risk)) in zip(_SERIES * len(curves), curves.items()):
+    for colour, (name, (coverage, risk)) in zip(SERIES * len(curves), curves.items()):
         coverage, risk = coverage.double().cpu(), risk.double().cpu()
         # at most ~600 vertices: one per horizontal pixel is all a 640-pixel canvas can show
         keep = torch.unique(torch.linspace(0, coverage.numel() - 1, min(coverage.numel(), 600)).round().long())
@@ -404,18 +406,18 @@ def score_histogram(scores_in: torch.Tensor, scores_out: torch.Tensor, path, xla
                                                         title or xlabel)
     step = (high - low) / num_bins
     shown = (255, 255, 255)
-    for colour, share in zip(_SERIES, shares):
+    for colour, share in zip(SERIES, shares):
         # one translucent layer per set, composited in turn: where the sets overlap both colours mix
         overlay = Image.new('RGBA', image.size, (0, 0, 0, 0))
         layer = ImageDraw.Draw(overlay)
         for i, value in enumerate(share.tolist()):
             if value > 0:
                 layer.rectangle([x_px(low + i * step), y_px(value), x_px(low + (i + 1) * step), y_px(0)],
-                                fill=(*colour, _HIST_ALPHA), outline=(*colour, 255))
+                                fill=(*colour, HIST_ALPHA), outline=(*colour, 255))
         image = Image.alpha_composite(image.convert('RGBA'), overlay).convert('RGB')
-        shown = _over((*colour, _HIST_ALPHA), shown)
+        shown = composite((*colour, HIST_ALPHA), shown)
     draw = ImageDraw.Draw(image)
-    entries = [(f'{name} (N = {v.numel()})', _over((*colour, _HIST_ALPHA), (255, 255, 255)))
-               for name, v, colour in zip(names, values, _SERIES)] + [('both (overlap)', shown)]
+    entries = [(f'{name} (N = {v.numel()})', composite((*colour, HIST_ALPHA), (255, 255, 255)))
+               for name, v, colour in zip(names, values, SERIES)] + [('both (overlap)', shown)]
     _legend(draw, entries, (x_px(xlim[0]) + 280, y_px(ylim[1]) + 10), small)
     return save_png(image, path)

@@ -14,7 +14,7 @@ first), so one convention serves OOD detection and the histograms:
     mutual_info     H(mean_m p_m) - mean_m H(p_m), the members' epistemic share (M >= 2)
     disagreement    fraction of member pairs whose top classes differ (M >= 2)
 
-p is the softmax of the ensemble logits (the model's own prediction, spec mixmo.md §4.4: mean of member
+p is the softmax of the ensemble logits (the model's own prediction, docs/methods/mixmo.md §4.4: mean of member
 logits); mutual information needs the mean of the member *probabilities* so that it is >= 0 (Jensen).
 Energy and max-logit read logits, so they take the mean member logits whatever the ensemble rule (as
 TorchUncertainty's criteria do): under the mean-probability rule the ensemble's "logits" are log-probabilities,
@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .metrics import _check, _probs
+from .metrics import check_scores, probabilities
 
 __all__ = [
     'predictive_entropy', 'mutual_information', 'member_disagreement', 'uncertainty_scores',
@@ -197,8 +197,8 @@ def selective_metrics(scores: torch.Tensor, labels: torch.Tensor, from_logits: b
     coverage c: the error rate of the ceil(c N) most confident samples (c N is rounded down first when it is
     within 1e-9 of an integer, so 0.9 · 30 keeps 27, not 28). All in [0, 1]; lower is better.
     """
-    scores, labels = _check(scores, labels)
-    conf, pred = _probs(scores, from_logits).max(dim=1)
+    scores, labels = check_scores(scores, labels)
+    conf, pred = probabilities(scores, from_logits).max(dim=1)
     coverage, risk = risk_coverage_curve(conf, pred == labels)
     num = risk.numel()
     metrics = {'aurc': risk.mean().item(), 'augrc': (coverage * risk).mean().item()}
@@ -218,8 +218,8 @@ def adaptive_calibration_error(scores: torch.Tensor, labels: torch.Tensor, num_b
     """
     if num_bins < 1:
         raise ValueError(f'num_bins must be >= 1, got {num_bins}')
-    scores, labels = _check(scores, labels)
-    conf, pred = _probs(scores, from_logits).max(dim=1)
+    scores, labels = check_scores(scores, labels)
+    conf, pred = probabilities(scores, from_logits).max(dim=1)
     conf = conf.double()
     order = torch.argsort(conf, stable=True)
     gap = (pred == labels).double()[order] - conf[order]
@@ -243,8 +243,8 @@ def classwise_calibration_error(scores: torch.Tensor, labels: torch.Tensor, num_
     """
     if num_bins < 1:
         raise ValueError(f'num_bins must be >= 1, got {num_bins}')
-    scores, labels = _check(scores, labels)
-    probs = _probs(scores, from_logits).double()
+    scores, labels = check_scores(scores, labels)
+    probs = probabilities(scores, from_logits).double()
     num, classes = probs.shape
     edges = torch.arange(num_bins + 1, dtype=torch.float64, device=probs.device) / num_bins
     index = (torch.searchsorted(edges, probs.reshape(-1).contiguous()) - 1).clamp_(0, num_bins - 1)

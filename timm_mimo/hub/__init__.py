@@ -13,7 +13,7 @@ Publishing: :func:`export` turns a training run (``train.py``'s output folder) o
 in timm's Hub format: ``model.safetensors``, ``config.json`` (written by timm's ``save_config_for_hf``) and a
 ``README.md`` model card with the run's metrics. :func:`push` exports, then lets ``huggingface_hub`` create
 the repository and upload exactly those three files. ``hub/export.py`` and ``hub/push.py`` are the command
-lines. Weights are read with safetensors or ``torch.load(weights_only=True)`` only (``engine.load_weights``).
+lines. Weights are read with safetensors or ``torch.load(weights_only=True)`` only (``timm_mimo.models.weights.load_weights``).
 
 :func:`create_model` is ``timm.create_model`` with one-line errors for weights that cannot be found
 (unpublished repository, offline without a cached copy) and for architectures timm does not know.
@@ -21,7 +21,7 @@ lines. Weights are read with safetensors or ``torch.load(weights_only=True)`` on
 from ..models.factory import create_model  # noqa: F401  (timm.create_model with one-line errors, re-exported)
 from .card import DEFAULT_LICENSE, HUB_DATASETS, citation_keys, dataset_tag, metrics_table, model_card, \
     training_recipe  # noqa: F401
-from .export import EXPORT_FILES, ExportResult, add_export_arguments, check_repo_id, export, export_options  # noqa: F401
+from .export import EXPORT_FILES, ExportResult, check_repo_id, export  # noqa: F401
 from .push import HubError, push, upload_files  # noqa: F401
 
 

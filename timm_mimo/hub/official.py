@@ -250,30 +250,17 @@ logits = model(x)  # ensemble logits (B, {model.num_classes})
     return text
 
 
-def _validate(folder: Path, dataset: str, data_dir: Optional[str], split: Optional[str], batch_size: int,
+def _evaluate(folder: Path, dataset: str, data_dir: Optional[str], split: Optional[str], batch_size: int,
               download: bool) -> dict:
-    """validate.py (its command line, as a user runs it) on ``folder``; its --results-file as a dict."""
-    import json
-    import subprocess
-    import sys
-    import tempfile
-    validate = Path(__file__).resolve().parents[2] / 'validate.py'
-    if not validate.is_file():
-        raise FileNotFoundError(f'{validate} not found: --dataset runs the validate.py of a source checkout')
-    with tempfile.TemporaryDirectory(prefix='timm_mimo_convert-') as tmp:
-        from ..rundir import RESULTS_FILE
-        results = Path(tmp) / RESULTS_FILE
-        cmd = [sys.executable, str(validate), str(folder), '--dataset', dataset, '--results-file', str(results),
-               '-b', str(batch_size)]
-        cmd += ['--data-dir', data_dir] if data_dir else []
-        cmd += ['--split', split] if split else []
-        cmd += ['--dataset-download'] if download else []
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            lines = [line.strip() for line in proc.stderr.splitlines() if line.strip()]
-            reason = lines[-1].removeprefix('error: ') if lines else f'exit code {proc.returncode}'
-            raise ValueError(f'validate.py failed on the converted weights: {reason}')
-        return json.loads(results.read_text())
+    """validate.py's results for the converted folder, measured in this process by :func:`timm_mimo.eval.evaluate`
+    (quietly: the converter prints its own summary)."""
+    from ..cli import USER_ERRORS
+    from ..eval import DataSettings, EvalOptions, evaluate
+    try:
+        return evaluate(folder, DataSettings(dataset=dataset, data_dir=data_dir, download=download, split=split),
+                        options=EvalOptions(batch_size=batch_size, progress=False), log=lambda line: None)
+    except USER_ERRORS as e:
+        raise ValueError(f'evaluating the converted weights failed: {e}') from e
 
 
 def convert(source, out_dir, model_name: str, num_classes: int, tag: Optional[str] = None,
@@ -284,7 +271,8 @@ def convert(source, out_dir, model_name: str, num_classes: int, tag: Optional[st
 
     The folder is written under a temporary name next to ``out_dir`` and renamed into place only once it
     is complete and checked: it loads back with timm's ``local-dir:`` and gives the converted outputs;
-    with ``dataset``, validate.py evaluates it and the card records the metrics; with ``verify``, the
+    with ``dataset``, :func:`timm_mimo.eval.evaluate` measures it as validate.py does and the card records the
+    metrics; with ``verify``, the
     measured top-1 must be within ``tolerance`` points of one of the paper's values for the row.
     """
     import timm
@@ -336,7 +324,7 @@ def convert(source, out_dir, model_name: str, num_classes: int, tag: Optional[st
     with atomic_dir(out_dir) as tmp:
         save_for_hf(model, str(tmp), model_args=dict(num_members=model.num_members), safe_serialization=True)
         check_round_trip(model, tmp)
-        measured = _validate(tmp, dataset, data_dir, split, batch_size, dataset_download) \
+        measured = _evaluate(tmp, dataset, data_dir, split, batch_size, dataset_download) \
             if dataset is not None else None
         if verify:
             top1 = measured[measured['split']]['top1']
