@@ -180,7 +180,11 @@ def setup(args, run_dir: Path, stop: StopRequest, wall_start: float) -> Training
     splits = build_splits(args.dataset, args.data_dir, args.dataset_download, img_size,
                           mean=cfg.mean if cfg is not None and args.dataset else None,
                           std=cfg.std if cfg is not None and args.dataset else None, val_per_class=args.val_per_class,
-                          train_transform=auto_augment_transform(args.aa) if args.aa else None)
+                          train_transform=auto_augment_transform(args.aa) if args.aa else None,
+                          train_split=args.train_split, val_split=args.val_split, class_map=args.class_map,
+                          train_num_samples=args.train_num_samples, val_num_samples=args.val_num_samples,
+                          select_last_epoch=args.select_last_epoch, num_classes=args.num_classes,
+                          batch_size=unique, seed=args.seed)
     args.aug = args.aug or splits.default_aug  # no flip where it changes the label (digits); recorded in args.yaml
     model, data_config = build_model(args, splits, model_args)
     mix_mode = args.mix_mode or getattr(model, 'default_mix_mode', 'cut')
@@ -402,7 +406,8 @@ def end_epoch(t: Training, epoch: int):
         accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=epoch)
     t.state.update(epoch=epoch + 1, step=0, elapsed_s=t.elapsed(), **epoch_sums_at_start())
     value, best = deployed[args.eval_metric], t.state['best_metric']
-    if best is None or (value < best if args.eval_metric in LOWER_IS_BETTER else value > best):
+    if t.splits.select_last_epoch or best is None or (value < best if args.eval_metric in LOWER_IS_BETTER else
+                                                      value > best):
         t.state.update(best_metric=value, best_epoch=epoch)
         save_best(t, epoch, metrics)
     if accelerator.is_main_process:
@@ -434,7 +439,7 @@ def final_evaluation(t: Training) -> dict:
     if args.channels_last:
         best = best.to(memory_format=torch.channels_last)
     results = dict(model=args.model, num_members=task.outputs.num_members, dataset=t.splits.description,
-                   test_split=t.splits.test_source if t.test is not None else None,
+                   test_split=t.splits.test_source if t.test is not None else None, selection=t.splits.selection,
                    epochs=args.epochs, selection_metric=args.eval_metric, wall_time_s=t.elapsed(),
                    device=str(accelerator.device), processes=accelerator.num_processes, speed=t.speed)
     for which, model, outputs in (('last', t.model, None), ('best', best, MemberOutputs(best))):
