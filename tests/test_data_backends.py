@@ -191,6 +191,24 @@ def test_wds_trains_with_a_named_selection_split_and_says_so(tmp_path, one_threa
     assert 'validation' in results['best'] and 'test' not in results['best']
 
 
+def test_a_wds_run_resumed_at_an_epoch_boundary_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, one_thread):
+    pytest.importorskip('webdataset')
+    from safetensors.torch import load_file
+    _wds_shards(tmp_path / 'wds', 'train', shards=2, per_shard=8)
+    _wds_shards(tmp_path / 'wds', 'val', shards=1, per_shard=3, start=100)
+    # a constant learning rate: the 1-epoch run's schedule is the first epoch of the 2-epoch one
+    common = ['--dataset', 'wds/tiny', '--data-dir', str(tmp_path / 'wds'), '--num-classes', '3', '--train-split',
+              'train-{0000..0001}.tar|16', '--val-split', 'val-0000.tar', '--select-last-epoch', '--sched',
+              'multistep', '--warmup-epochs', '0', '--output', str(tmp_path)]
+    assert train.cli([*TINY_RUN, *common, '--epochs', '2', '--experiment', 'whole']) == 0
+    assert train.cli([*TINY_RUN, *common, '--epochs', '1', '--experiment', 'cut']) == 0
+    first = load_file(str(tmp_path / 'cut' / 'best' / 'model.safetensors'))
+    assert train.cli(['--resume', str(tmp_path / 'cut'), '--epochs', '2', '--data-dir', str(tmp_path / 'wds')]) == 0
+    whole, resumed = (load_file(str(tmp_path / name / 'best' / 'model.safetensors')) for name in ('whole', 'cut'))
+    assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
+    assert not all(torch.equal(first[k], whole[k]) for k in whole)  # the second epoch did train
+
+
 def test_hfids_trains_with_last_epoch_selection_said_in_the_log_and_results(tmp_path, one_thread, caplog):
     pytest.importorskip('datasets')
     data = _parquet_set(tmp_path / 'pq')
