@@ -148,7 +148,11 @@ def setup(args, run_dir: Path, stop: StopRequest, wall_start: float) -> Training
     splits = build_splits(args.dataset, args.data_dir, args.dataset_download, img_size,
                           mean=cfg.mean if cfg is not None and args.dataset else None,
                           std=cfg.std if cfg is not None and args.dataset else None, val_per_class=args.val_per_class,
-                          train_transform=auto_augment_transform(args.aa) if args.aa else None)
+                          train_transform=auto_augment_transform(args.aa) if args.aa else None,
+                          train_split=args.train_split, val_split=args.val_split, class_map=args.class_map,
+                          train_num_samples=args.train_num_samples, val_num_samples=args.val_num_samples,
+                          select_last_epoch=args.select_last_epoch, num_classes=args.num_classes,
+                          batch_size=unique, seed=args.seed)
     args.aug = args.aug or splits.default_aug  # no flip where it changes the label (digits); recorded in args.yaml
     settings = run_settings(args)
     optim = settings.optim
@@ -312,7 +316,8 @@ def end_epoch(run: Training, epoch: int):
         accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=epoch)
     state.start_epoch(epoch + 1, run.elapsed())
     value, best = deployed[settings.eval_metric], state.best_metric
-    if best is None or (value < best if settings.eval_metric in LOWER_IS_BETTER else value > best):
+    if run.splits.select_last_epoch or best is None or (value < best if settings.eval_metric in LOWER_IS_BETTER
+                                                        else value > best):
         state.best_metric, state.best_epoch = value, epoch
         save_best(run, epoch, metrics)
     if accelerator.is_main_process:
@@ -344,7 +349,7 @@ def final_evaluation(run: Training) -> dict:
     if settings.channels_last:
         best = best.to(memory_format=torch.channels_last)
     results = dict(model=settings.model, num_members=task.outputs.num_members, dataset=run.splits.description,
-                   test_split=run.splits.test_source if run.test is not None else None,
+                   test_split=run.splits.test_source if run.test is not None else None, selection=run.splits.selection,
                    epochs=settings.epochs, selection_metric=settings.eval_metric, wall_time_s=run.elapsed(),
                    device=str(accelerator.device), processes=accelerator.num_processes, speed=run.speed)
     for which, model, outputs in (('last', run.prepared, None), ('best', best, MemberOutputs(best))):

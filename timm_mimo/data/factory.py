@@ -99,7 +99,7 @@ def resolve_num_classes(dataset) -> int:
     """Number of classes of a dataset.
 
     Looks at, in order: ``dataset.classes``; ``dataset.class_to_idx`` or ``dataset.reader.class_to_idx``
-    (timm ImageDataset / readers), counting distinct indices; ``len(set(dataset.targets))``. A
+    (timm ImageDataset / readers; ``class_name_to_idx`` for the tar reader), counting distinct indices; ``len(set(dataset.targets))``. A
     ``torch.utils.data.Subset``-like wrapper (``.dataset``) is unwrapped. Note the last fallback undercounts
     if some class has no samples. Raises ValueError if none is available.
     """
@@ -109,7 +109,8 @@ def resolve_num_classes(dataset) -> int:
     if classes is not None:
         return len(classes)
     for owner in (dataset, getattr(dataset, 'reader', None)):
-        class_to_idx = getattr(owner, 'class_to_idx', None)
+        # class_name_to_idx: timm's tar reader
+        class_to_idx = getattr(owner, 'class_to_idx', None) or getattr(owner, 'class_name_to_idx', None)
         if class_to_idx:
             return len(set(class_to_idx.values()))
     targets = getattr(dataset, 'targets', None)

@@ -6,11 +6,14 @@ continues where it stopped). Evaluation: an :class:`EvalSplit`, whose ``accelera
 shares, or is None when every process scores the whole split (device-resident data).
 """
 import logging
+from itertools import islice
 from typing import NamedTuple, Optional, Tuple
 
+import torch
 from torch.utils.data import DataLoader
 
 from .device_loader import default_cache_dir, device_loader_for
+from .streams import check_stream_coverage
 
 _logger = logging.getLogger(__name__)
 
@@ -35,6 +38,61 @@ class PreparedTrainLoader:
 
     def batches(self, start_batch: int = 0):
         return iter(self.accelerator.skip_first_batches(self.loader, start_batch) if start_batch else self.loader)
+
+
+class OnDevice:
+    """A DataLoader whose batches are moved to ``device`` (a loader Accelerate does not prepare)."""
+
+    def __init__(self, loader, device):
+        self.loader, self.device = loader, device
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for images, labels in self.loader:
+            yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+
+
+class StreamTrainLoader(OnDevice):
+    """A timm streamed training set (wds/, hfids/, tfds/) behind the device loader's interface. Not prepared by
+    Accelerate: its dispatcher would read the stream in one process, where timm's reader shards it by process
+    and worker itself. An epoch's order depends on (seed, epoch) alone, so a resumed epoch replays it and skips
+    the batches already trained on."""
+
+    def __init__(self, stream, batch_size: int, workers: int, device, seed: int):
+        self.stream, self.seed, self.workers = stream, seed, workers
+        # the loader's generator seeds the workers, whose seed drives the reader's sample shuffle buffer
+        self.generator = torch.Generator()
+        super().__init__(DataLoader(stream, batch_size=batch_size, num_workers=workers, drop_last=True,
+                                    pin_memory=device.type == 'cuda', generator=self.generator), device)
+
+    def set_epoch(self, epoch: int):
+        self.stream.set_epoch(epoch)
+        self.generator.manual_seed(self.seed * 100_003 + epoch)
+        if self.workers == 0:
+            # read in this process, the reader keeps its pipeline (and its shuffle buffer's random state) from
+            # epoch to epoch; rebuilt, the epoch's order is that of (seed, epoch) alone, as with workers
+            self.stream.reader.ds = None
+
+    def batches(self, start_batch: int = 0):
+        return islice(iter(self), start_batch, None)
+
+
+def _stream_loaders(splits, accelerator, unique_per_process: int, eval_batch: int, seed: int, workers: int):
+    readers = check_stream_coverage(splits.train, workers)
+    _logger.info(f'data: {splits.train.reader.__class__.__name__} stream sharded across {readers} reader(s) '
+                 f'({accelerator.num_processes} process(es) x {max(workers, 1)} worker(s)); evaluation splits read '
+                 f'whole by every process')
+    device = accelerator.device
+    train = StreamTrainLoader(splits.train, unique_per_process, workers, device, seed)
+    evals = []
+    for split in (splits.validation, splits.test):
+        if split is not None:
+            split.set_loader_cfg(num_workers=workers)
+        evals.append(EvalSplit(OnDevice(DataLoader(split, batch_size=eval_batch, num_workers=workers), device))
+                     if split is not None else None)
+    return train, evals[0], evals[1], False
 
 
 def _device_loaders(splits, accelerator, unique_per_process: int, eval_batch: int, seed: int, cache_dir):
@@ -64,6 +122,10 @@ def build_loaders(splits, accelerator, unique_per_process: int, eval_batch: int,
     it, 'off' never. ``per_image_transform``: why the training images need a per-image transform (``--aa``),
     which only the DataLoader path applies.
     """
+    if splits.iterable:
+        if device_data == 'on':
+            raise ValueError(f'--device-data on: {splits.description} is a stream: it cannot be kept on the device')
+        return _stream_loaders(splits, accelerator, unique_per_process, eval_batch, seed, workers)
     why_not = per_image_transform or ('--device-data off' if device_data == 'off' else '')
     if not why_not:
         loaders, why_not = _device_loaders(splits, accelerator, unique_per_process, eval_batch, seed, cache_dir)

@@ -155,7 +155,31 @@ def build_parser(description: str = '') -> argparse.ArgumentParser:
     g.add_argument('--eval-metric', default='top1', help='validation metric that selects the best epoch')
     g.add_argument('--log-tensorboard', action='store_true', help='log the summary columns to <run>/tensorboard/')
     g.add_argument('--debug', action='store_true', help='show tracebacks instead of one-line errors')
+    add_data_backend_args(p)
     return p
+
+
+def add_data_backend_args(p: argparse.ArgumentParser):
+    """timm's data-set flags for its readers (folder, tar, torch/, hfds/, hfids/, wds/, tfds/; README "Data")."""
+    g = p.add_argument_group('data sets through timm\'s readers (hfds/, hfids/, wds/, tfds/, tars)')
+    g.add_argument('--train-split', default='train',
+                   help="training split: a folder under --data-dir, a library split name (hfds/, hfids/), or for "
+                        "wds/ a split of the shard folder's _info.json or a shard pattern 'train-{0000..0009}.tar|N'")
+    g.add_argument('--val-split', default=None,
+                   help="map-style sets (folder, tar, torch/, hfds/): the split reported at the end (a folder, a "
+                        "tar beside the training tar, a library split; default: the set's test / validation split), "
+                        "the selection split being carved from training; streams (wds/, hfids/, tfds/): the "
+                        "model-selection split, or with --select-last-epoch the reported one")
+    g.add_argument('--train-num-samples', type=int, default=None,
+                   help='samples in the training stream, where the library does not know it (hfids/, wds/ patterns '
+                        'without |N)')
+    g.add_argument('--val-num-samples', type=int, default=None, help='the same for the --val-split stream')
+    g.add_argument('--class-map', default='',
+                   help="file of class names, one a line, in index order (timm's format): the classes read and "
+                        "their indices, for every split")
+    g.add_argument('--select-last-epoch', action='store_true',
+                   help='streams without a selection split: keep the last epoch\'s weights as best/ (said in the '
+                        'log and results.json); --val-split is then the reported split')
 
 
 def _config_value(action: argparse.Action, key: str, value, where: str):
