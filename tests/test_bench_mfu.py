@@ -1,9 +1,6 @@
 """bench/mfu.py end to end on the CPU: WRN-16-2 vanilla and MixMo (B = 8, 32 px), and bad input."""
 import importlib
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,18 +15,16 @@ BATCH = 8
 FAST = ['--batch-size', str(BATCH), '--img-size', '32', '--warmup', '1', '--iters', '2', '--device', 'cpu']
 
 
-def run(*args):
-    env = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS='2')
-    return subprocess.run([sys.executable, str(REPO / 'bench' / 'mfu.py'), *map(str, args)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=120)
+SCRIPT = REPO / 'bench' / 'mfu.py'
 
 
 @pytest.fixture(scope='module')
-def results(tmp_path_factory):
+def results(tmp_path_factory, run_script):
+    # the script's command line run in this process (no ~8 s interpreter start per model)
     out = {}
     for name in ('wrn16_2', 'wrn16_2_mixmo2'):
         path = tmp_path_factory.mktemp('mfu') / f'{name}.json'
-        proc = run('--model', name, *FAST, '--json', path)
+        proc = run_script(SCRIPT, '--model', name, *FAST, '--json', path)
         assert proc.returncode == 0, f'{name} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr[-3000:]}'
         assert 'MFU' in proc.stdout and 'matmul/conv only' in proc.stdout
         out[name] = json.loads(path.read_text())
@@ -82,8 +77,8 @@ def test_mfu_is_a_percentage_of_the_measured_peak(results, name):
     assert r['machine']['cpu'] and r['machine']['torch'] == torch.__version__
 
 
-def test_bad_input_is_one_line_and_exit_2(tmp_path):
-    proc = run('--model', 'no_such_model', *FAST)
+def test_bad_input_is_one_line_and_exit_2(run_script):
+    proc = run_script(SCRIPT, '--model', 'no_such_model', *FAST)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith('error:') and len(proc.stderr.strip().splitlines()) == 1
     assert 'no_such_model' in proc.stderr and proc.stdout == ''

@@ -1,9 +1,8 @@
 """bench/time_to_accuracy.py on CPU at small scale: both runs, the report, a time budget and its resume."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
+
+import pytest
 
 from timm_mimo.rundir import complete_checkpoints
 
@@ -12,16 +11,23 @@ SCRIPT = REPO / 'bench' / 'time_to_accuracy.py'
 SMALL = ['--', '--epochs', '2', '--limit-train-batches', '12', '-b', '32', '--fused-opt', '--channels-last']
 
 
-def bench(*args, check=True):
-    env = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS='2')
-    proc = subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=600)
-    if check and proc.returncode not in (0, 3):
-        raise AssertionError(f'exit {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}')
-    return proc
+@pytest.fixture
+def bench(run_script, monkeypatch):
+    """``bench(*args, check=True)``: ``python bench/time_to_accuracy.py ARGS``, the script run in this process
+    (its ``__main__`` block: exit status and error line as on the command line); train.py stays the
+    subprocess the bench starts, signals and times."""
+    monkeypatch.setenv('PYTHONUNBUFFERED', '1')  # train.py's lines reach the bench as printed
+    monkeypatch.setenv('OMP_NUM_THREADS', '2')
+
+    def run(*args, check=True):
+        proc = run_script(SCRIPT, *args)
+        if check and proc.returncode not in (0, 3):
+            raise AssertionError(f'exit {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}')
+        return proc
+    return run
 
 
-def test_budget_stops_with_a_checkpoint_then_the_same_command_resumes_and_reports(tmp_path):
+def test_budget_stops_with_a_checkpoint_then_the_same_command_resumes_and_reports(tmp_path, bench):
     common = ['-c', 'configs/digits_mixmo.yaml', '--target', 0, '--vanilla-model', 'wrn16_2',
               '--output', tmp_path / 'runs']
     first = bench(*common, '--budget-s', 1, *SMALL)

@@ -1,8 +1,6 @@
 """bench/compare.py: the equal-epochs plan, the summary table, bad input, and one tiny resumable comparison."""
 import csv
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -118,13 +116,13 @@ def test_bad_input_is_one_error_line_and_exit_2(argv, message, capsys, tmp_path)
     assert compare.cli(['-c', str(tmp_path / 'none.yaml'), '--models', 'wrn16_2']) == 2
 
 
-def test_tiny_comparison_writes_reports_and_resumes(tmp_path):
+def test_tiny_comparison_writes_reports_and_resumes(tmp_path, run_script, monkeypatch):
     out = tmp_path / 'cmp'
-    argv = [sys.executable, str(REPO / 'bench' / 'compare.py'), '-c', RECIPE, '--models', 'wrn16_2',
-            'wrn16_2_mixmo2', '--seeds', '1', '--deep-ensemble', '2', '--out', str(out), '--', '--epochs', '2',
-            '--limit-train-batches', '2']
-    env = dict(os.environ, OMP_NUM_THREADS='2')
-    proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    argv = [REPO / 'bench' / 'compare.py', '-c', RECIPE, '--models', 'wrn16_2', 'wrn16_2_mixmo2', '--seeds', '1',
+            '--deep-ensemble', '2', '--out', out, '--', '--epochs', '2', '--limit-train-batches', '2']
+    monkeypatch.setenv('OMP_NUM_THREADS', '2')  # the train.py / validate.py subprocesses compare.py starts
+    # compare.py runs in this process (no interpreter start); train.py and validate.py stay subprocesses
+    proc = run_script(*argv)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for name in ('compare.md', 'compare.csv', 'runs.csv', 'validation_curves.png', 'reliability.png'):
         assert (out / name).exists(), name
@@ -156,7 +154,7 @@ def test_tiny_comparison_writes_reports_and_resumes(tmp_path):
     before = mimo_results.stat().st_mtime_ns
     (vanilla / 'results.json').unlink()
     (vanilla / 'compare_eval.json').unlink()
-    proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = run_script(*argv)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert mimo_results.stat().st_mtime_ns == before
     assert '--resume' in proc.stdout and 'wrn16_2_mixmo2 seed 0]' not in proc.stdout
