@@ -6,9 +6,8 @@
     accelerate launch train.py --model wrn28_10_mixmo2 --dataset torch/cifar100 --dataset-download ...
     python train.py --resume output/train/<run>       # continue a run with its own arguments
 
-Batch sizes (README "Batch sizes and processes"): ``-b`` is the GLOBAL number of mixed samples per optimizer
-step, B. Each process draws U = B / (processes x grad_accum_steps x batch_repeat) unique images per
-micro-step and builds its own U x batch_repeat mixed samples on its device.
+Batch sizes (README "Batch sizes and processes"): ``-b`` is the GLOBAL number B of mixed samples per optimizer
+step; each process draws U = B / (processes x grad_accum_steps x batch_repeat) unique images per micro-step.
 
 The MIMO batch (masks, MSDA, soft targets) is built on the device from a generator seeded by (seed, process,
 epoch, step, micro-step) (timm_mimo.train.run.step_seed): a resumed run replays the uninterrupted one's batches.
@@ -26,8 +25,8 @@ import torch
 import yaml
 
 from timm_mimo import rundir
-from timm_mimo.train.args import LOWER_IS_BETTER, build_parser, debug_requested, parse_args, recipes_for, \
-    run_settings  # noqa: F401  (build_parser: for tools)
+from timm_mimo.train.args import DATA_BACKEND_KEYS, LOWER_IS_BETTER, build_parser, debug_requested, parse_args, \
+    recipes_for, run_settings  # noqa: F401  (build_parser: for tools)
 from timm_mimo.train.run import AbandonableStep, EpochProgress, NonFiniteLoss, StepAbandoned, StopRequest, Training, \
     all_finite, check_resume, record_resume, refuse_non_finite, restore, save_checkpoint, start_in_place
 
@@ -149,10 +148,8 @@ def setup(args, run_dir: Path, stop: StopRequest, wall_start: float) -> Training
                           mean=cfg.mean if cfg is not None and args.dataset else None,
                           std=cfg.std if cfg is not None and args.dataset else None, val_per_class=args.val_per_class,
                           train_transform=auto_augment_transform(args.aa) if args.aa else None,
-                          train_split=args.train_split, val_split=args.val_split, class_map=args.class_map,
-                          train_num_samples=args.train_num_samples, val_num_samples=args.val_num_samples,
-                          select_last_epoch=args.select_last_epoch, num_classes=args.num_classes,
-                          batch_size=unique, seed=args.seed)
+                          num_classes=args.num_classes, batch_size=unique, seed=args.seed,
+                          **{key: getattr(args, key) for key in DATA_BACKEND_KEYS})
     args.aug = args.aug or splits.default_aug  # no flip where it changes the label (digits); recorded in args.yaml
     settings = run_settings(args)
     optim = settings.optim
@@ -333,8 +330,8 @@ def save_best(run: Training, epoch: int, metrics: dict):
                                      weights, metrics=dict(epoch=epoch, validation=metrics['model']))
     elif run.accelerator.is_main_process:  # AutoMix deploys its momentum encoder, chosen on its own metric
         rundir.save_model_folder(run.task.ema.module, run.run_dir / rundir.BEST_DIR, run.model_args, run.data_config,
-                                 metrics=dict(epoch=epoch, model=run.task.deployed,
-                                              validation=metrics[run.task.deployed], online_validation=metrics['model']))
+                                 metrics=dict(epoch=epoch, model=run.task.deployed, validation=metrics[
+                                     run.task.deployed], online_validation=metrics['model']))
 
 
 def final_evaluation(run: Training) -> dict:
@@ -386,9 +383,8 @@ def report(run: Training, results: dict):
           f'{where}: accuracy {best["top1"]:.2f} % | NLL {best["nll"]:.4f} | ECE {best["ece"]:.4f} | members '
           f'{" ".join(f"{a:.2f}" for a in best["member_top1"])} % | results in {run.run_dir}')
     if len(best['member_top1']) > 1:  # what one forward pass of the ensemble buys over its members
-        rows = [('ensemble', best['top1'], best['nll'], best['ece'])] + [
-            (f'member {k}', *values) for k, values in enumerate(zip(best['member_top1'], best['member_nll'],
-                                                                     best['member_ece']))]
+        members = enumerate(zip(best['member_top1'], best['member_nll'], best['member_ece']))
+        rows = [('ensemble', best['top1'], best['nll'], best['ece'])] + [(f'member {k}', *m) for k, m in members]
         print(f'  {"":<9} {"top-1":>8} {"NLL":>7} {"ECE":>7}\n' +
               '\n'.join(f'  {name:<9} {top1:6.2f} % {nll:7.4f} {ece:7.4f}' for name, top1, nll, ece in rows) +
               f'\n  ensemble gain over its best member: {best["ensemble_gain"]:+.2f} points')

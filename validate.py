@@ -87,7 +87,7 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     from timm_mimo.cli import parse_model_kwargs, refuse_below_one, usable_device
-    refuse_below_one(args, ('img_size', 'val_per_class', 'ood_val_per_class'))
+    refuse_below_one(vars(args), ('img_size', 'val_per_class', 'ood_val_per_class'))
     usable_device(args.device)
     logging.basicConfig(level=logging.INFO, format='%(message)s')
     logging.getLogger('timm').setLevel(logging.WARNING)

@@ -196,10 +196,11 @@ def test_a_wds_run_resumed_at_an_epoch_boundary_ends_with_the_weights_of_an_unin
     from safetensors.torch import load_file
     _wds_shards(tmp_path / 'wds', 'train', shards=2, per_shard=8)
     _wds_shards(tmp_path / 'wds', 'val', shards=1, per_shard=3, start=100)
-    # a constant learning rate: the 1-epoch run's schedule is the first epoch of the 2-epoch one
+    # a constant learning rate and linear MixMo (Cut-MixMo's patch probability follows epoch / epochs): the 1-epoch
+    # run's first epoch is then the first epoch of the 2-epoch one
     common = ['--dataset', 'wds/tiny', '--data-dir', str(tmp_path / 'wds'), '--num-classes', '3', '--train-split',
               'train-{0000..0001}.tar|16', '--val-split', 'val-0000.tar', '--select-last-epoch', '--sched',
-              'multistep', '--warmup-epochs', '0', '--output', str(tmp_path)]
+              'multistep', '--warmup-epochs', '0', '--mix-mode', 'linear', '--output', str(tmp_path)]
     assert train.cli([*TINY_RUN, *common, '--epochs', '2', '--experiment', 'whole']) == 0
     assert train.cli([*TINY_RUN, *common, '--epochs', '1', '--experiment', 'cut']) == 0
     first = load_file(str(tmp_path / 'cut' / 'best' / 'model.safetensors'))

@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Type
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, ImportError, OSError)
 
 
-def _token() -> Optional[str]:
+def hf_token() -> Optional[str]:
     try:
         from huggingface_hub import get_token
         return get_token()
@@ -22,7 +22,7 @@ def _token() -> Optional[str]:
 
 def redact(text) -> str:
     """``text`` without the Hugging Face token (the current one, and anything shaped like one)."""
-    text, token = str(text), _token()
+    text, token = str(text), hf_token()
     if token:
         text = text.replace(token, '***')
     return re.sub(r'hf_[A-Za-z0-9]{20,}', '***', text)
@@ -75,7 +75,6 @@ def parse_model_kwargs(items) -> dict:
 def refuse_below_one(values: Mapping[str, Any], keys: Sequence[str]):
     """A ValueError naming the flag of the first of ``keys`` (argparse names) that is set and below 1 in
     ``values`` (the arguments by name)."""
-    values = values if isinstance(values, Mapping) else vars(values)  # validate.py still passes its arguments
     for key in keys:
         value = values[key]
         if value is not None and value < 1:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Callable, List, Optional
 
 from .. import rundir
-from ..cli import _token, http_one_line, redact
+from ..cli import hf_token, http_one_line, redact
 from .export import EXPORT_FILES, OPTIONAL_FILES, REPORT_DIR, check_repo_id, export
 
 
@@ -47,7 +47,7 @@ def push(source, repo_id: str, *, revision: Optional[str] = None, private: bool 
     check_repo_id(repo_id)
     if revision is not None and (not revision.strip() or revision != revision.strip()):
         raise ValueError(f'revision {revision!r} is not a branch name')
-    has_token = _token() is not None
+    has_token = hf_token() is not None
     if not dry_run and not has_token:
         raise HubError('no Hugging Face token: set HF_TOKEN or log in with `hf auth login` (nothing was uploaded)')
     with tempfile.TemporaryDirectory(prefix='timm_mimo_push-') as tmp:

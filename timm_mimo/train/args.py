@@ -159,6 +159,10 @@ def build_parser(description: str = '') -> argparse.ArgumentParser:
     return p
 
 
+# the data set backend flags, passed to build_splits by name
+DATA_BACKEND_KEYS = ('train_split', 'val_split', 'train_num_samples', 'val_num_samples', 'class_map', 'select_last_epoch')
+
+
 def add_data_backend_args(p: argparse.ArgumentParser):
     """timm's data-set flags for its readers (folder, tar, torch/, hfds/, hfids/, wds/, tfds/; README "Data")."""
     g = p.add_argument_group('data sets through timm\'s readers (hfds/, hfids/, wds/, tfds/, tars)')
