@@ -64,11 +64,24 @@ def make_accelerator(args, run_dir: Path):
         # e.g. `accelerate launch` of several processes on a machine without GPUs: each would run alone
         raise ValueError(f'{launched} processes were launched but Accelerate sees {accelerator.num_processes}: '
                          f'without GPUs, set ACCELERATE_USE_CPU=true for distributed CPU training')
+    refuse_lone_cpu_launch(accelerator)
     if accelerator.distributed_type == DistributedType.FSDP and (args.model_ema or 'automix' in (args.msda,
                                                                                                   args.mix_mode)):
         raise ValueError('--model-ema and AutoMix keep a whole copy of the model next to the sharded one: '
                          'not supported with FSDP (use DDP)')
     return accelerator
+
+
+def refuse_lone_cpu_launch(accelerator):
+    """`accelerate launch --cpu` asked for several processes or machines: its CPU launcher starts one plain process
+    per machine and leaves more to mpirun (it sets MASTER_ADDR, not RANK / WORLD_SIZE), so every machine would
+    train the whole job alone. Refused; README "Multi-node" gives the launch that forms the group."""
+    from accelerate.utils import parse_flag_from_env
+    if accelerator.num_processes == 1 and 'WORLD_SIZE' not in os.environ and os.environ.get('MASTER_ADDR') and \
+            parse_flag_from_env('ACCELERATE_USE_CPU'):
+        raise ValueError('accelerate launch --cpu started this process alone (Accelerate leaves --num_processes and '
+                         '--num_machines on CPUs to mpirun): launch with --multi_gpu and ACCELERATE_USE_CPU=true '
+                         'instead, as README "Multi-node" shows')
 
 
 def say_where_the_data_comes_from(args):
