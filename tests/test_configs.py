@@ -57,6 +57,18 @@ MIXVIT_FILES = [CONFIGS / 'mixvit' / 'cifar10_cait_xxs.yaml', CONFIGS / 'mixvit'
 AUTOMIX_FILES = [CONFIGS / 'automix' / 'cifar100_r18_automix.yaml', CONFIGS / 'automix' / 'cifar100_r18_mixup.yaml']
 PAPER_FILES = [CONFIGS / ds / f'{row}.yaml' for ds in ('cifar10', 'cifar100') for row in CIFAR_ROWS] + \
               [CONFIGS / 'tiny_imagenet' / f'{row}.yaml' for row in TINY_ROWS]
+# the large settings (issue 24, item 7): ImageNet-1k at 224 px, and Tiny ImageNet from a Hugging Face data set;
+# each also runs two steps in tests/test_recipes.py
+IMAGENET_FILES = [CONFIGS / 'imagenet' / name for name in ('mixvit_cait_xxs24.yaml', 'automix_r18_100ep.yaml',
+                                                           'automix_r18_300ep.yaml')]
+TINY_HFDS = CONFIGS / 'tiny_imagenet' / 'w1_cut_mixmo_hfds.yaml'
+RECIPES_AT_SCALE = IMAGENET_FILES + [TINY_HFDS]
+
+# timm's ImageNet transform flags, with timm's train.py names (issue 24, item 2). The ImageNet recipes carry them;
+# until train.py has them (they are added on another branch), the checks here set aside those the parser does
+# not know yet, and only those: any other unknown key still fails.
+TIMM_TRANSFORM_KEYS = {'scale', 'ratio', 'hflip', 'vflip', 'color_jitter', 'aa', 'reprob', 'remode', 'recount',
+                       'train_interpolation', 'input_size', 'img_size', 'crop_pct', 'mean', 'std', 'interpolation'}
 
 
 def load(path: Path) -> dict:
@@ -69,6 +81,21 @@ def actions():
     return {a.dest: a for a in train.build_parser()._actions if a.dest not in ('help', 'config')}
 
 
+def pending_keys() -> set:
+    """The timm transform keys train.py's parser does not know yet (empty once it has them all)."""
+    return TIMM_TRANSFORM_KEYS - set(actions())
+
+
+def parseable(path: Path, folder: Path) -> Path:
+    """``path``, or a copy of it in ``folder`` without the keys of :func:`pending_keys`."""
+    config, pending = load(path), pending_keys()
+    if not pending & set(config):
+        return path
+    copy = folder / path.name
+    copy.write_text(yaml.safe_dump({k: v for k, v in config.items() if k not in pending}, sort_keys=False))
+    return copy
+
+
 def is_mimo_model(name: str) -> bool:
     with torch.device('meta'):  # M as the registered model has it (MixMo CNNs and MixViT alike)
         return getattr(timm.create_model(name), 'num_members', 1) > 1
@@ -77,9 +104,11 @@ def is_mimo_model(name: str) -> bool:
 def test_all_expected_files_exist():
     others = [CONFIGS / 'cifar10' / 'fast_gpu.yaml', CONFIGS / 'cifar10' / 'time_to_accuracy.yaml',
               CONFIGS / 'cifar10' / 'cpu_scale.yaml', CONFIGS / 'digits_mixmo.yaml']
-    missing = [str(p.relative_to(REPO)) for p in PAPER_FILES + AUTOMIX_FILES + others if not p.exists()]
+    missing = [str(p.relative_to(REPO)) for p in PAPER_FILES + AUTOMIX_FILES + RECIPES_AT_SCALE + others
+               if not p.exists()]
     assert not missing, f'missing configs: {missing}'
-    extra = {p for p in ALL} - set(PAPER_FILES) - set(MIXVIT_FILES) - set(AUTOMIX_FILES) - set(others)
+    extra = {p for p in ALL} - set(PAPER_FILES) - set(MIXVIT_FILES) - set(AUTOMIX_FILES) - set(RECIPES_AT_SCALE) - \
+        set(others)
     assert not extra, f'configs not covered by tests/test_configs.py: {sorted(map(str, extra))}'
 
 
@@ -95,10 +124,12 @@ def test_header(path):
 
 @pytest.mark.parametrize('path', ALL, ids=IDS)
 def test_keys_types_and_choices(path):
-    config, known = load(path), actions()
-    unknown = sorted(set(config) - set(known))
+    config, known, pending = load(path), actions(), pending_keys()
+    unknown = sorted(set(config) - set(known) - pending)
     assert not unknown, f'{path}: unknown keys {unknown}'
     for key, value in config.items():
+        if key in pending:
+            continue
         action = known[key]
         # argparse does not type-convert or choice-check defaults: the YAML must hold the final values
         if isinstance(action, (argparse._StoreTrueAction, argparse.BooleanOptionalAction)):
@@ -120,14 +151,14 @@ def test_keys_types_and_choices(path):
 
 
 @pytest.mark.parametrize('path', ALL, ids=IDS)
-def test_parse_args_and_model(path):
-    config = load(path)
-    args = train.parse_args(['-c', str(path)])
+def test_parse_args_and_model(path, tmp_path):
+    config = {k: v for k, v in load(path).items() if k not in pending_keys()}
+    args = train.parse_args(['-c', str(parseable(path, tmp_path))])
     for key, value in config.items():
         assert getattr(args, key) == value, f'{path}: {key} parsed as {getattr(args, key)!r}, file has {value!r}'
     assert timm.is_model(args.model), f'{path}: model {args.model!r} is not registered'
     assert args.batch_size % args.batch_repeat == 0, f'{path}: batch_size not divisible by batch_repeat'
-    if path not in MIXVIT_FILES + AUTOMIX_FILES:
+    if path not in MIXVIT_FILES + AUTOMIX_FILES + IMAGENET_FILES:
         assert args.opt == 'sgd' and args.momentum == 0.9
     assert args.eval_metric == 'top1'
     if not is_mimo_model(args.model):
@@ -328,3 +359,46 @@ def test_automix_reference_recipe(path):
     mine, theirs = load(path), load(other)
     mixing = {k for k in set(mine) | set(theirs) if k.startswith(('msda', 'automix', 'mixblock'))}
     assert {k: v for k, v in mine.items() if k not in mixing} == {k: v for k, v in theirs.items() if k not in mixing}
+
+
+def test_the_mixvit_imagenet_recipe_is_deits(tmp_path):
+    """docs/methods/mixvit.md §5: AdamW, lr 5e-4 x B / 512, weight decay 0.05, cosine, 5 warm-up epochs, 300
+    epochs, RandAugment m9-mstd0.5, random erasing 0.25, smoothing 0.1, stochastic depth 0.05 for XXS; DeiT's
+    per-image transforms (timm's names and values); the baseline under the same recipe."""
+    path = IMAGENET_FILES[0]
+    config = load(path)
+    args = train.parse_args(['-c', str(parseable(path, tmp_path))])
+    assert args.model == 'cait_xxs_mixvit2' and args.img_size == 224 and args.num_classes == 1000
+    assert (args.opt, args.sched, args.weight_decay) == ('adamw', 'cosine', 0.05)
+    assert args.lr == pytest.approx(5e-4 * args.batch_size / 512) and args.batch_repeat == 1
+    assert args.warmup_epochs == 5 and args.epochs == 300 and args.drop_path == 0.05
+    assert args.aa.startswith('rand-m9-mstd0.5-inc1') and args.reprob == 0.25 and args.smoothing == 0.1
+    assert args.mix_mode == 'box' and args.mix_alpha == 2.0 and args.weight_root == 3.0
+    assert args.msda == 'cutmix' and args.msda_alpha == 1.0 and args.aug == 'none'
+    assert (config['scale'], config['hflip'], config['vflip'], config['train_interpolation']) == \
+        ([0.08, 1.0], 0.5, 0.0, 'bicubic')
+    assert config['crop_pct'] == 0.875 and config['mean'] == [0.485, 0.456, 0.406]
+    assert train.parse_args(['-c', str(parseable(path, tmp_path)), '--model', 'cait_xxs_mixvit1']).lr == args.lr
+
+
+def test_the_automix_imagenet_rows_differ_in_epochs_only(tmp_path):
+    """docs/methods/automix.md §7, §9: ResNet-18, SGD lr 0.1, wd 1e-4, batch 256, cosine to 0, Mix Block on stage
+    3 with lambda concatenated, momentum-encoder end 0.99999; 100 epochs (70.50 %) and 300 (72.05 %)."""
+    short, long = (load(path) for path in IMAGENET_FILES[1:])
+    assert (short.pop('epochs'), long.pop('epochs')) == (100, 300) and short == long
+    args = train.parse_args(['-c', str(parseable(IMAGENET_FILES[1], tmp_path))])
+    assert args.model == 'resnet18' and args.img_size == 224 and args.batch_size == 256
+    assert (args.opt, args.momentum, args.lr, args.weight_decay) == ('momentum', 0.9, 0.1, 1e-4)
+    assert args.sched == 'cosine' and args.min_lr == 0 and args.warmup_epochs == 0
+    assert args.msda == 'automix' and args.automix_lam_concat and args.automix_stage == -2
+    assert args.automix_momentum_end == 0.99999 and args.mixblock_lr == 0.1
+    assert short['color_jitter'] == 0.0 and short['train_interpolation'] == 'bilinear' and 'aa' not in short
+
+
+def test_the_tiny_imagenet_hfds_recipe_is_the_folder_ones_with_other_data_keys():
+    data_keys = {'dataset', 'data_dir', 'train_split', 'val_split', 'val_per_class'}
+    hfds, folder = load(TINY_HFDS), load(CONFIGS / 'tiny_imagenet' / 'w1_cut_mixmo.yaml')
+    assert {k: v for k, v in hfds.items() if k not in data_keys} == \
+        {k: v for k, v in folder.items() if k not in data_keys}
+    assert hfds['dataset'] == 'hfds/zh-plus/tiny-imagenet' and (hfds['train_split'], hfds['val_split']) == \
+        ('train', 'valid')

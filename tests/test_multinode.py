@@ -163,8 +163,8 @@ def test_a_machine_killed_mid_epoch_stops_the_job_and_the_resumed_job_ends_bit_i
 
     # both machines again, from the run folder (shared by the machines): epoch 1 replayed from its start
     port = _free_port()
-    resumed = [_launch_node(rank, port, 'train.py', '--resume', folder, '--data-dir', shards, log=tmp_path / f'resume{rank}.log')
-               for rank in (0, 1)]
+    resumed = [_launch_node(rank, port, 'train.py', '--resume', folder, '--data-dir', shards,
+                            log=tmp_path / f'resume{rank}.log') for rank in (0, 1)]
     _wait_all(resumed, [tmp_path / f'resume{rank}.log' for rank in (0, 1)])
     ours, theirs = final_weights(folder), final_weights(reference)
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)

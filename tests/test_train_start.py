@@ -59,7 +59,7 @@ def test_a_plain_timm_cnn_on_the_digits_says_its_size_data_threads_and_trains_at
     log = proc.stdout + proc.stderr
     assert 'image size 32 px: the data set\'s own size; the model takes any input size (registered at 224 px' in log
     assert 'no --dataset: training on the embedded digits' in log
-    assert 'no config runs a paper setting for resnet18' in log
+    assert "the paper's settings for resnet18: -c configs/imagenet/automix_r18_100ep.yaml" in log  # AutoMix's row
     assert 'CPU: 1 thread(s) per process' in log
     config = (tmp_path / 'r18' / 'best' / 'config.json').read_text()
     assert re.search(r'"input_size": \[\s*3,\s*32,\s*32\s*\]', config), config
@@ -68,14 +68,16 @@ def test_a_plain_timm_cnn_on_the_digits_says_its_size_data_threads_and_trains_at
 def test_without_a_dataset_one_line_names_the_config_of_the_papers_setting(caplog, monkeypatch):
     monkeypatch.chdir(REPO)
     caplog.set_level(logging.INFO, logger='train')
-    for model in ('wrn28_10_mixmo2', 'wrn16_2_mixmo2', 'resnet18'):
+    for model in ('wrn28_10_mixmo2', 'wrn16_2_mixmo2', 'resnet34', 'resnet18'):
         train.say_where_the_data_comes_from(SimpleNamespace(dataset='', data_dir=None, model=model))
     lines = [r.getMessage() for r in caplog.records]
-    assert len(lines) == 3 and all('embedded digits' in line for line in lines)
+    assert len(lines) == 4 and all('embedded digits' in line for line in lines)
     assert "the paper's settings for wrn28_10_mixmo2: -c configs/cifar10/cut_mixmo.yaml and 9 more" in lines[0]
     assert 'no config runs a paper setting for wrn16_2_mixmo2 (its recipes: configs/cifar10/cpu_scale.yaml, ' \
            'configs/digits_mixmo.yaml)' in lines[1]
-    assert lines[2].endswith('no config runs a paper setting for resnet18; the paper rows: configs/README.md')
+    assert lines[2].endswith('no config runs a paper setting for resnet34; the paper rows: configs/README.md')
+    assert lines[3].endswith("the paper's settings for resnet18: -c configs/imagenet/automix_r18_100ep.yaml and 1 "
+                             "more (configs/README.md)")
     caplog.clear()
     train.say_where_the_data_comes_from(SimpleNamespace(dataset='cifar10-zip', data_dir=None, model='resnet18'))
     assert not caplog.records
