@@ -139,8 +139,7 @@ def test_a_machine_killed_mid_epoch_stops_the_job_and_the_resumed_job_ends_bit_i
     port = _free_port()
     # machine 1 stalls in the first step of epoch 1 (after the epoch-0 checkpoint); machine 0 waits for it in
     # that step's gradient all-reduce
-    nodes = [_launch_node(0, port, 'tests/slow_step_train.py', *args, log=logs[0], SLOW_STEP_FROM='1000000',
-                          SLOW_STEP_MARKER=str(tmp_path / 'unused')),
+    nodes = [_launch_node(0, port, 'tests/slow_step_train.py', *args, log=logs[0], SLOW_STEP_FROM='1000000'),
              _launch_node(1, port, 'tests/slow_step_train.py', *args, log=logs[1],
                           SLOW_STEP_FROM=str(STEPS_PER_EPOCH), SLOW_STEP_S='120', SLOW_STEP_MARKER=str(marker))]
     try:
@@ -151,7 +150,10 @@ def test_a_machine_killed_mid_epoch_stops_the_job_and_the_resumed_job_ends_bit_i
             time.sleep(0.05)
         _kill_machine(nodes[1])
         killed_at = time.time()
-        nodes[0].wait(timeout=NODE_EXIT_S)
+        try:
+            nodes[0].wait(timeout=NODE_EXIT_S)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f'machine 0 still runs {NODE_EXIT_S} s after machine 1 died:\n{logs[0].read_text()[-3000:]}')
         survivor_s = time.time() - killed_at
     finally:
         for node in nodes:
