@@ -210,6 +210,18 @@ def test_a_wds_run_resumed_at_an_epoch_boundary_ends_with_the_weights_of_an_unin
     assert not all(torch.equal(first[k], whole[k]) for k in whole)  # the second epoch did train
 
 
+def test_a_resumed_run_reads_its_recorded_data_unless_a_new_data_dir_is_given(tmp_path, one_thread):
+    """--resume without --data-dir: the data location of args.yaml; with it: the new one (the data moved)."""
+    _tar(tmp_path / 'data' / 'train.tar', CLASSES, per_class=4)
+    assert _run(tmp_path, '--data-dir', tmp_path / 'data' / 'train.tar') == 0
+    run = tmp_path / 'out' / 'x'
+    assert train.cli(['--resume', str(run), '--epochs', '2']) == 0  # before: the embedded digits, a class mismatch
+    assert _results(tmp_path)['best']['epoch'] in (0, 1) and 'train.tar' in _results(tmp_path)['dataset']
+    (tmp_path / 'data').rename(tmp_path / 'moved')
+    assert train.cli(['--resume', str(run), '--epochs', '3', '--data-dir', str(tmp_path / 'moved' / 'train.tar')]) == 0
+    assert str(tmp_path / 'moved' / 'train.tar') in _results(tmp_path)['dataset']
+
+
 def test_hfids_trains_with_last_epoch_selection_said_in_the_log_and_results(tmp_path, one_thread, caplog):
     pytest.importorskip('datasets')
     data = _parquet_set(tmp_path / 'pq')

@@ -23,6 +23,9 @@ LOCAL_KEYS = {'config', 'resume', 'output', 'experiment', 'debug', 'workers', 'd
               'data_dir', 'dataset_download', 'pretrained_path', 'initial_checkpoint', 'log_tensorboard',
               'checkpoint_hist', 'log_interval', 'log_interval_s', 'torchcompile', 'torchcompile_mode',
               'channels_last', 'fused_opt', 'mix_vis_interval'}
+# local keys a resumed run takes from its args.yaml when the command line does not give them: where the data is
+# (a run resumes on its own data without naming it again; a new --data-dir still wins, e.g. the data moved)
+RECORDED_LOCAL_KEYS = ('data_dir',)
 _BOOL_WORDS = {'true': True, 'yes': True, 'on': True, '1': True, 'false': False, 'no': False, 'off': False, '0': False}
 _BOOL_ACTIONS = (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse.BooleanOptionalAction)
 
@@ -150,7 +153,8 @@ def build_parser(description: str = '') -> argparse.ArgumentParser:
     g.add_argument('--seed', type=int, default=42, help='seeds the weights, the data order and every mixing draw')
     g.add_argument('--output', default='output/train', help='parent folder of the experiment folders')
     g.add_argument('--experiment', default='', help='experiment folder name (default: date-model)')
-    g.add_argument('--resume', default='', help='experiment folder (or checkpoint) to continue from, with its own arguments (args.yaml)')
+    g.add_argument('--resume', default='', help='experiment folder (or checkpoint) to continue from, with its own arguments '
+                   '(args.yaml), its data location included unless --data-dir gives a new one')
     g.add_argument('--checkpoint-hist', type=int, default=1, help='complete checkpoints to keep')
     g.add_argument('--eval-metric', default='top1', help='validation metric that selects the best epoch')
     g.add_argument('--log-tensorboard', action='store_true', help='log the summary columns to <run>/tensorboard/')
@@ -345,7 +349,8 @@ def parse_args(argv=None, description: str = '') -> argparse.Namespace:
         run_dir, _ = resolve_resume(Path(pre.resume))
         saved = read_args(run_dir)
         known = {a.dest for a in parser._actions}
-        parser.set_defaults(**{k: v for k, v in saved.items() if k in known and k not in LOCAL_KEYS})
+        parser.set_defaults(**{k: v for k, v in saved.items()
+                               if k in known and (k not in LOCAL_KEYS or k in RECORDED_LOCAL_KEYS)})
     if pre.config:
         parser.set_defaults(**read_config(Path(pre.config), parser))
     args = parser.parse_args(argv)
