@@ -34,6 +34,7 @@ import torch
 from timm_mimo import rundir
 from timm_mimo.eval import DataSettings, EvalOptions, ModelSource, OODSettings, OutputFiles, evaluate
 from timm_mimo.eval.ensemble import ENSEMBLE_CHOICES
+from timm_mimo.train.args import DATA_BACKEND_KEYS, add_data_backend_args
 
 
 def build_parser():
@@ -81,6 +82,7 @@ def build_parser():
     p.add_argument('--overwrite', action='store_true', help='allow replacing existing result files')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--debug', action='store_true', help='show tracebacks instead of one-line errors')
+    add_data_backend_args(p, from_run=True)
     return p
 
 
@@ -98,7 +100,8 @@ def main(argv=None):
                          num_classes=args.num_classes, model_kwargs=parse_model_kwargs(args.model_kwargs),
                          ensemble=args.ensemble)
     data = DataSettings(dataset=args.dataset, data_dir=args.data_dir, download=args.dataset_download,
-                        split=args.split, val_per_class=args.val_per_class, img_size=args.img_size)
+                        split=args.split, val_per_class=args.val_per_class, img_size=args.img_size,
+                        **{key: getattr(args, key) for key in DATA_BACKEND_KEYS})
     ood = None if args.ood_dataset is None else OODSettings(
         dataset=args.ood_dataset, data_dir=args.ood_data_dir, split=args.ood_split,
         val_per_class=args.ood_val_per_class, max_samples=args.ood_max_samples)

@@ -22,6 +22,7 @@ from timm_mimo.data.streams import check_stream_coverage, create_stream
 
 sys.path.insert(0, str(REPO))
 import train  # noqa: E402
+import validate  # noqa: E402
 
 CLASSES = ('cat', 'dog', 'emu')
 TINY_RUN = ['--img-size', '8', '-b', '4', '--epochs', '1', '--limit-train-batches', '2', '--val-per-class', '1']
@@ -84,6 +85,15 @@ def _results(tmp_path) -> dict:
     return json.loads((tmp_path / 'out' / 'x' / 'results.json').read_text())
 
 
+def _validate(tmp_path, *args) -> dict:
+    """validate.py on the run of _run (its best/ weights) in this process: the results it writes."""
+    out = tmp_path / f'eval-{len(list(tmp_path.glob("eval-*.json")))}.json'
+    from timm_mimo.cli import run_cli
+    assert run_cli(validate.main, [str(tmp_path / 'out' / 'x'), '--device', 'cpu', '-j', '0', '--results-file',
+                                   str(out), *map(str, args)]) == 0
+    return json.loads(out.read_text())
+
+
 # ------------------------------------------------------------------------------------------------------
 # map-style: a tar, hfds/
 
@@ -115,6 +125,47 @@ def test_hfds_local_parquet_is_carved_and_reports_the_named_split(tmp_path, one_
     assert _run(tmp_path, '--dataset', f'hfds/{data}', '--data-dir', tmp_path / 'cache', '--val-split', 'test') == 0
     results = _results(tmp_path)
     assert results['test_split'] == f'hfds/{data} test split' and '6 test' in results['dataset']
+
+
+def test_validate_reads_a_tar_run_with_its_recorded_splits_and_training_class_numbers(tmp_path, one_thread):
+    _tar(tmp_path / 'data' / 'imgs.tar', CLASSES, per_class=4)
+    _tar(tmp_path / 'data' / 'holdout.tar', ('cat', 'emu'), per_class=2, start=100)  # no dog: emu stays class 2
+    assert _run(tmp_path, '--data-dir', tmp_path / 'data' / 'imgs.tar', '--val-split', 'holdout') == 0
+    results = _validate(tmp_path)  # the run's --data-dir and --val-split, as it recorded them
+    assert results['split'] == 'test' and results['num_samples'] == 4 and 'holdout.tar' in results['dataset']
+    assert results['test']['top1'] == _results(tmp_path)['best']['test']['top1']  # the same images, the same labels
+    carved = _validate(tmp_path, '--split', 'validation')
+    assert carved['num_samples'] == 3  # the last image of each class of imgs.tar, as in training
+
+
+def test_validate_reads_an_hfds_run_on_another_split_named_by_val_split(tmp_path, one_thread):
+    pytest.importorskip('datasets')
+    data = _parquet_set(tmp_path / 'pq')
+    assert _run(tmp_path, '--dataset', f'hfds/{data}', '--data-dir', tmp_path / 'cache') == 0
+    assert _validate(tmp_path)['dataset'].endswith(f'6 test (hfds/{data} validation split)')
+    results = _validate(tmp_path, '--val-split', 'test')
+    assert results['num_samples'] == 6 and results['dataset'].endswith(f'(hfds/{data} test split)')
+
+
+def test_validate_counts_the_samples_a_wds_stream_yields_and_labels_them_with_the_training_classes(
+        tmp_path, one_thread):
+    pytest.importorskip('webdataset')
+    _wds_shards(tmp_path / 'wds', 'train', shards=2, per_shard=8)
+    _wds_shards(tmp_path / 'wds', 'val', shards=1, per_shard=3, start=100)
+    _wds_shards(tmp_path / 'wds', 'test', shards=3, per_shard=5, start=200)
+    assert _run(tmp_path, '--dataset', 'wds/tiny', '--data-dir', tmp_path / 'wds', '--num-classes', 3,
+                '--train-split', 'train-{0000..0001}.tar|16', '--val-split', 'val-0000.tar') == 0
+    results = _validate(tmp_path, '--split', 'validation')  # the run's selection split
+    assert results['num_samples'] == 3 and results['validation']['top1'] == _results(tmp_path)['best'][
+        'validation']['top1']
+    # a stream named with a wrong length (|99): what is read is counted, across 2 workers sharing 3 shards
+    reported = _validate(tmp_path, '--val-split', 'test-{0000..0002}.tar|99', '--select-last-epoch', '-j', '2')
+    assert reported['split'] == 'test' and reported['num_samples'] == 15
+    predictions = tmp_path / 'p.safetensors'
+    _validate(tmp_path, '--val-split', 'test-{0000..0002}.tar|99', '--select-last-epoch', '--save-predictions',
+              predictions)
+    from safetensors.torch import load_file
+    assert sorted(load_file(str(predictions))['labels'].tolist()) == sorted(i % 3 for i in range(200, 215))
 
 
 def test_a_class_map_numbers_the_training_and_test_splits_alike(tmp_path):
@@ -283,3 +334,22 @@ def test_bad_data_input_is_one_line_and_leaves_no_run_folder(make_args, needle, 
     code = _run(tmp_path, *args)
     one_line_error(code, capsys.readouterr().err, needle)
     assert not (tmp_path / 'out' / 'x').exists()
+
+
+@pytest.mark.parametrize('make_args,needle', [
+    (_no_shard, 'no shard of the pattern exists in'),
+    (lambda p: ['--dataset', 'hfds/org/absent', '--data-dir', p / 'cache'], 'cannot read hfds/org/absent'),
+    (_missing_hfds_split, '--val-split holdout: hfds/'),
+    (_missing_folder_split, '--val-split holdout: no folder'),
+], ids=['wds-no-shard', 'hfds-absent', 'hfds-missing-split', 'folder-missing-split'])
+def test_bad_data_input_to_validate_is_one_line_and_writes_nothing(make_args, needle, tmp_path, capsys, offline,
+                                                                   one_thread):
+    from timm_mimo.cli import run_cli
+    args = make_args(tmp_path)
+    capsys.readouterr()
+    results = tmp_path / 'results.json'
+    code = run_cli(validate.main, ['--model', 'wrn16_2_mixmo2', '--num-classes', '3', '--img-size', '8',
+                                   '--val-per-class', '1', '--device', 'cpu', '--results-file', str(results),
+                                   *map(str, args)])
+    one_line_error(code, capsys.readouterr().err, needle)
+    assert not results.exists()

@@ -43,6 +43,9 @@ TEST_FOLDERS = ('test', 'validation', 'val', 'valid', 'eval', 'evaluation')
 MAX_IMG_SIZE = 4096
 MAX_DIGITS_IMG_SIZE = 256
 LAST_EPOCH = 'the last epoch (--select-last-epoch: no selection split)'
+# timm's data set flags, build_splits' arguments of the same names (train.py and validate.py take them alike)
+DATA_BACKEND_KEYS = ('train_split', 'val_split', 'train_num_samples', 'val_num_samples', 'class_map',
+                     'select_last_epoch')
 
 
 @dataclass

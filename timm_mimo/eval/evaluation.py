@@ -86,6 +86,27 @@ class DataSettings:
     split: Optional[str] = None  # default: test when the data set has one, else validation
     val_per_class: Optional[int] = None
     img_size: Optional[int] = None  # default: the model's
+    # timm's data set flags, as train.py takes them (data.splits.DATA_BACKEND_KEYS): the splits and the class map
+    # are rebuilt as the run built them; None takes the run's recorded value
+    train_split: Optional[str] = None
+    val_split: Optional[str] = None
+    train_num_samples: Optional[int] = None
+    val_num_samples: Optional[int] = None
+    class_map: Optional[str] = None
+    select_last_epoch: Optional[bool] = None
+
+    def backend_arguments(self, dataset: str, run_args: dict) -> dict:
+        """build_splits' data set flags: this evaluation's, else the run's recorded ones, else its defaults.
+        A stream evaluated with no selection split named reports on ``val_split`` (or the set's own test /
+        validation split): evaluation selects nothing, so it is read as train.py's --select-last-epoch."""
+        from ..data.splits import DATA_BACKEND_KEYS
+        from ..data.streams import is_stream
+        chosen = {key: getattr(self, key) if getattr(self, key) is not None else run_args.get(key)
+                  for key in DATA_BACKEND_KEYS}
+        chosen = {key: value for key, value in chosen.items() if value is not None}
+        if is_stream(dataset) and not chosen.get('val_split') and chosen.get('select_last_epoch') is None:
+            chosen['select_last_epoch'] = True
+        return chosen
 
 
 @dataclass
@@ -155,7 +176,8 @@ def default_workers(dataset) -> int:
 
 def with_progress(loader, desc: str, interval: float):
     """Yield the loader's batches; a tqdm bar on a terminal, else a log line every ``interval`` seconds."""
-    total = len(loader)
+    # a stream's length is unknown, or the library's estimate: its batches are counted as they come
+    total = None if isinstance(getattr(loader, 'dataset', None), torch.utils.data.IterableDataset) else len(loader)
     if sys.stderr.isatty():
         from tqdm import tqdm
         yield from tqdm(loader, desc=desc, total=total, unit='batch', leave=False, dynamic_ncols=True)
@@ -167,7 +189,8 @@ def with_progress(loader, desc: str, interval: float):
         seen += len(targets)
         now = time.monotonic()
         if now - last >= interval or step == total:
-            _logger.info(f'{desc}: {step}/{total} batches, {seen} images, {seen / max(now - start, 1e-9):.0f} img/s')
+            _logger.info(f'{desc}: {step}/{total or "?"} batches, {seen} images, '
+                         f'{seen / max(now - start, 1e-9):.0f} img/s')
             last = now
 
 
@@ -282,7 +305,8 @@ def _splits_of(model: nn.Module, data: DataSettings, run_args: dict):
     img_size = data.img_size or (cfg.get('input_size') or (3, 32, 32))[-1]
     splits = build_splits(dataset, data_dir, data.download, img_size,
                           mean=cfg.get('mean') if dataset else None, std=cfg.get('std') if dataset else None,
-                          val_per_class=data.val_per_class or run_args.get('val_per_class'))
+                          val_per_class=data.val_per_class or run_args.get('val_per_class'),
+                          num_classes=getattr(model, 'num_classes', None), **data.backend_arguments(dataset, run_args))
     if getattr(model, 'num_classes', splits.num_classes) != splits.num_classes:
         raise ValueError(f'the model predicts {model.num_classes} classes but the dataset has {splits.num_classes}')
     split = data.split or ('test' if splits.test is not None else 'validation')
@@ -290,6 +314,16 @@ def _splits_of(model: nn.Module, data: DataSettings, run_args: dict):
     if eval_set is None:
         raise ValueError(f'{splits.description} has no {split} split')
     return splits, split, eval_set, img_size
+
+
+def example_image(dataset, model: nn.Module, img_size: int) -> torch.Tensor:
+    """An input of the evaluated set's shape, for the inference cost: its first image, or for a stream (no index;
+    reading ahead would fix its reader's sharding before the loader's workers start) a blank of the side every
+    split is cropped to."""
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        channels = ((getattr(model, 'pretrained_cfg', None) or {}).get('input_size') or (3,))[0]
+        return torch.zeros(channels, img_size, img_size)
+    return dataset[0][0]
 
 
 def _ood_results(predicted, ood_predicted, description: str, count: int, log) -> Tuple[dict, list]:
@@ -371,6 +405,8 @@ def evaluate(model: ModelLike, data: Optional[DataSettings] = None, *, ood: Opti
 
     def predictions(images, desc):
         workers = default_workers(images) if options.workers is None else options.workers
+        if hasattr(images, 'set_loader_cfg'):  # a timm stream: its reader shares the shards among the workers
+            images.set_loader_cfg(num_workers=workers)
         loader = DataLoader(images, batch_size=options.batch_size, num_workers=workers)
         batches = with_progress(loader, desc, options.log_interval) if options.progress else loader
         return collect_predictions(model, ((x.to(device), y) for x, y in batches))
@@ -387,13 +423,15 @@ def evaluate(model: ModelLike, data: Optional[DataSettings] = None, *, ood: Opti
     cfg = getattr(model, 'pretrained_cfg', {}) or {}
     results = dict(checkpoint=checkpoint, model=cfg.get('architecture', source.name),
                    num_members=getattr(model, 'num_members', 1), dataset=splits.description, split=split,
-                   num_samples=len(eval_set))
+                   num_samples=None)
     if isinstance(model, DeepEnsemble):
         results.update(checkpoints=list(source.checkpoints), members_per_network=model.members_per_network)
     if hasattr(model, 'ensemble'):
         results['ensemble'] = {rule: name for name, rule in ENSEMBLE_CHOICES.items()}[model.ensemble]
-    results['cost'] = inference_cost(model, eval_set[0][0].to(device))
+    results['cost'] = inference_cost(model, example_image(eval_set, model, img_size).to(device))
     results[split], logits = metrics_of(eval_set, split)
+    # what was read and scored: a stream's length is not known before (or is the library's estimate)
+    results['num_samples'] = len(logits['labels'])
     rows = [_table_row(split, results[split], **results['cost'])]
     for line in summary_lines(results, split):
         log(line)
@@ -401,7 +439,7 @@ def evaluate(model: ModelLike, data: Optional[DataSettings] = None, *, ood: Opti
     if ood is not None:
         ood_ens, ood_members, _ = predictions(ood_set, 'ood')
         results['ood'], ood_rows = _ood_results((logits['logits'], logits['member_logits']), (ood_ens, ood_members),
-                                                ood_description, len(ood_set), log)
+                                                ood_description, len(ood_ens), log)
         rows += ood_rows
         logits.update(ood_logits=ood_ens, ood_member_logits=ood_members)
 

@@ -14,6 +14,7 @@ from typing import List, Tuple
 import yaml
 
 from ..cli import refuse_below_one
+from ..data.splits import DATA_BACKEND_KEYS  # noqa: F401  (train.py's, with the flags below)
 from .settings import AugmentSettings, AutoMixSettings, MixingSettings, OptimSettings, RunSettings
 
 LOWER_IS_BETTER = ('nll', 'ece', 'brier', 'loss')
@@ -153,8 +154,9 @@ def build_parser(description: str = '') -> argparse.ArgumentParser:
     g.add_argument('--seed', type=int, default=42, help='seeds the weights, the data order and every mixing draw')
     g.add_argument('--output', default='output/train', help='parent folder of the experiment folders')
     g.add_argument('--experiment', default='', help='experiment folder name (default: date-model)')
-    g.add_argument('--resume', default='', help='experiment folder (or checkpoint) to continue from, with its own arguments '
-                   '(args.yaml), its data location included unless --data-dir gives a new one')
+    g.add_argument('--resume', default='',
+                   help='experiment folder (or checkpoint) to continue from, with its own arguments (args.yaml), its '
+                        'data location included unless --data-dir gives a new one')
     g.add_argument('--checkpoint-hist', type=int, default=1, help='complete checkpoints to keep')
     g.add_argument('--eval-metric', default='top1', help='validation metric that selects the best epoch')
     g.add_argument('--log-tensorboard', action='store_true', help='log the summary columns to <run>/tensorboard/')
@@ -163,31 +165,36 @@ def build_parser(description: str = '') -> argparse.ArgumentParser:
     return p
 
 
-# the data set backend flags, passed to build_splits by name
-DATA_BACKEND_KEYS = ('train_split', 'val_split', 'train_num_samples', 'val_num_samples', 'class_map', 'select_last_epoch')
-
-
-def add_data_backend_args(p: argparse.ArgumentParser):
-    """timm's data-set flags for its readers (folder, tar, torch/, hfds/, hfids/, wds/, tfds/; README "Data")."""
+def add_data_backend_args(p: argparse.ArgumentParser, from_run: bool = False):
+    """timm's data-set flags for its readers (folder, tar, torch/, hfds/, hfids/, wds/, tfds/; README "Data"),
+    passed to ``build_splits`` by name (:data:`DATA_BACKEND_KEYS`). ``from_run`` (validate.py): every default is
+    None, read as the evaluated run's recorded value, so that its splits and class map are those it trained on."""
+    def default(value):
+        return None if from_run else value
+    run_default = " (default: the run's)" if from_run else ''
     g = p.add_argument_group('data sets through timm\'s readers (hfds/, hfids/, wds/, tfds/, tars)')
-    g.add_argument('--train-split', default='train',
+    g.add_argument('--train-split', default=default('train'),
                    help="training split: a folder under --data-dir, a library split name (hfds/, hfids/), or for "
-                        "wds/ a split of the shard folder's _info.json or a shard pattern 'train-{0000..0009}.tar|N'")
+                        "wds/ a split of the shard folder's _info.json or a shard pattern 'train-{0000..0009}.tar|N'; "
+                        "its classes number every split" + run_default)
     g.add_argument('--val-split', default=None,
                    help="map-style sets (folder, tar, torch/, hfds/): the split reported at the end (a folder, a "
                         "tar beside the training tar, a library split; default: the set's test / validation split), "
                         "the selection split being carved from training; streams (wds/, hfids/, tfds/): the "
-                        "model-selection split, or with --select-last-epoch the reported one")
+                        "model-selection split, or with --select-last-epoch the reported one" + run_default)
     g.add_argument('--train-num-samples', type=int, default=None,
                    help='samples in the training stream, where the library does not know it (hfids/, wds/ patterns '
-                        'without |N)')
-    g.add_argument('--val-num-samples', type=int, default=None, help='the same for the --val-split stream')
-    g.add_argument('--class-map', default='',
+                        'without |N)' + run_default)
+    g.add_argument('--val-num-samples', type=int, default=None,
+                   help='the same for the --val-split stream' + run_default)
+    g.add_argument('--class-map', default=default(''),
                    help="file of class names, one a line, in index order (timm's format): the classes read and "
-                        "their indices, for every split")
-    g.add_argument('--select-last-epoch', action='store_true',
+                        "their indices, for every split" + run_default)
+    g.add_argument('--select-last-epoch', action='store_true', default=default(False),
                    help='streams without a selection split: keep the last epoch\'s weights as best/ (said in the '
-                        'log and results.json); --val-split is then the reported split')
+                        'log and results.json); --val-split is then the reported split' +
+                        (" (default: the run's; without a run and without --val-split: on, evaluation selects "
+                         "nothing)" if from_run else ''))
 
 
 def _config_value(action: argparse.Action, key: str, value, where: str):
