@@ -141,12 +141,13 @@ def setup(args, run_dir: Path, stop: StopRequest, wall_start: float) -> Training
     from timm_mimo.data import native_img_size
     from timm_mimo.data.loaders import build_loaders
     from timm_mimo.data.splits import auto_augment_transform, build_splits
-    from timm_mimo.models.factory import registered_cfg, resolve_img_size, unknown_model_error
+    from timm_mimo.models.factory import read_model_source, registered_cfg, resolve_img_size
     from timm_mimo.train.speed import CompiledWithFallback, create_optimizer, report_cpu_threads
     from timm_mimo.train.tasks import build_builder, create_task
 
-    if not timm.is_model(args.model):
-        raise unknown_model_error(args.model)
+    sourced = read_model_source(args.model)  # hf-hub: / local-dir: names: their config.json; bad names: one line
+    if sourced is not None:  # recorded in args.yaml and every model folder: which Hub commit or folder was loaded
+        args.model_source = sourced.record
     accelerator = make_accelerator(args, run_dir)
     set_seed(args.seed)
     world, accum, repeat = accelerator.num_processes, args.grad_accum_steps, args.batch_repeat
@@ -155,7 +156,7 @@ def setup(args, run_dir: Path, stop: StopRequest, wall_start: float) -> Training
                          f'steps ({accum}) x batch repetition ({repeat})')
     unique = args.batch_size // (world * accum * repeat)
     model_args = model_arguments(args)
-    cfg = registered_cfg(args.model, model_args)
+    cfg = registered_cfg(args.model, model_args, sourced)
     img_size, why = resolve_img_size(cfg, model_args, args.img_size, native_img_size(args.dataset, args.data_dir))
     splits = build_splits(args.dataset, args.data_dir, args.dataset_download, img_size,
                           mean=cfg.mean if cfg is not None and args.dataset else None,
@@ -197,7 +198,8 @@ def setup(args, run_dir: Path, stop: StopRequest, wall_start: float) -> Training
     run = Training(settings=settings, accelerator=accelerator, run_dir=run_dir, model=model, prepared=prepared,
                    step_model=step_model, task=task, optimizer=optimizer, scheduler=scheduler,
                    train_loader=train_loader, validation=validation, test=test, splits=splits, model_args=model_args,
-                   data_config=data_config, steps_per_epoch=steps, stop=stop, wall_start=wall_start, speed=speed)
+                   data_config=data_config, steps_per_epoch=steps, stop=stop, wall_start=wall_start, speed=speed,
+                   model_source=sourced.record if sourced is not None else None)
     if accelerator.is_main_process:  # once everything is built: bad input is one error line, alone
         say_where_the_data_comes_from(args)
         _logger.info(f'image size {img_size} px: {why}')
@@ -340,11 +342,13 @@ def save_best(run: Training, epoch: int, metrics: dict):
         weights = run.accelerator.get_state_dict(run.prepared)  # a collective under FSDP
         if run.accelerator.is_main_process:
             rundir.save_model_folder(run.model, run.run_dir / rundir.BEST_DIR, run.model_args, run.data_config,
-                                     weights, metrics=dict(epoch=epoch, validation=metrics['model']))
+                                     weights, metrics=dict(epoch=epoch, validation=metrics['model']),
+                                     model_source=run.model_source)
     elif run.accelerator.is_main_process:  # AutoMix deploys its momentum encoder, chosen on its own metric
         rundir.save_model_folder(run.task.ema.module, run.run_dir / rundir.BEST_DIR, run.model_args, run.data_config,
                                  metrics=dict(epoch=epoch, model=run.task.deployed, validation=metrics[
-                                     run.task.deployed], online_validation=metrics['model']))
+                                     run.task.deployed], online_validation=metrics['model']),
+                                 model_source=run.model_source)
 
 
 def final_evaluation(run: Training) -> dict:
@@ -371,7 +375,8 @@ def final_evaluation(run: Training) -> dict:
         results[f'{name}_validation'] = evaluate(model, run.validation, task)
         if accelerator.is_main_process:
             rundir.save_model_folder(model, run.run_dir / name, run.model_args, run.data_config,
-                                     metrics=dict(validation=results[f'{name}_validation']))
+                                     metrics=dict(validation=results[f'{name}_validation']),
+                                     model_source=run.model_source)
     if task.deployed != 'model':  # best/ holds the momentum encoder (the deployed model); 'last' the online one
         results.update(deployed_model=task.deployed)
         results['best']['model'], results['last']['model'] = task.deployed, 'online'

@@ -8,6 +8,8 @@ timm model (M = 1).
     python validate.py path/to/model_folder                  # a folder with config.json + model.safetensors
     python validate.py weights.safetensors --model wrn16_4_mixmo2 --num-classes 10
     python validate.py --model wrn28_10_mixmo2.cifar100 --pretrained --dataset torch/cifar100 --split test
+    python validate.py --model hf-hub:org/name --pretrained --dataset torch/cifar100   # a Hub model by its id
+    python validate.py output/train/my-run --dataset wds/imagenet --data-dir shards/ --val-split 'val-{0000..0007}.tar'
 
     python validate.py output/train/my-run --ood-dataset '' --report report/   # digits as OOD, a report page
 
@@ -47,9 +49,14 @@ def build_parser():
     p.add_argument('--ensemble', default=None, choices=sorted(ENSEMBLE_CHOICES),
                    help="how the members' predictions combine: mean of the probabilities or of the logits "
                         "(default: mean-prob for several checkpoints, a single model's own rule)")
-    p.add_argument('--model', default='', help='architecture (for a weights file or --pretrained)')
-    p.add_argument('--pretrained', action='store_true', help='registered pretrained weights of --model')
-    p.add_argument('--num-classes', type=int, default=None)
+    p.add_argument('--model', default='',
+                   help="architecture (for a weights file or --pretrained): a registered name, 'hf-hub:org/name[@rev]' "
+                        "or 'local-dir:PATH' (its config.json; the Hub commit is written to the results as "
+                        "model_source)")
+    p.add_argument('--pretrained', action='store_true',
+                   help='the pretrained weights of --model (registered, or the hf-hub: / local-dir: ones)')
+    p.add_argument('--num-classes', type=int, default=None,
+                   help='classes of --model; another count than its weights\' rebuilds the heads (untrained)')
     p.add_argument('--model-kwargs', nargs='*', default=[], metavar='K=V')
     p.add_argument('--dataset', default=None, help="as train.py ('' = embedded digits); default: the run's")
     p.add_argument('--data-dir', default=None)

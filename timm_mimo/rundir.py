@@ -198,20 +198,22 @@ def remove_leftovers(folder: Path, name: Optional[str] = None) -> List[str]:
 # model folders (timm's Hub format) and checkpoints
 
 def save_model_folder(model: nn.Module, folder: Path, model_args: dict, data_config: Optional[dict] = None,
-                      state_dict: Optional[dict] = None, metrics: Optional[dict] = None):
+                      state_dict: Optional[dict] = None, metrics: Optional[dict] = None,
+                      model_source: Optional[dict] = None):
     """``model.safetensors`` + ``config.json`` written by timm's ``save_for_hf``, atomically.
 
     ``state_dict``: the weights to write when ``model.state_dict()`` is not them (FSDP: the gathered
     weights of ``accelerator.get_state_dict``). ``data_config``: the preprocessing the weights were trained with.
+    ``model_source``: what the run started from (a Hub id and commit, a folder), config.json's ``model_source``.
     """
     with atomic_dir(folder) as tmp, writing(folder):
-        write_model_files(model, tmp, model_args, data_config, state_dict)
+        write_model_files(model, tmp, model_args, data_config, state_dict, model_source)
         if metrics:
             write_json_atomic(tmp / METRICS_FILE, metrics)
 
 
 def write_model_files(model: nn.Module, folder: Path, model_args: dict, data_config: Optional[dict] = None,
-                      state_dict: Optional[dict] = None):
+                      state_dict: Optional[dict] = None, model_source: Optional[dict] = None):
     from timm.models import save_for_hf
     weights = model.state_dict() if state_dict is None else state_dict
     # safetensors refuses non-contiguous tensors (channels-last kernels): timm's save_for_hf reads
@@ -219,11 +221,14 @@ def write_model_files(model: nn.Module, folder: Path, model_args: dict, data_con
     contiguous = {k: v.detach().contiguous() for k, v in weights.items()}
     model.state_dict = lambda *args, **kwargs: contiguous
     try:
-        save_for_hf(model, str(folder), model_args=model_args, data_config=data_config, safe_serialization=True)
+        save_for_hf(model, str(folder), model_args=model_args, data_config=data_config, safe_serialization=True,
+                    model_config={MODEL_SOURCE_KEY: model_source} if model_source else None)
     finally:
         del model.state_dict
 
 
+# config.json's record of what a fine-tuned model started from (models.factory.SourcedModel.record); timm ignores it
+MODEL_SOURCE_KEY = 'model_source'
 _INPUT_SIZE_KEYS = ('input_size', 'test_input_size', 'min_input_size')
 
 
@@ -465,20 +470,21 @@ def load_model(checkpoint: Checkpoint, model_name: Optional[str] = None, **kwarg
     import timm
     from timm.models import split_model_name_tag
     from .models.weights import load_weights
+    from .models.factory import read_model_source
     num_classes = kwargs.get('num_classes')
+    # a registered name, or a hf-hub: / local-dir: one (its config.json names the architecture); else one line
+    sourced = read_model_source(model_name) if model_name else None
     if checkpoint.which == 'file':
         if not model_name:
             raise ValueError(f'{checkpoint.weights} is a weights file: name its architecture with --model')
-        if not timm.is_model(model_name):
-            from .models.factory import unknown_model_error
-            raise unknown_model_error(model_name)
         model = timm.create_model(model_name, **kwargs)
         load_weights(model, checkpoint.weights)
         return model
     model = load_model_folder(checkpoint.weights, **{k: v for k, v in kwargs.items() if k != 'num_classes'})
     arch = model.pretrained_cfg.get('architecture')
-    if model_name and split_model_name_tag(model_name)[0] != arch:
-        raise ValueError(f'{checkpoint.weights} holds a {arch}, not a {split_model_name_tag(model_name)[0]}')
+    named = sourced.architecture if sourced is not None else split_model_name_tag(model_name or '')[0]
+    if model_name and named != arch:
+        raise ValueError(f'{checkpoint.weights} holds a {arch}, not a {named}')
     if num_classes is not None and num_classes != model.num_classes:
         raise ValueError(f'{checkpoint.weights} predicts {model.num_classes} classes, not {num_classes}')
     return model

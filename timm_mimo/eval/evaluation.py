@@ -42,10 +42,10 @@ class ModelSource:
     num_classes: Optional[int] = None
     model_kwargs: Dict[str, object] = field(default_factory=dict)
     ensemble: Optional[str] = None  # a key of ENSEMBLE_CHOICES; None: mean-prob for several, else the model's own
+    model_source: Optional[dict] = None  # set by load: what a hf-hub: / local-dir: name resolved to (Hub commit)
 
     def load(self) -> Tuple[nn.Module, dict]:
         """(model, the first run's args.yaml dict or {})."""
-        import timm
         from .ensemble import DeepEnsemble
         kwargs = dict(self.model_kwargs)
         if self.num_classes is not None:
@@ -53,10 +53,11 @@ class ModelSource:
         if not self.checkpoints:
             if not self.name:
                 raise ValueError('give a checkpoint, or --model NAME --pretrained')
-            from ..models.factory import create_model, unknown_model_error  # one-line errors for names and weights
-            if not timm.is_model(self.name):
-                raise unknown_model_error(self.name)
+            from ..models.factory import create_model, read_model_source  # one-line errors for names and weights
+            sourced = read_model_source(self.name)  # hf-hub: / local-dir: names: their config, what they resolve to
             model, run_args = create_model(self.name, pretrained=self.pretrained, **kwargs), {}
+            if sourced is not None:
+                self.model_source = sourced.record
         else:
             resolved = [rundir.resolve(source, self.which) for source in self.checkpoints]
             models = [rundir.load_model(checkpoint, self.name or None, **kwargs) for checkpoint in resolved]
@@ -426,6 +427,8 @@ def evaluate(model: ModelLike, data: Optional[DataSettings] = None, *, ood: Opti
                    num_samples=None)
     if isinstance(model, DeepEnsemble):
         results.update(checkpoints=list(source.checkpoints), members_per_network=model.members_per_network)
+    if source.model_source is not None:
+        results['model_source'] = source.model_source
     if hasattr(model, 'ensemble'):
         results['ensemble'] = {rule: name for name, rule in ENSEMBLE_CHOICES.items()}[model.ensemble]
     results['cost'] = inference_cost(model, example_image(eval_set, model, img_size).to(device))

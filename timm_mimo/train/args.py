@@ -27,6 +27,9 @@ LOCAL_KEYS = {'config', 'resume', 'output', 'experiment', 'debug', 'workers', 'd
 # local keys a resumed run takes from its args.yaml when the command line does not give them: where the data is
 # (a run resumes on its own data without naming it again; a new --data-dir still wins, e.g. the data moved)
 RECORDED_LOCAL_KEYS = ('data_dir',)
+# what train.py records in args.yaml beside the flags (a hf-hub: / local-dir: model's Hub commit or folder):
+# a run's args.yaml stays a valid -c config, these keys being skipped
+RECORD_KEYS = ('model_source',)
 _BOOL_WORDS = {'true': True, 'yes': True, 'on': True, '1': True, 'false': False, 'no': False, 'off': False, '0': False}
 _BOOL_ACTIONS = (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse.BooleanOptionalAction)
 
@@ -52,14 +55,22 @@ def build_parser(description: str = '') -> argparse.ArgumentParser:
     g.add_argument('--data-cache-dir', default=None,
                    help='where decoded uint8 splits are cached (default $TIMM_MIMO_CACHE_DIR or ~/.cache/timm_mimo)')
     g = p.add_argument_group('model')
-    g.add_argument('--model', default='wrn16_2_mixmo2', help='any registered timm model')
-    g.add_argument('--num-classes', type=int, default=None, help='default: from the dataset')
+    g.add_argument('--model', default='wrn16_2_mixmo2',
+                   help="any registered timm model, or one by its source as timm names it: 'hf-hub:org/name[@rev]' "
+                        "(a Hub repository or the local Hugging Face cache) or 'local-dir:PATH' (a folder of "
+                        "config.json + model.safetensors); the Hub commit or folder is recorded (args.yaml, "
+                        "best/config.json: model_source)")
+    g.add_argument('--num-classes', type=int, default=None,
+                   help="the data set's class count (checked; default: the data set's); a --pretrained model of "
+                        "another count is fine-tuned: its heads (all M of a MIMO model) are rebuilt, its core kept")
     g.add_argument('--num-members', type=int, default=None, help='M (MIMO models only); default the model\'s')
     g.add_argument('--ensemble', default=None, choices=['logits', 'probs'], help='ensembling rule (MIMO)')
     g.add_argument('--drop', type=float, default=None, help='dropout before the heads')
     g.add_argument('--drop-path', type=float, default=None, help='stochastic depth rate (timm models that have it)')
     g.add_argument('--model-kwargs', nargs='*', default=[], metavar='K=V', help='extra create_model kwargs')
-    g.add_argument('--pretrained', action='store_true', help='start from the registered pretrained weights')
+    g.add_argument('--pretrained', action='store_true',
+                   help='start from the pretrained weights: the registered ones, or those of the hf-hub: / local-dir: '
+                        'model')
     g.add_argument('--initial-checkpoint', default='', help='start from these weights (safetensors / .pth)')
     g.add_argument('--pretrained-path', default=None,
                    help="load these local weights as the pretrained ones (timm's flag; for mimo_backbone: the "
@@ -243,6 +254,7 @@ def read_config(path: Path, parser: argparse.ArgumentParser) -> dict:
     if not isinstance(config, dict):
         raise ValueError(f'{path} must be a mapping of flag names to values, not a {type(config).__name__}')
     actions = {a.dest: a for a in parser._actions if a.dest != 'help'}
+    config = {k: v for k, v in config.items() if k not in RECORD_KEYS}
     unknown = sorted(str(k) for k in config if k not in actions)
     if unknown:
         raise ValueError(f'unknown config key(s) in {path}: {", ".join(unknown)}')

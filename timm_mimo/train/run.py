@@ -233,6 +233,7 @@ class Training:
     rows: list = field(default_factory=list)
     epoch_summary: Optional[EpochSummary] = None   # the last trained epoch
     elapsed_before_s: float = 0.0   # wall time of the processes this run resumed from
+    model_source: Optional[dict] = None   # a hf-hub: / local-dir: model's record, written with every model folder
 
     def elapsed(self) -> float:
         """Wall time of the whole run: earlier processes (from the checkpoint) plus this one so far. What is
@@ -464,7 +465,7 @@ def save_checkpoint(run: Training, keep: int) -> Path:
             accelerator.save_state(str(tmp / rundir.TRAINING_STATE_DIR))
             weights = accelerator.get_state_dict(run.prepared)  # unsharded on the main process (FSDP: FULL_STATE_DICT)
             if accelerator.is_main_process:
-                rundir.write_model_files(run.model, tmp, run.model_args, run.data_config, weights)
+                rundir.write_model_files(run.model, tmp, run.model_args, run.data_config, weights, run.model_source)
                 extra = run.task.state_dict()
                 if extra:
                     save_file({k: v.detach().contiguous() for k, v in extra.items()},
