@@ -60,7 +60,7 @@ def build_parser():
     p.add_argument('--model-kwargs', nargs='*', default=[], metavar='K=V')
     p.add_argument('--dataset', default=None, help="as train.py ('' = embedded digits); default: the run's")
     p.add_argument('--data-dir', default=None)
-    p.add_argument('--dataset-download', action='store_true')
+    p.add_argument('--dataset-download', action='store_true', help="as train.py: timm's reader downloads the set")
     p.add_argument('--split', default=None, choices=['train', 'validation', 'test'],
                    help='default: test when the dataset has one, else validation')
     p.add_argument('--val-per-class', type=int, default=None)

@@ -2,6 +2,7 @@
 local parquet files), wds/ shards and hfids/ streams (iterable). Model selection never uses the reported split:
 map-style sets carve it from training, streams take --val-split or --select-last-epoch. The data sets are
 generated here, offline; each image's colour encodes its index, so what a loader yields can be counted."""
+import importlib.util
 import io
 import json
 import sys
@@ -314,6 +315,18 @@ def _missing_hfds_split(p):
     return ['--dataset', f'hfds/{_parquet_set(p / "pq")}', '--data-dir', p / 'cache', '--val-split', 'holdout']
 
 
+def _tfds_absent(p):
+    if importlib.util.find_spec('tensorflow_datasets') is not None:
+        pytest.skip('tensorflow-datasets is installed: tfds/ is an optional, untested extra')
+    return ['--dataset', 'tfds/mnist', '--data-dir', p / 'tfds', '--val-split', 'test', '--num-classes', 10]
+
+
+def _download_offline(p):
+    """--dataset-download reaches timm's reader: offline, the library refuses (no network here to test more)."""
+    return ['--dataset', 'hfids/org/absent', '--data-dir', p / 'cache', '--dataset-download', '--num-classes', 3,
+            '--train-num-samples', 4, '--select-last-epoch', '--val-split', 'test']
+
+
 def _missing_folder_split(p):
     from test_reliability import _image_folder
     _image_folder(p / 'data' / 'train', per_class=3)
@@ -326,7 +339,10 @@ def _missing_folder_split(p):
     (_stream_without_selection, 'name one with --val-split, or keep the last epoch with --select-last-epoch'),
     (_missing_hfds_split, '--val-split holdout: hfds/'),
     (_missing_folder_split, '--val-split holdout: no folder'),
-], ids=['wds-no-shard', 'hfds-absent', 'stream-without-selection', 'hfds-missing-split', 'folder-missing-split'])
+    (_tfds_absent, 'tfds/ data sets need TensorFlow Datasets, an optional extra not installed here'),
+    (_download_offline, 'downloading hfids/org/absent into'),
+], ids=['wds-no-shard', 'hfds-absent', 'stream-without-selection', 'hfds-missing-split', 'folder-missing-split',
+        'tfds-absent', 'download-offline'])
 def test_bad_data_input_is_one_line_and_leaves_no_run_folder(make_args, needle, tmp_path, capsys, offline,
                                                              one_thread):
     args = make_args(tmp_path)
@@ -341,7 +357,8 @@ def test_bad_data_input_is_one_line_and_leaves_no_run_folder(make_args, needle, 
     (lambda p: ['--dataset', 'hfds/org/absent', '--data-dir', p / 'cache'], 'cannot read hfds/org/absent'),
     (_missing_hfds_split, '--val-split holdout: hfds/'),
     (_missing_folder_split, '--val-split holdout: no folder'),
-], ids=['wds-no-shard', 'hfds-absent', 'hfds-missing-split', 'folder-missing-split'])
+    (_tfds_absent, 'tfds/ data sets need TensorFlow Datasets, an optional extra not installed here'),
+], ids=['wds-no-shard', 'hfds-absent', 'hfds-missing-split', 'folder-missing-split', 'tfds-absent'])
 def test_bad_data_input_to_validate_is_one_line_and_writes_nothing(make_args, needle, tmp_path, capsys, offline,
                                                                    one_thread):
     from timm_mimo.cli import run_cli

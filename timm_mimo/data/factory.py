@@ -59,10 +59,11 @@ def create_dataset(
         except OSError as e:  # urllib's URLError offline: "<urlopen error ...>" alone says nothing of the cure
             if not download:
                 raise
-            raise OSError(f'downloading {name} into {root} failed ({" ".join(str(e).split())}): offline, put the '
-                          f'files the library reads there yourself (torchvision\'s layout: e.g. '
-                          f'{Path(root or ".") / "cifar-10-batches-py"} for torch/cifar10), give that folder with '
-                          f'--data-dir and leave out --dataset-download') from e
+            where = (f'torchvision\'s layout: e.g. {Path(root or ".") / "cifar-10-batches-py"} for torch/cifar10'
+                     if name.lower().startswith('torch/') else 'the library\'s cache layout, as a download leaves it')
+            raise OSError(f'downloading {name} into {root} failed ({" ".join(str(e).split())[:300]}): offline, put '
+                          f'the files the library reads there yourself ({where}), give that folder with --data-dir '
+                          f'and leave out --dataset-download') from e
 
     if download:
         raise ValueError(f'Zip datasets cannot be downloaded; expected the archive at {path}.')

@@ -7,6 +7,7 @@ whole batches, so that every process takes the same number of steps. An epoch se
 twice exactly when the shards divide evenly among the readers (checked where the layout is known, warned
 otherwise). Evaluation streams are read whole by every process (no sharding, no padding: exact counts).
 """
+import importlib.util
 import logging
 from pathlib import Path
 from typing import Optional
@@ -49,6 +50,16 @@ def _check_wds_shards(root, split: str, flag: str):
                                 f'(first: {missing[0]})')
 
 
+def _require_tfds():
+    """tfds/ is an optional extra: without TensorFlow Datasets timm's reader prints two lines on import and fails
+    on the next; one error line instead."""
+    missing = [module for module in ('tensorflow', 'tensorflow_datasets') if importlib.util.find_spec(module) is None]
+    if missing:
+        raise ImportError(f'tfds/ data sets need TensorFlow Datasets, an optional extra not installed here (missing: '
+                          f'{", ".join(missing)}): pip install tensorflow tensorflow-datasets (tfds/ is untested in '
+                          f'this project; wds/ and hfids/ are the tested streams)')
+
+
 def _check_hfids_split(dataset, split: str, flag: str):
     """A split the builder does not list: a ValueError now (streaming would only fail when first iterated)."""
     builder = dataset.reader.builder
@@ -65,6 +76,8 @@ def create_stream(name: str, root, split: str, flag: str, *, is_training: bool, 
     know). An evaluation split is not sharded across processes (every process reads it whole). ``flag`` names
     the command-line flag of ``split`` in error messages."""
     name_flag = '--train-num-samples' if is_training else '--val-num-samples'
+    if name.lower().startswith('tfds/'):
+        _require_tfds()
     if name.lower().startswith('wds/'):
         _check_wds_shards(root, split, flag)
     try:

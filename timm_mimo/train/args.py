@@ -44,7 +44,9 @@ def build_parser(description: str = '') -> argparse.ArgumentParser:
     g = p.add_argument_group('data')
     g.add_argument('--data-dir', default=None, help='dataset root, image folder, tar or CIFAR-10 zip')
     g.add_argument('--dataset', default='', help="'' = embedded digits; cifar10-zip, torch/cifar10, ...")
-    g.add_argument('--dataset-download', action='store_true', help='download torch/* datasets')
+    g.add_argument('--dataset-download', action='store_true',
+                   help="timm's flag, passed to its reader: download the set where the library can (torch/, hfids/, "
+                        "tfds/); offline the library refuses it (one error line)")
     g.add_argument('--val-per-class', type=int, default=None, help='validation images per class carved from train')
     g.add_argument('--img-size', type=int, default=None, help='input size (default: the model\'s)')
     g.add_argument('-j', '--workers', type=int, default=0, help='data loader worker processes')
