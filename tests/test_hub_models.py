@@ -112,6 +112,11 @@ def test_local_dir_model_fine_tunes_without_and_with_pretrained_weights(exported
     (tmp_path / 'out').rename(tmp_path / 'scratch')
     assert _fine_tune(tmp_path, f'local-dir:{folder}', '--pretrained') == 0
     _check_core_kept_heads_fresh(kind, source, load_file(str(run / 'best' / 'model.safetensors')), pretrained=True)
+    # resumed by its folder alone: the recorded model source and data location; only --epochs changed
+    assert train.cli(['--resume', str(run), '--epochs', '2']) == 0
+    changes = (run / 'resumes.yaml').read_text()
+    assert 'model_source' not in changes and '--epochs 2' in changes
+    assert json.loads((run / 'results.json').read_text())['epochs'] == 2
     results = tmp_path / 'results.json'
     assert run_cli(validate.main, ['--model', f'local-dir:{folder}', '--pretrained', '--num-classes', '3',
                                    '--data-dir', str(tmp_path / 'data' / 'train.tar'), '--img-size', '8',
