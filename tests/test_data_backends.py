@@ -274,7 +274,7 @@ def test_a_resumed_run_reads_its_recorded_data_unless_a_new_data_dir_is_given(tm
     assert str(tmp_path / 'moved' / 'train.tar') in _results(tmp_path)['dataset']
 
 
-def test_hfids_trains_with_last_epoch_selection_said_in_the_log_and_results(tmp_path, one_thread, caplog):
+def test_hfids_trains_with_last_epoch_selection_said_in_the_log_and_results_and_validates(tmp_path, one_thread, caplog):
     pytest.importorskip('datasets')
     data = _parquet_set(tmp_path / 'pq')
     with caplog.at_level('INFO'):
@@ -286,6 +286,9 @@ def test_hfids_trains_with_last_epoch_selection_said_in_the_log_and_results(tmp_
     assert results['selection'] == LAST_EPOCH and results['best']['epoch'] == 1
     assert results['test_split'] == f'hfids/{data} test split' and 'test' in results['best']
     assert 'model selection: the last epoch' in caplog.text
+    scored = _validate(tmp_path)  # the run's stream flags: its test split, counted as it streams
+    assert scored['split'] == 'test' and scored['num_samples'] == 6
+    assert scored['test']['top1'] == results['best']['test']['top1']
 
 
 # ------------------------------------------------------------------------------------------------------
