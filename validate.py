@@ -9,7 +9,7 @@ timm model (M = 1).
     python validate.py weights.safetensors --model wrn16_4_mixmo2 --num-classes 10
     python validate.py --model wrn28_10_mixmo2.cifar100 --pretrained --dataset torch/cifar100 --split test
     python validate.py --model hf-hub:org/name --pretrained --dataset torch/cifar100   # a Hub model by its id
-    python validate.py output/train/my-run --dataset wds/imagenet --data-dir shards/ --val-split 'val-{0000..0007}.tar'
+    python validate.py output/train/my-wds-run --val-split 'test-{0000..0007}.tar' --select-last-epoch   # a stream
 
     python validate.py output/train/my-run --ood-dataset '' --report report/   # digits as OOD, a report page
 
@@ -26,6 +26,9 @@ two-fold protocol (``--tempscale``) and CIFAR-10-C / 100-C corruption sets (``--
 Writes JSON (``--results-file``), CSV (``--results-csv``), a reliability diagram (``--reliability-png``),
 a markdown report with pictures (``--report DIR``) and the raw predictions (``--save-predictions``); an
 existing file is never overwritten unless ``--overwrite`` is given. Definitions: docs/evaluation.md.
+
+The data are read with train.py's data set flags (every timm backend: folder, tar, torch/, hfds/, hfids/, wds/,
+tfds/), each defaulting to the evaluated run's args.yaml: its splits, numbered with its training classes.
 """
 import argparse
 import logging
