@@ -27,6 +27,7 @@ import yaml
 from timm_mimo import rundir
 from timm_mimo.train.args import DATA_BACKEND_KEYS, LOWER_IS_BETTER, build_parser, debug_requested, parse_args, \
     recipes_for, run_settings  # noqa: F401  (build_parser: for tools)
+from timm_mimo.train.args import check_transform_flags, image_transforms
 from timm_mimo.train.run import AbandonableStep, EpochProgress, NonFiniteLoss, StepAbandoned, StopRequest, Training, \
     all_finite, check_resume, record_resume, refuse_non_finite, restore, save_checkpoint, start_in_place
 
@@ -134,6 +135,25 @@ def build_model(args, splits, model_args: dict):
     return model, data_config
 
 
+def timm_transforms(args, splits, model, cfg, data_config: dict):
+    """(splits, the preprocessing recorded with the weights) for --aug timm: timm's training pipeline drawn for
+    each of the M x b copies of an image, timm's eval pipeline (crop_pct, center crop) for validation and test,
+    from the flags and the model's pretrained_cfg (as timm's train.py resolves its data config)."""
+    from timm_mimo.data.transforms import TIMM_AUG, timm_transform_splits
+    if args.aug != TIMM_AUG:
+        return splits, data_config
+    copies = getattr(model, 'num_members', 1) * args.batch_repeat
+    splits, data_config = timm_transform_splits(splits, image_transforms(args), cfg or model.pretrained_cfg, copies,
+                                                args.seed)
+    size = data_config['input_size'][-1]
+    _logger.info(f'transforms: timm\'s training pipeline drawn {copies} times per image (M x b copies), '
+                 f'random-resized crop scale {tuple(args.scale)} ratio {tuple(round(r, 3) for r in args.ratio)}, '
+                 f'hflip {args.hflip}, color jitter {args.color_jitter}, aa {args.aa}, reprob {args.reprob}; '
+                 f'evaluation: resize {int(size / data_config["crop_pct"])}, center crop {size} '
+                 f'({data_config["interpolation"]})')
+    return splits, data_config
+
+
 def setup(args, run_dir: Path, stop: StopRequest, wall_start: float) -> Training:
     import timm
     import timm.scheduler
@@ -141,6 +161,7 @@ def setup(args, run_dir: Path, stop: StopRequest, wall_start: float) -> Training
     from timm_mimo.data import native_img_size
     from timm_mimo.data.loaders import build_loaders
     from timm_mimo.data.splits import auto_augment_transform, build_splits
+    from timm_mimo.data.transforms import TIMM_AUG, default_aug
     from timm_mimo.models.factory import read_model_source, registered_cfg, resolve_img_size
     from timm_mimo.train.speed import CompiledWithFallback, create_optimizer, report_cpu_threads
     from timm_mimo.train.tasks import build_builder, create_task
@@ -159,21 +180,27 @@ def setup(args, run_dir: Path, stop: StopRequest, wall_start: float) -> Training
     cfg = registered_cfg(args.model, model_args, sourced)
     img_size, why = resolve_img_size(cfg, model_args, args.img_size, native_img_size(args.dataset, args.data_dir))
     splits = build_splits(args.dataset, args.data_dir, args.dataset_download, img_size,
-                          mean=cfg.mean if cfg is not None and args.dataset else None,
-                          std=cfg.std if cfg is not None and args.dataset else None, val_per_class=args.val_per_class,
+                          mean=args.mean or (cfg.mean if cfg is not None and args.dataset else None),
+                          std=args.std or (cfg.std if cfg is not None and args.dataset else None),
+                          val_per_class=args.val_per_class,
                           train_transform=auto_augment_transform(args.aa) if args.aa else None,
                           num_classes=args.num_classes, batch_size=unique, seed=args.seed,
                           **{key: getattr(args, key) for key in DATA_BACKEND_KEYS})
-    args.aug = args.aug or splits.default_aug  # no flip where it changes the label (digits); recorded in args.yaml
+    # batched crop-flip (crop only where a flip changes the label: digits), or timm's pipeline per copy for sets of
+    # large images; recorded in args.yaml
+    args.aug = args.aug or default_aug(splits, img_size, native_img_size(args.dataset, args.data_dir))
+    check_transform_flags(args)
     settings = run_settings(args)
     optim = settings.optim
     model, data_config = build_model(args, splits, model_args)
+    splits, data_config = timm_transforms(args, splits, model, cfg, data_config)
     mix_mode = settings.mixing.mix_mode or getattr(model, 'default_mix_mode', 'cut')
     builder = build_builder(model, splits.num_classes, splits.img_size, mix_mode, settings.mixing, settings.augment)
     task = create_task(settings, model, builder, mix_mode, (splits.img_size,) * 2, accelerator.device)
     train_loader, validation, test, on_device = build_loaders(
         splits, accelerator, unique, max(unique * repeat, 64), seed=args.seed, device_data=args.device_data,
-        per_image_transform='--aa transforms each image with PIL in the loader' if args.aa else '',
+        per_image_transform=f'--aug {TIMM_AUG}: timm\'s transforms per copy' if args.aug == TIMM_AUG else
+        '--aa transforms each image with PIL in the loader' if args.aa else '',
         workers=args.workers, cache_dir=args.data_cache_dir)
     steps = min(len(train_loader) // accum, args.limit_train_batches or math.inf)
     if steps < 1:

@@ -39,7 +39,8 @@ import torch
 from timm_mimo import rundir
 from timm_mimo.eval import DataSettings, EvalOptions, ModelSource, OODSettings, OutputFiles, evaluate
 from timm_mimo.eval.ensemble import ENSEMBLE_CHOICES
-from timm_mimo.train.args import DATA_BACKEND_KEYS, add_data_backend_args
+from timm_mimo.train.args import DATA_BACKEND_KEYS, add_data_backend_args, add_eval_transform_args, \
+    check_transform_values
 
 
 def build_parser():
@@ -93,6 +94,9 @@ def build_parser():
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--debug', action='store_true', help='show tracebacks instead of one-line errors')
     add_data_backend_args(p, from_run=True)
+    add_eval_transform_args(p.add_argument_group(
+        "timm's eval transform (resize to img_size / crop_pct, center crop; defaults: the model's pretrained_cfg "
+        "for runs trained with --aug timm and sets of large images, else the whole image)"))
     return p
 
 
@@ -100,6 +104,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     from timm_mimo.cli import parse_model_kwargs, refuse_below_one, usable_device
     refuse_below_one(vars(args), ('img_size', 'val_per_class', 'ood_val_per_class'))
+    check_transform_values(vars(args))  # folds --input-size into --img-size
     usable_device(args.device)
     logging.basicConfig(level=logging.INFO, format='%(message)s')
     logging.getLogger('timm').setLevel(logging.WARNING)
@@ -111,6 +116,8 @@ def main(argv=None):
                          ensemble=args.ensemble)
     data = DataSettings(dataset=args.dataset, data_dir=args.data_dir, download=args.dataset_download,
                         split=args.split, val_per_class=args.val_per_class, img_size=args.img_size,
+                        crop_pct=args.crop_pct, interpolation=args.interpolation or None, mean=args.mean,
+                        std=args.std,
                         **{key: getattr(args, key) for key in DATA_BACKEND_KEYS})
     ood = None if args.ood_dataset is None else OODSettings(
         dataset=args.ood_dataset, data_dir=args.ood_data_dir, split=args.ood_split,

@@ -84,7 +84,10 @@ def random_erase(
 
 def batch_augment(aug: str, erase_prob: float, erase_mode: str):
     """The batched augmentation of every member view: pad-4 crop (+ flip for 'crop-flip'), then random
-    erasing, all drawn from the step's generator (so a resumed run replays them)."""
+    erasing, all drawn from the step's generator (so a resumed run replays them). None for ``'timm'``: timm's
+    per-copy pipeline crops, flips and erases in the loader (``timm_mimo.data.transforms``)."""
+    if aug == 'timm':
+        return None
     if not 0.0 <= erase_prob <= 1.0:
         raise ValueError(f'erase_prob must be in [0, 1], got {erase_prob}')
     crop = None if aug == 'none' else functools.partial(

@@ -38,7 +38,8 @@ def one_hot_smoothed(labels: torch.Tensor, num_classes: int, smoothing: float = 
 
 
 class MimoBatchBuilder:
-    """Builds :class:`MimoBatch` es from U unique images (U, C, H, W) and integer labels (U,).
+    """Builds :class:`MimoBatch` es from U unique images (U, C, H, W), or their M * b transformed copies
+    (U, M * b, C, H, W), and integer labels (U,).
 
     Steps (docs/methods/mixmo.md §1-3): repeat every image ``batch_repeat`` times; draw M independent permutations
     of the B positions for the M members; augment each of the M * B member views independently
@@ -140,9 +141,17 @@ class MimoBatchBuilder:
     def __call__(
             self, images: torch.Tensor, labels: torch.Tensor,
             generator: Optional[torch.Generator] = None) -> MimoBatch:
-        """Build a batch; ``generator`` (on the images' device) overrides the builder's own draws."""
-        if images.ndim != 4:
-            raise ValueError(f'images must be (U, C, H, W), got shape {tuple(images.shape)}')
+        """Build a batch; ``generator`` (on the images' device) overrides the builder's own draws.
+
+        ``images``: (U, C, H, W), augmented here per member view; or (U, M * b, C, H, W), every image's M * b
+        copies transformed already (timm's per-copy pipeline, ``timm_mimo.data.transforms.MemberCopies``): each
+        (slot, member) view then takes a copy of its own, and nothing is augmented again."""
+        copies = self.num_members * self.batch_repeat
+        if images.ndim == 5 and images.shape[1] != copies:
+            raise ValueError(f'{images.shape[1]} copies per image, but M x b = {self.num_members} x '
+                             f'{self.batch_repeat} = {copies} views of each image are drawn')
+        if images.ndim not in (4, 5):
+            raise ValueError(f'images must be (U, C, H, W) or (U, M * b, C, H, W), got shape {tuple(images.shape)}')
         if labels.shape[0] != images.shape[0]:
             raise ValueError(f'{images.shape[0]} images but {labels.shape[0]} labels')
         gen = generator if generator is not None else self.generator(images.device)
@@ -159,12 +168,18 @@ class MimoBatchBuilder:
         perms = torch.rand(self.num_members, batch_size, generator=gen, device=device).argsort(1)
         source = copy_of[perms.t()]                       # (B, M) unique-image index of every view
         member_labels = labels[source]                    # (B, M)
-        inputs = images[source.flatten()]                 # (B * M, C, H, W)
-        if self.augment is not None:
-            # every (slot, member) view is augmented on its own, as the official code does (its dataset
-            # wrapper loads and transforms each member's sample separately): M * B draws, not B shared
-            inputs = self.augment(inputs, generator=gen)
-        inputs = inputs.unflatten(0, (batch_size, self.num_members))  # (B, M, C, H, W)
+        if images.ndim == 5:
+            # member k's view of slot i is copy k * b + r of its image, r = which of the image's b positions
+            # the permutation gave it: every one of an image's M * b copies is used once
+            copy = (perms % b).t() + torch.arange(self.num_members, device=device) * b
+            inputs = images[source, copy]                 # (B, M, C, H, W)
+        else:
+            inputs = images[source.flatten()]             # (B * M, C, H, W)
+            if self.augment is not None:
+                # every (slot, member) view is augmented on its own, as the official code does (its dataset
+                # wrapper loads and transforms each member's sample separately): M * B draws, not B shared
+                inputs = self.augment(inputs, generator=gen)
+            inputs = inputs.unflatten(0, (batch_size, self.num_members))  # (B, M, C, H, W)
 
         masks, kappa = sample_mixing(
             batch_size, self.num_members, self.mix_grid, self.mix_mode, self.mix_prob, self.mix_alpha,

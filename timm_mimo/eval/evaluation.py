@@ -95,6 +95,11 @@ class DataSettings:
     val_num_samples: Optional[int] = None
     class_map: Optional[str] = None
     select_last_epoch: Optional[bool] = None
+    # timm's eval pipeline (validate.py's --crop-pct, --interpolation, --mean, --std; None: see _splits_of)
+    crop_pct: Optional[float] = None
+    interpolation: Optional[str] = None
+    mean: Optional[Sequence[float]] = None
+    std: Optional[Sequence[float]] = None
 
     def backend_arguments(self, dataset: str, run_args: dict) -> dict:
         """build_splits' data set flags: this evaluation's, else the run's recorded ones, else its defaults.
@@ -298,16 +303,28 @@ def _model_of(model: ModelLike) -> Tuple[nn.Module, dict, ModelSource, str]:
 
 def _splits_of(model: nn.Module, data: DataSettings, run_args: dict):
     """(the data set's splits, the evaluated split's name, its dataset, the image side), read as train.py
-    reads them, preprocessed as the model expects."""
+    reads them, preprocessed as the model expects.
+
+    The eval transform is timm's (resize, center crop, normalise): with the model's crop_pct and interpolation
+    (or --crop-pct / --interpolation) for a run trained with timm's transforms (--aug timm), when either flag is
+    given, or for a model without a run record on images larger than its input (as train.py would have chosen);
+    else the whole image resized (crop_pct 1, bilinear), as the batched recipes trained."""
+    from ..data import native_img_size
     from ..data.splits import build_splits
+    from ..data.transforms import TIMM_AUG, default_aug, timm_eval_splits
     cfg = getattr(model, 'pretrained_cfg', {}) or {}
     dataset = data.dataset if data.dataset is not None else run_args.get('dataset', '')
     data_dir = data.data_dir if data.data_dir is not None else run_args.get('data_dir')
     img_size = data.img_size or (cfg.get('input_size') or (3, 32, 32))[-1]
     splits = build_splits(dataset, data_dir, data.download, img_size,
-                          mean=cfg.get('mean') if dataset else None, std=cfg.get('std') if dataset else None,
+                          mean=data.mean or (cfg.get('mean') if dataset else None),
+                          std=data.std or (cfg.get('std') if dataset else None),
                           val_per_class=data.val_per_class or run_args.get('val_per_class'),
                           num_classes=getattr(model, 'num_classes', None), **data.backend_arguments(dataset, run_args))
+    trained_with = run_args.get('aug')
+    if trained_with == TIMM_AUG or data.crop_pct is not None or data.interpolation or (
+            trained_with is None and default_aug(splits, img_size, native_img_size(dataset, data_dir)) == TIMM_AUG):
+        splits, _ = timm_eval_splits(splits, cfg, data.crop_pct, data.interpolation)
     if getattr(model, 'num_classes', splits.num_classes) != splits.num_classes:
         raise ValueError(f'the model predicts {model.num_classes} classes but the dataset has {splits.num_classes}')
     split = data.split or ('test' if splits.test is not None else 'validation')

@@ -15,6 +15,7 @@ import yaml
 
 from ..cli import refuse_below_one
 from ..data.splits import DATA_BACKEND_KEYS  # noqa: F401  (train.py's, with the flags below)
+from ..data.transforms import TIMM_AUG, ImageTransforms
 from .settings import AugmentSettings, AutoMixSettings, MixingSettings, OptimSettings, RunSettings
 
 LOWER_IS_BETTER = ('nll', 'ece', 'brier', 'loss')
@@ -98,10 +99,13 @@ def build_parser(description: str = '') -> argparse.ArgumentParser:
     g.add_argument('--mixup', type=float, default=0.0, help='timm alias: --msda mixup --msda-alpha A')
     g.add_argument('--cutmix', type=float, default=0.0, help='timm alias: --msda cutmix --msda-alpha A')
     g.add_argument('--smoothing', type=float, default=0.0, help='label smoothing')
-    g.add_argument('--aug', default=None, choices=['crop-flip', 'crop', 'reflect-crop-flip', 'none'],
+    g.add_argument('--aug', default=None, choices=['crop-flip', 'crop', 'reflect-crop-flip', 'none', 'timm'],
                    help="batched pad-4 crop + flip per member view (CIFAR / Tiny ImageNet recipe), crop only, the "
-                        "same with reflect padding (AutoMix's recipe), or none; default: the data set's (crop "
-                        "only where a flip changes the label, e.g. digits)")
+                        "same with reflect padding (AutoMix's recipe), none, or 'timm': timm's create_transform "
+                        "training pipeline drawn for each of the M x b copies of an image (ImageNet recipe: the "
+                        "'timm transforms' flags); default: 'timm' for a folder / tar / hfds set whose images are "
+                        "larger than the model's input, else the batched crop-flip (crop only where a flip changes "
+                        "the label, e.g. digits)")
     g.add_argument('--aa', default=None, help="timm auto-augment policy per image, e.g. 'rand-m9-mstd0.5-inc1'")
     g.add_argument('--reprob', type=float, default=0.0,
                    help="random erasing probability per batch copy (timm's semantics, batched on the device)")
@@ -175,6 +179,7 @@ def build_parser(description: str = '') -> argparse.ArgumentParser:
     g.add_argument('--log-tensorboard', action='store_true', help='log the summary columns to <run>/tensorboard/')
     g.add_argument('--debug', action='store_true', help='show tracebacks instead of one-line errors')
     add_data_backend_args(p)
+    add_image_transform_args(p)
     return p
 
 
@@ -210,6 +215,112 @@ def add_data_backend_args(p: argparse.ArgumentParser, from_run: bool = False):
                          "nothing)" if from_run else ''))
 
 
+# timm's interpolation names (--interpolation, --train-interpolation; 'random' for training only)
+INTERPOLATIONS = ('bilinear', 'bicubic', 'nearest', 'lanczos', 'hamming', 'box')
+# the flags of timm's per-copy pipeline that the batched augmentation has no use for (refused there if changed)
+TIMM_ONLY_KEYS = ('scale', 'ratio', 'hflip', 'vflip', 'color_jitter', 'recount', 'train_interpolation', 'crop_pct',
+                  'interpolation')
+
+
+def add_image_transform_args(p: argparse.ArgumentParser):
+    """timm's training-transform flags (its train.py's names), for --aug timm; with the eval ones beside them.
+    --aa, --reprob and --remode (in 'batch and MIMO mixing') serve both augmentations."""
+    g = p.add_argument_group("timm transforms (--aug timm: timm's create_transform, drawn for each of the M x b "
+                             "copies of an image; README 'ImageNet-style training')")
+    g.add_argument('--scale', type=float, nargs='+', default=[0.08, 1.0], metavar='PCT',
+                   help='random-resized crop: range of the crop\'s share of the image area')
+    g.add_argument('--ratio', type=float, nargs='+', default=[3. / 4., 4. / 3.], metavar='RATIO',
+                   help='random-resized crop: range of the crop\'s aspect ratio')
+    g.add_argument('--hflip', type=float, default=0.5, help='horizontal flip probability per copy')
+    g.add_argument('--vflip', type=float, default=0.0, help='vertical flip probability per copy')
+    g.add_argument('--color-jitter', type=float, default=0.4, metavar='PCT',
+                   help='colour jitter strength (brightness, contrast, saturation); off with --aa')
+    g.add_argument('--recount', type=int, default=1, help='random erasing: boxes per copy (with --reprob)')
+    g.add_argument('--train-interpolation', default='random',
+                   help=f"interpolation of the random-resized crop: 'random' or one of {', '.join(INTERPOLATIONS)}")
+    add_eval_transform_args(p.add_argument_group(
+        "evaluation transform (timm's eval pipeline: resize to img_size / crop_pct, center crop; defaults: the "
+        "model's pretrained_cfg)"))
+
+
+def add_eval_transform_args(g):
+    """timm's evaluation-transform flags, shared by train.py and validate.py (--img-size is beside them)."""
+    g.add_argument('--input-size', type=int, nargs=3, default=None, metavar=('C', 'H', 'W'),
+                   help='input dimensions, e.g. 3 224 224 (square; sets --img-size)')
+    g.add_argument('--crop-pct', type=float, default=None,
+                   help='center crop share of the resized image at evaluation (timm transforms)')
+    g.add_argument('--mean', type=float, nargs='+', default=None, metavar='MEAN',
+                   help='normalisation mean per channel (default: the model\'s, else the data set\'s)')
+    g.add_argument('--std', type=float, nargs='+', default=None, metavar='STD',
+                   help='normalisation std per channel (default: the model\'s, else the data set\'s)')
+    g.add_argument('--interpolation', default='',
+                   help=f"resize interpolation at evaluation (timm transforms): one of {', '.join(INTERPOLATIONS)}; "
+                        f"'' = the model's")
+
+
+def check_transform_values(values: dict):
+    """The ranges of the transform flags (``values``: flag dest -> value), and --input-size folded into
+    --img-size (one side: the models take square inputs). Shared by train.py and validate.py."""
+    for key, low in (('scale', 0.0), ('ratio', 0.0)):
+        pair = values.get(key)
+        if pair is not None and (len(pair) != 2 or not all(math.isfinite(v) and v > low for v in pair)
+                                 or pair[0] > pair[1]):
+            raise ValueError(f'--{key} takes two numbers > 0, low then high, got {" ".join(map(str, pair))}')
+    if values.get('scale') is not None and values['scale'][1] > 1:
+        raise ValueError(f'--scale is a share of the image area: at most 1, got {values["scale"][1]}')
+    for key in ('hflip', 'vflip'):
+        if key in values and not 0.0 <= values[key] <= 1.0:
+            raise ValueError(f'--{key} must be in [0, 1], got {values[key]}')
+    if 'color_jitter' in values and not (math.isfinite(values['color_jitter']) and values['color_jitter'] >= 0):
+        raise ValueError(f'--color-jitter must be a finite number >= 0, got {values["color_jitter"]}')
+    if 'recount' in values and values['recount'] < 1:
+        raise ValueError(f'--recount must be >= 1, got {values["recount"]}')
+    if values.get('train_interpolation') not in (None, 'random', *INTERPOLATIONS):
+        raise ValueError(f'unknown --train-interpolation {values["train_interpolation"]!r}: random, '
+                         f'{", ".join(INTERPOLATIONS)}')
+    if values.get('interpolation') not in (None, '', *INTERPOLATIONS):
+        raise ValueError(f'unknown --interpolation {values["interpolation"]!r}: {", ".join(INTERPOLATIONS)}')
+    crop_pct = values.get('crop_pct')
+    if crop_pct is not None and not (math.isfinite(crop_pct) and 0 < crop_pct <= 1):
+        raise ValueError(f'--crop-pct must be in (0, 1], got {crop_pct}')
+    for key in ('mean', 'std'):
+        value = values.get(key)
+        if value is not None and (len(value) not in (1, 3) or not all(math.isfinite(v) for v in value)
+                                  or (key == 'std' and min(value) <= 0)):
+            raise ValueError(f'--{key} takes 1 or 3 finite numbers{" > 0" if key == "std" else ""}, got '
+                             f'{" ".join(map(str, value))}')
+        if value is not None and len(value) == 1:
+            values[key] = value * 3
+    size = values.get('input_size')
+    if size is not None:
+        channels, height, width = size
+        if channels != 3 or height != width or height < 1:
+            raise ValueError(f'--input-size takes 3 channels and a square side (3 N N), got {" ".join(map(str, size))}')
+        if values.get('img_size') not in (None, width):
+            raise ValueError(f'--input-size {" ".join(map(str, size))} contradicts --img-size {values["img_size"]}')
+        values['img_size'] = width
+
+
+def check_transform_flags(args: argparse.Namespace):
+    """Once --aug is resolved: the batched augmentations refuse the flags of timm's pipeline they would not
+    honour (a value other than the default), naming the flag."""
+    if args.aug == TIMM_AUG:
+        return
+    defaults = build_parser()
+    changed = [key for key in TIMM_ONLY_KEYS if getattr(args, key) != defaults.get_default(key)]
+    if changed:
+        raise ValueError(f'--{changed[0].replace("_", "-")} is a flag of timm\'s per-copy transforms, which this run '
+                         f'does not use (--aug {args.aug}): add --aug timm, or leave it out')
+
+
+def image_transforms(args: argparse.Namespace) -> ImageTransforms:
+    """timm's transform flags of a run, typed."""
+    return ImageTransforms(
+        scale=tuple(args.scale), ratio=tuple(args.ratio), hflip=args.hflip, vflip=args.vflip,
+        color_jitter=args.color_jitter, aa=args.aa, reprob=args.reprob, remode=args.remode, recount=args.recount,
+        train_interpolation=args.train_interpolation, crop_pct=args.crop_pct, interpolation=args.interpolation or None)
+
+
 def _config_value(action: argparse.Action, key: str, value, where: str):
     """``value`` of config key ``key`` checked and converted as the command line would; else a ValueError."""
     def convert(v):
@@ -236,8 +347,11 @@ def _config_value(action: argparse.Action, key: str, value, where: str):
         if not isinstance(value, bool):
             raise ValueError(f'{where}: {key} must be true or false, got {value!r}')
         return value
-    if action.nargs in ('*', '+'):
-        return [convert(v) for v in (value if isinstance(value, list) else [value])]
+    if action.nargs in ('*', '+') or isinstance(action.nargs, int):
+        values = [convert(v) for v in (value if isinstance(value, list) else [value])]
+        if isinstance(action.nargs, int) and len(values) != action.nargs:
+            raise ValueError(f'{where}: {key} takes {action.nargs} values, got {value!r}')
+        return values
     if isinstance(value, (list, dict)):
         raise ValueError(f'{where}: {key} takes one value, got {value!r}')
     return convert(value)
@@ -305,6 +419,8 @@ def check_values(args: argparse.Namespace):
         raise ValueError(f'--log-interval-s must be a finite number > 0, got {args.log_interval_s}')
     if args.mix_vis_interval < 0:
         raise ValueError(f'--mix-vis-interval must be >= 0, got {args.mix_vis_interval}')
+    values = vars(args)
+    check_transform_values(values)  # folds --input-size into --img-size
 
 
 def recipe_changes(saved: dict, arguments: dict) -> list:

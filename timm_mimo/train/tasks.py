@@ -94,7 +94,8 @@ class MimoTask:
         if self.builder.msda is not None:
             # fresh draws of the same MSDA on this step's images (the builder keeps its partners to itself)
             alpha = self.builder.msda_alpha
-            return msda_samples(images.float(), self.builder.msda, alpha, generator), \
+            first_copies = images[:, 0] if images.ndim == 5 else images  # timm's per-copy views: one per image
+            return msda_samples(first_copies.float(), self.builder.msda, alpha, generator), \
                 f'{self.builder.msda} (alpha {alpha}, drawn for the picture)'
         return None, 'nothing is mixed in this run (M = 1, no MSDA)'
 
