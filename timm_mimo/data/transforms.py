@@ -171,13 +171,9 @@ def timm_transform_splits(splits, transforms: ImageTransforms, pretrained_cfg, c
     if splits.iterable:
         raise ValueError(f'--aug {TIMM_AUG} (timm\'s per-copy transforms) needs a map-style data set (a folder, tar, '
                          f'hfds/ or torch/ set): {splits.description} is a stream; use a batched --aug')
-    config = eval_data_config(splits.img_size, splits.mean, splits.std, pretrained_cfg, transforms.crop_pct,
-                              transforms.interpolation)
+    splits, config = timm_eval_splits(splits, pretrained_cfg, transforms.crop_pct, transforms.interpolation)
     train = MemberCopies(with_transform(splits.train, None), train_transform(config, transforms), copies, seed)
-    evaluation = eval_transform(config)
-    converted = replace(splits, train=train, validation=with_transform(splits.validation, evaluation),
-                        test=with_transform(splits.test, evaluation) if splits.test is not None else None)
-    return converted, config
+    return replace(splits, train=train), config
 
 
 def timm_eval_splits(splits, pretrained_cfg, crop_pct: Optional[float] = None, interpolation: Optional[str] = None):
