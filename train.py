@@ -135,7 +135,7 @@ def build_model(args, splits, model_args: dict):
     return model, data_config
 
 
-def timm_transforms(args, splits, model, cfg, data_config: dict):
+def timm_transforms(args, splits, model, cfg, data_config: dict, process: int):
     """(splits, the preprocessing recorded with the weights) for --aug timm: timm's training pipeline drawn for
     each of the M x b copies of an image, timm's eval pipeline (crop_pct, center crop) for validation and test,
     from the flags and the model's pretrained_cfg (as timm's train.py resolves its data config)."""
@@ -144,7 +144,7 @@ def timm_transforms(args, splits, model, cfg, data_config: dict):
         return splits, data_config
     copies = getattr(model, 'num_members', 1) * args.batch_repeat
     splits, data_config = timm_transform_splits(splits, image_transforms(args), cfg or model.pretrained_cfg, copies,
-                                                args.seed)
+                                                args.seed, process)
     size = data_config['input_size'][-1]
     _logger.info(f'transforms: timm\'s training pipeline drawn {copies} times per image (M x b copies), '
                  f'random-resized crop scale {tuple(args.scale)} ratio {tuple(round(r, 3) for r in args.ratio)}, '
@@ -193,7 +193,7 @@ def setup(args, run_dir: Path, stop: StopRequest, wall_start: float) -> Training
     settings = run_settings(args)
     optim = settings.optim
     model, data_config = build_model(args, splits, model_args)
-    splits, data_config = timm_transforms(args, splits, model, cfg, data_config)
+    splits, data_config = timm_transforms(args, splits, model, cfg, data_config, accelerator.process_index)
     mix_mode = settings.mixing.mix_mode or getattr(model, 'default_mix_mode', 'cut')
     builder = build_builder(model, splits.num_classes, splits.img_size, mix_mode, settings.mixing, settings.augment)
     task = create_task(settings, model, builder, mix_mode, (splits.img_size,) * 2, accelerator.device)

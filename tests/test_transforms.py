@@ -172,3 +172,47 @@ def test_per_copy_path_resumes_mid_epoch_bit_identically_and_validate_reuses_its
     run('validate.py', tmp_path / 'ref', '-j', '0', '--results-file', tmp_path / 'val.json')
     assert json.loads((tmp_path / 'val.json').read_text())['test']['nll'] == pytest.approx(
         results['best']['test']['nll'], abs=1e-6)
+
+
+def test_a_stream_draws_each_copy_apart_and_a_resumed_epoch_replays_the_draws(tmp_path):
+    """wds/: no index, so the draws follow each sample's position in its reader's share of the (seed, epoch)
+    order; a fresh loader resumed at epoch 1, batch 2 (a resumed run) sees the copies the first reading saw."""
+    wds = pytest.importorskip('webdataset')
+    from timm_mimo.data.loaders import StreamTrainLoader
+    from timm_mimo.data.streams import create_stream
+    from timm_mimo.data.transforms import StreamCopies
+
+    def loader(folder, workers):
+        folder.mkdir()
+        rng = np.random.default_rng(0)
+        for shard, name in enumerate(('train-0000', 'train-0001', 'val-0000')):
+            with wds.TarWriter(str(folder / f'{name}.tar')) as writer:
+                for i in range(6):
+                    pixels = rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)  # noise: every crop differs
+                    writer.write({'__key__': f'{shard}{i:03d}', 'png': pixels, 'cls': str(i % 3).encode()})
+        pipeline = train_transform(eval_data_config(8, (0.5,) * 3, (0.5,) * 3), ImageTransforms(color_jitter=0.0))
+        stream = create_stream('wds/tiny', str(folder), 'train-{0000..0001}.tar|12', '--train-split',
+                               is_training=True, batch_size=3, seed=3, transform=StreamCopies(pipeline, 4, seed=3))
+        stream.set_loader_cfg(num_workers=workers)
+        return StreamTrainLoader(stream, 3, workers, torch.device('cpu'), seed=3)
+
+    def epoch(source, number, start=0):
+        source.set_epoch(number)
+        return [images for images, _ in source.batches(start)]
+
+    first = loader(tmp_path / 'a', workers=0)
+    zero, one = epoch(first, 0), epoch(first, 1)
+    assert zero[0].shape == (3, 4, 3, 8, 8)
+    assert all(not torch.equal(zero[0][0, i], zero[0][0, j]) for i in range(4) for j in range(i + 1, 4))
+    resumed = epoch(loader(tmp_path / 'b', workers=0), 1, start=2)
+    assert all(torch.equal(a, b) for a, b in zip(resumed, one[2:])) and len(resumed) == len(one) - 2
+    with_workers = loader(tmp_path / 'c', workers=2)
+    assert [len(b) for b in epoch(with_workers, 1)] == [len(b) for b in epoch(with_workers, 1)]
+    assert all(torch.equal(a, b) for a, b in zip(epoch(with_workers, 1), epoch(loader(tmp_path / 'd', 2), 1)))
+    # and train.py trains on it with --aug timm
+    import train
+    assert train.cli(['--dataset', 'wds/tiny', '--data-dir', str(tmp_path / 'a'), '--num-classes', '3', '--aug', 'timm',
+                      '--train-split', 'train-{0000..0001}.tar|12', '--val-split', 'val-0000.tar|6', '--img-size', '8',
+                      '-b', '4', '--batch-repeat', '2', '--epochs', '1', '--output', str(tmp_path / 'out'),
+                      '--experiment', 'wds']) == 0
+    assert json.loads((tmp_path / 'out' / 'wds' / 'results.json').read_text())['best']['validation']['top1'] >= 0

@@ -71,6 +71,8 @@ class StreamTrainLoader(OnDevice):
 
     def set_epoch(self, epoch: int):
         self.stream.set_epoch(epoch)
+        if hasattr(self.stream.transform, 'set_epoch'):
+            self.stream.transform.set_epoch(epoch)  # per-copy transforms (StreamCopies): their draws follow the epoch
         self.generator.manual_seed(self.seed * 100_003 + epoch)
         if self.workers == 0:
             # read in this process, the reader keeps its pipeline (and its shuffle buffer's random state) from

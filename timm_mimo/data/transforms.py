@@ -12,7 +12,8 @@ copy ``k x b + r`` to member ``k`` without augmenting again (``timm_mimo.batch``
 Every draw of an image's copies comes from timm's and torchvision's usual random sources (Python's ``random``,
 NumPy's and torch's global generators), seeded for that image from (seed, epoch, index) and put back after:
 the copies depend on nothing else (not the worker that read them, not the number of workers or processes),
-so a resumed run replays them exactly.
+so a resumed run replays them exactly. A stream's samples (``wds/``, ``hfids/``) have no index: their draws
+are seeded by their position in the reader's share of the epoch (:class:`StreamCopies`).
 
 Evaluation uses timm's eval pipeline (resize to ``img_size / crop_pct``, center crop, normalise) from the
 data config ``timm.data.resolve_data_config`` resolves from the flags and the model's ``pretrained_cfg``.
@@ -81,8 +82,9 @@ def train_transform(data_config: dict, transforms: ImageTransforms):
         std=data_config['std'], re_prob=transforms.reprob, re_mode=transforms.remode, re_count=transforms.recount)
 
 
-def copy_seed(seed: int, epoch: int, index: int) -> int:
-    """A 64-bit seed for the copies of sample ``index`` in ``epoch``: distinct for every (seed, epoch, index)."""
+def copy_seed(seed: int, epoch: int, index) -> int:
+    """A 64-bit seed for the copies of sample ``index`` (an int, or a stream's position key) in ``epoch``:
+    distinct for every (seed, epoch, index)."""
     digest = hashlib.blake2b(f'{seed}/{epoch}/{index}'.encode(), digest_size=8).digest()
     return int.from_bytes(digest, 'little')
 
@@ -101,6 +103,12 @@ def seeded_draws(seed: int):
         random.setstate(states[0])
         np.random.set_state(states[1])
         torch.set_rng_state(states[2])
+
+
+def draw_copies(image, transform, copies: int, seed: int) -> torch.Tensor:
+    """``copies`` independent draws of ``transform`` on one decoded image, stacked, from the draws of ``seed``."""
+    with seeded_draws(seed):
+        return torch.stack([transform(image) for _ in range(copies)])
 
 
 class MemberCopies(Dataset):
@@ -123,9 +131,29 @@ class MemberCopies(Dataset):
 
     def __getitem__(self, index: int):
         image, target = self.dataset[index]
-        with seeded_draws(copy_seed(self.seed, self.epoch, index)):
-            views = [self.transform(image) for _ in range(self.copies)]
-        return torch.stack(views), target
+        return draw_copies(image, self.transform, self.copies, copy_seed(self.seed, self.epoch, index)), target
+
+
+class StreamCopies:
+    """The transform of a stream (``wds/``, ``hfids/``): ``copies`` draws per sample, as :class:`MemberCopies`.
+
+    A stream sample has no index; its position does: the n-th sample that DataLoader worker w of process p
+    reads in ``epoch``. A stream's epoch order depends on (seed, epoch) alone (``timm_mimo.data.loaders``) and a
+    resumed epoch replays it from its start, so the positions, and the draws, are those of the first reading.
+    ``set_epoch`` starts the count again (workers are forked with it set)."""
+
+    def __init__(self, transform, copies: int, seed: int, process: int = 0):
+        self.transform, self.copies, self.seed, self.process = transform, copies, seed, process
+        self.epoch, self.count = 0, 0
+
+    def set_epoch(self, epoch: int):
+        self.epoch, self.count = epoch, 0
+
+    def __call__(self, image) -> torch.Tensor:
+        worker = torch.utils.data.get_worker_info()
+        position = f'{self.process}/{worker.id if worker is not None else "main"}/{self.count}'
+        self.count += 1
+        return draw_copies(image, self.transform, self.copies, copy_seed(self.seed, self.epoch, position))
 
 
 def with_transform(dataset, transform):
@@ -164,15 +192,17 @@ def default_aug(splits, img_size: int, native_size: Optional[int] = None) -> str
     return splits.default_aug
 
 
-def timm_transform_splits(splits, transforms: ImageTransforms, pretrained_cfg, copies: int, seed: int):
+def timm_transform_splits(splits, transforms: ImageTransforms, pretrained_cfg, copies: int, seed: int,
+                          process: int = 0):
     """(splits, eval data config) for training with timm's pipelines: the training split as
-    :class:`MemberCopies` of ``copies`` (M x b) draws per image, the validation and test splits through timm's
-    eval pipeline. Streams are refused: their samples have no index to seed the draws of."""
-    if splits.iterable:
-        raise ValueError(f'--aug {TIMM_AUG} (timm\'s per-copy transforms) needs a map-style data set (a folder, tar, '
-                         f'hfds/ or torch/ set): {splits.description} is a stream; use a batched --aug')
+    :class:`MemberCopies` of ``copies`` (M x b) draws per image (a stream: with :class:`StreamCopies` as its
+    transform; ``process``: this process's rank), the validation and test splits through timm's eval pipeline."""
     splits, config = timm_eval_splits(splits, pretrained_cfg, transforms.crop_pct, transforms.interpolation)
-    train = MemberCopies(with_transform(splits.train, None), train_transform(config, transforms), copies, seed)
+    pipeline = train_transform(config, transforms)
+    if splits.iterable:
+        train = with_transform(splits.train, StreamCopies(pipeline, copies, seed, process))
+    else:
+        train = MemberCopies(with_transform(splits.train, None), pipeline, copies, seed)
     return replace(splits, train=train), config
 
 
