@@ -64,6 +64,13 @@ def test_each_copy_is_an_independent_draw_replayed_by_seed_epoch_and_index_alone
     in_process = next(iter(DataLoader(copies, batch_size=6)))[0]
     in_worker = next(iter(DataLoader(copies, batch_size=6, num_workers=1)))[0]
     assert torch.equal(in_process, in_worker)
+    # the trainer's loader passes each epoch on to the copies (Accelerate's prepared loader does it)
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
+    from timm_mimo.data.loaders import PreparedTrainLoader
+    accelerator = Accelerator(cpu=True, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+    PreparedTrainLoader(accelerator.prepare(DataLoader(copies, batch_size=2, shuffle=True)), accelerator).set_epoch(4)
+    assert copies.epoch == 4
 
 
 def test_large_images_default_to_timm_transforms_small_ones_to_the_batched_recipe(jpeg_folder):

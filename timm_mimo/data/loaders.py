@@ -34,9 +34,7 @@ class PreparedTrainLoader:
         return len(self.loader)  # per process, once prepared
 
     def set_epoch(self, epoch: int):
-        self.loader.set_epoch(epoch)  # the sampler's order (Accelerate then leaves the dataset's epoch alone)
-        if hasattr(self.loader.dataset, 'set_epoch'):
-            self.loader.dataset.set_epoch(epoch)  # per-copy transforms: their draws follow the epoch
+        self.loader.set_epoch(epoch)  # the sampler's order, and the dataset's epoch (MemberCopies' draws)
 
     def batches(self, start_batch: int = 0):
         return iter(self.accelerator.skip_first_batches(self.loader, start_batch) if start_batch else self.loader)
