@@ -374,7 +374,7 @@ def test_the_mixvit_imagenet_recipe_is_deits(tmp_path):
     assert args.warmup_epochs == 5 and args.epochs == 300 and args.drop_path == 0.05
     assert args.aa.startswith('rand-m9-mstd0.5-inc1') and args.reprob == 0.25 and args.smoothing == 0.1
     assert args.mix_mode == 'box' and args.mix_alpha == 2.0 and args.weight_root == 3.0
-    assert args.msda == 'cutmix' and args.msda_alpha == 1.0 and args.aug == 'none'
+    assert args.msda == 'cutmix' and args.msda_alpha == 1.0 and args.aug == 'timm'
     assert (config['scale'], config['hflip'], config['vflip'], config['train_interpolation']) == \
         ([0.08, 1.0], 0.5, 0.0, 'bicubic')
     assert config['crop_pct'] == 0.875 and config['mean'] == [0.485, 0.456, 0.406]
