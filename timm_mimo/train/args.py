@@ -106,9 +106,11 @@ def build_parser(description: str = '') -> argparse.ArgumentParser:
                         "'timm transforms' flags); default: 'timm' for a folder / tar / hfds set whose images are "
                         "larger than the model's input, else the batched crop-flip (crop only where a flip changes "
                         "the label, e.g. digits)")
-    g.add_argument('--aa', default=None, help="timm auto-augment policy per image, e.g. 'rand-m9-mstd0.5-inc1'")
+    g.add_argument('--aa', default=None, help="timm auto-augment policy per image, e.g. 'rand-m9-mstd0.5-inc1' "
+                                              "(with --aug timm: in timm's pipeline, per member copy)")
     g.add_argument('--reprob', type=float, default=0.0,
-                   help="random erasing probability per batch copy (timm's semantics, batched on the device)")
+                   help="random erasing probability per batch copy (timm's semantics, batched on the device; with "
+                        "--aug timm: timm's RandomErasing per member copy in the loader)")
     g.add_argument('--remode', default='pixel', choices=['pixel', 'rand', 'const'], help='random erasing fill')
     g = p.add_argument_group('AutoMix (--msda automix for M = 1, --mix-mode automix for M = 2; docs/automix.md)')
     g.add_argument('--automix-stage', type=int, default=-2,
