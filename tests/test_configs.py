@@ -64,13 +64,6 @@ IMAGENET_FILES = [CONFIGS / 'imagenet' / name for name in ('mixvit_cait_xxs24.ya
 TINY_HFDS = CONFIGS / 'tiny_imagenet' / 'w1_cut_mixmo_hfds.yaml'
 RECIPES_AT_SCALE = IMAGENET_FILES + [TINY_HFDS]
 
-# timm's ImageNet transform flags, with timm's train.py names (issue 24, item 2). The ImageNet recipes carry them;
-# until train.py has them (they are added on another branch), the checks here set aside those the parser does
-# not know yet, and only those: any other unknown key still fails.
-TIMM_TRANSFORM_KEYS = {'scale', 'ratio', 'hflip', 'vflip', 'color_jitter', 'aa', 'reprob', 'remode', 'recount',
-                       'train_interpolation', 'input_size', 'img_size', 'crop_pct', 'mean', 'std', 'interpolation'}
-
-
 def load(path: Path) -> dict:
     config = yaml.safe_load(path.read_text())
     assert isinstance(config, dict) and config, f'{path} is not a non-empty mapping'
@@ -79,21 +72,6 @@ def load(path: Path) -> dict:
 
 def actions():
     return {a.dest: a for a in train.build_parser()._actions if a.dest not in ('help', 'config')}
-
-
-def pending_keys() -> set:
-    """The timm transform keys train.py's parser does not know yet (empty once it has them all)."""
-    return TIMM_TRANSFORM_KEYS - set(actions())
-
-
-def parseable(path: Path, folder: Path) -> Path:
-    """``path``, or a copy of it in ``folder`` without the keys of :func:`pending_keys`."""
-    config, pending = load(path), pending_keys()
-    if not pending & set(config):
-        return path
-    copy = folder / path.name
-    copy.write_text(yaml.safe_dump({k: v for k, v in config.items() if k not in pending}, sort_keys=False))
-    return copy
 
 
 def is_mimo_model(name: str) -> bool:
@@ -124,12 +102,10 @@ def test_header(path):
 
 @pytest.mark.parametrize('path', ALL, ids=IDS)
 def test_keys_types_and_choices(path):
-    config, known, pending = load(path), actions(), pending_keys()
-    unknown = sorted(set(config) - set(known) - pending)
+    config, known = load(path), actions()
+    unknown = sorted(set(config) - set(known))
     assert not unknown, f'{path}: unknown keys {unknown}'
     for key, value in config.items():
-        if key in pending:
-            continue
         action = known[key]
         # argparse does not type-convert or choice-check defaults: the YAML must hold the final values
         if isinstance(action, (argparse._StoreTrueAction, argparse.BooleanOptionalAction)):
@@ -151,9 +127,9 @@ def test_keys_types_and_choices(path):
 
 
 @pytest.mark.parametrize('path', ALL, ids=IDS)
-def test_parse_args_and_model(path, tmp_path):
-    config = {k: v for k, v in load(path).items() if k not in pending_keys()}
-    args = train.parse_args(['-c', str(parseable(path, tmp_path))])
+def test_parse_args_and_model(path):
+    config = load(path)
+    args = train.parse_args(['-c', str(path)])
     for key, value in config.items():
         assert getattr(args, key) == value, f'{path}: {key} parsed as {getattr(args, key)!r}, file has {value!r}'
     assert timm.is_model(args.model), f'{path}: model {args.model!r} is not registered'
@@ -361,13 +337,13 @@ def test_automix_reference_recipe(path):
     assert {k: v for k, v in mine.items() if k not in mixing} == {k: v for k, v in theirs.items() if k not in mixing}
 
 
-def test_the_mixvit_imagenet_recipe_is_deits(tmp_path):
+def test_the_mixvit_imagenet_recipe_is_deits():
     """docs/methods/mixvit.md §5: AdamW, lr 5e-4 x B / 512, weight decay 0.05, cosine, 5 warm-up epochs, 300
     epochs, RandAugment m9-mstd0.5, random erasing 0.25, smoothing 0.1, stochastic depth 0.05 for XXS; DeiT's
     per-image transforms (timm's names and values); the baseline under the same recipe."""
     path = IMAGENET_FILES[0]
     config = load(path)
-    args = train.parse_args(['-c', str(parseable(path, tmp_path))])
+    args = train.parse_args(['-c', str(path)])
     assert args.model == 'cait_xxs_mixvit2' and args.img_size == 224 and args.num_classes == 1000
     assert (args.opt, args.sched, args.weight_decay) == ('adamw', 'cosine', 0.05)
     assert args.lr == pytest.approx(5e-4 * args.batch_size / 512) and args.batch_repeat == 1
@@ -378,15 +354,15 @@ def test_the_mixvit_imagenet_recipe_is_deits(tmp_path):
     assert (config['scale'], config['hflip'], config['vflip'], config['train_interpolation']) == \
         ([0.08, 1.0], 0.5, 0.0, 'bicubic')
     assert config['crop_pct'] == 0.875 and config['mean'] == [0.485, 0.456, 0.406]
-    assert train.parse_args(['-c', str(parseable(path, tmp_path)), '--model', 'cait_xxs_mixvit1']).lr == args.lr
+    assert train.parse_args(['-c', str(path), '--model', 'cait_xxs_mixvit1']).lr == args.lr
 
 
-def test_the_automix_imagenet_rows_differ_in_epochs_only(tmp_path):
+def test_the_automix_imagenet_rows_differ_in_epochs_only():
     """docs/methods/automix.md §7, §9: ResNet-18, SGD lr 0.1, wd 1e-4, batch 256, cosine to 0, Mix Block on stage
     3 with lambda concatenated, momentum-encoder end 0.99999; 100 epochs (70.50 %) and 300 (72.05 %)."""
     short, long = (load(path) for path in IMAGENET_FILES[1:])
     assert (short.pop('epochs'), long.pop('epochs')) == (100, 300) and short == long
-    args = train.parse_args(['-c', str(parseable(IMAGENET_FILES[1], tmp_path))])
+    args = train.parse_args(['-c', str(IMAGENET_FILES[1])])
     assert args.model == 'resnet18' and args.img_size == 224 and args.batch_size == 256
     assert (args.opt, args.momentum, args.lr, args.weight_decay) == ('momentum', 0.9, 0.1, 1e-4)
     assert args.sched == 'cosine' and args.min_lr == 0 and args.warmup_epochs == 0

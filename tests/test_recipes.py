@@ -14,7 +14,7 @@ import sys
 import pytest
 from PIL import Image
 
-from test_configs import IMAGENET_FILES, TINY_HFDS, load, parseable
+from test_configs import IMAGENET_FILES, TINY_HFDS, load
 from test_train import REPO
 
 from timm_mimo import rundir
@@ -67,7 +67,7 @@ def tiny_imagenet_hub_set(tmp_path_factory):
 
 
 def _two_steps(path, tmp_path, batch_size: int, *data):
-    assert train.cli(['-c', str(parseable(path, tmp_path)), *map(str, data), '--num-classes', '3',
+    assert train.cli(['-c', str(path), *map(str, data), '--num-classes', '3',
                       '--val-per-class', '1', '-b', str(batch_size), '--epochs', '1', '--limit-train-batches', '2',
                       '--workers', '0', '--no-amp', '--output', str(tmp_path), '--experiment', 'run']) == 0
     folder = tmp_path / 'run'
