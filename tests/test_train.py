@@ -276,20 +276,6 @@ def test_ema_amp_run_and_validate_on_a_corruption_folder(tmp_path):
     assert 0.0 <= c['top1'] <= 100.0 and 'nll' in c and 'ece' in c
 
 
-def test_tensorboard_log_has_the_epoch_metrics(tmp_path):
-    pytest.importorskip('tensorboard', reason='the optional TensorBoard log needs the tensorboard package')
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    run('train.py', *FAST, '--epochs', 2, '--limit-train-batches', 3, '--log-tensorboard', '--output', tmp_path,
-        '--experiment', 'tb')
-    events = list((tmp_path / 'tb').rglob('events.out.tfevents.*'))
-    assert len(events) == 1, f'expected one event file, found {events}'
-    acc = EventAccumulator(str(events[0].parent))
-    acc.Reload()
-    tags = set(acc.Tags()['scalars'])
-    assert {'train_loss', 'eval_top1', 'eval_nll', 'eval_ece', 'lr'} <= tags
-    assert [e.step for e in acc.Scalars('eval_top1')] == [0, 1]
-
-
 def test_torchcompile_trains_like_eager(tmp_path):
     """--torchcompile (inductor on CPU): the same first-epoch loss as the eager run, to float tolerance."""
     args = ['--epochs', 1, '--limit-train-batches', 3, '-b', 16, '--output', tmp_path]
