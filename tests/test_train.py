@@ -218,11 +218,12 @@ def test_two_processes_on_cpu_match_one_process_with_the_same_global_batch(tmp_p
             '--limit-train-batches', '20', '--output', str(tmp_path)]
     env = dict(os.environ, ACCELERATE_USE_CPU='true', OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
     two = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', 'train.py',
-                          *args, '--experiment', 'two'], cwd=REPO, env=env, capture_output=True, text=True,
-                         timeout=600)
+                          *args, '--experiment', 'two', '--log-with', 'tensorboard'], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
     assert '2 process(es) x 8 unique images' in two.stdout + two.stderr
     assert (two.stdout + two.stderr).count('best epoch') == 1, 'only the main process reports and writes'
+    assert len(list((tmp_path / 'two' / 'trackers').glob('*/events.out.tfevents.*'))) == 1, 'the main process logs'
     run('train.py', *args, '--experiment', 'one')
     rows = {}
     for name in ('one', 'two'):
