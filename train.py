@@ -30,6 +30,7 @@ from timm_mimo.train.args import DATA_BACKEND_KEYS, LOWER_IS_BETTER, build_parse
 from timm_mimo.train.args import check_transform_flags, image_transforms
 from timm_mimo.train.run import AbandonableStep, EpochProgress, NonFiniteLoss, StepAbandoned, StopRequest, Training, \
     all_finite, check_resume, record_resume, refuse_non_finite, restore, save_checkpoint, start_in_place
+from timm_mimo.train.trackers import start_trackers
 
 _logger = logging.getLogger('train')
 
@@ -54,12 +55,13 @@ def open_run(args):
 
 def make_accelerator(args, run_dir: Path):
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, DistributedType
+    from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectConfiguration
     accelerator = Accelerator(
         mixed_precision=('bf16' if args.amp_dtype == 'bfloat16' else 'fp16') if args.amp else 'no',
         gradient_accumulation_steps=args.grad_accum_steps,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
-        log_with='tensorboard' if args.log_tensorboard else None, project_dir=str(run_dir))
+        log_with=list(filter(None, args.log_with.split(','))) or None,
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / rundir.TRACKERS_DIR)))
     launched = int(os.environ.get('WORLD_SIZE', '1'))
     if launched > accelerator.num_processes:
         # e.g. `accelerate launch` of several processes on a machine without GPUs: each would run alone
@@ -163,7 +165,7 @@ def setup(args, run_dir: Path, stop: StopRequest, wall_start: float) -> Training
     from timm_mimo.data.splits import auto_augment_transform, build_splits
     from timm_mimo.data.transforms import TIMM_AUG, default_aug
     from timm_mimo.models.factory import read_model_source, registered_cfg, resolve_img_size
-    from timm_mimo.train.speed import CompiledWithFallback, create_optimizer, report_cpu_threads
+    from timm_mimo.train.speed import CompiledWithFallback, optimizer_from_settings, report_cpu_threads
     from timm_mimo.train.tasks import build_builder, create_task
 
     sourced = read_model_source(args.model)  # hf-hub: / local-dir: names: their config.json; bad names: one line
@@ -194,6 +196,7 @@ def setup(args, run_dir: Path, stop: StopRequest, wall_start: float) -> Training
     optim = settings.optim
     model, data_config = build_model(args, splits, model_args)
     splits, data_config = timm_transforms(args, splits, model, cfg, data_config, accelerator.process_index)
+    model = sync_batchnorm(model, settings.sync_bn, accelerator)
     mix_mode = settings.mixing.mix_mode or getattr(model, 'default_mix_mode', 'cut')
     builder = build_builder(model, splits.num_classes, splits.img_size, mix_mode, settings.mixing, settings.augment)
     task = create_task(settings, model, builder, mix_mode, (splits.img_size,) * 2, accelerator.device)
@@ -206,9 +209,7 @@ def setup(args, run_dir: Path, stop: StopRequest, wall_start: float) -> Training
     if steps < 1:
         raise ValueError(f'the training split ({len(splits.train)} images) is smaller than one batch of '
                          f'{unique * world * accum} unique images')
-    optimizer, fused = create_optimizer(
-        model, optim.opt, optim.fused, accelerator.device, lr=optim.lr, weight_decay=optim.weight_decay,
-        momentum=optim.momentum, filter_bias_and_bn=not optim.decay_all)
+    optimizer, fused = optimizer_from_settings(model, optim, accelerator.device)
     for group in task.param_groups(optim.lr, optim.weight_decay, optim.decay_all):
         optimizer.add_param_group(group)
     scheduler, _ = timm.scheduler.create_scheduler_v2(
@@ -240,6 +241,20 @@ def setup(args, run_dir: Path, stop: StopRequest, wall_start: float) -> Training
     _logger.info(f'speed: device {accelerator.device}, ' + ', '.join(f'{k} {v}' for k, v in speed.items()))
     report_cpu_threads(accelerator)
     return run
+
+
+def sync_batchnorm(model, sync_bn: bool, accelerator):
+    """--sync-bn: BatchNorm layers synchronised across processes, before Accelerate wraps the model. timm's
+    converter, not PyTorch's alone: timm's BatchNormAct2d (a BatchNorm2d with its activation) keeps its
+    activation. One process has nothing to synchronise; PyTorch's SyncBatchNorm runs on GPUs only."""
+    from timm.layers import convert_sync_batchnorm
+    if not sync_bn or accelerator.num_processes == 1:
+        if sync_bn:
+            _logger.info('--sync-bn: one process, nothing to synchronise')
+        return model
+    if accelerator.device.type not in ('cuda', 'xpu', 'hpu'):
+        raise ValueError(f'--sync-bn: PyTorch\'s SyncBatchNorm runs on GPUs only, not on {accelerator.device.type}')
+    return convert_sync_batchnorm(model)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -351,8 +366,7 @@ def end_epoch(run: Training, epoch: int):
                  f'{m["ece"]:.4f} | members {" ".join(f"{a:.2f}" for a in m["member_top1"])} | '
                  f'{row["train_img_s"]:.0f} img/s {trained.time_s:.1f}s' + ('' if task.deployed == 'model' else
                  f' | EMA (deployed) top1 {deployed["top1"]:.2f} nll {deployed["nll"]:.4f}'))
-    if settings.log_tensorboard:
-        accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=epoch)
+    accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=state.num_updates)
     state.start_epoch(epoch + 1, run.elapsed())
     value, best = deployed[settings.eval_metric], state.best_metric
     if run.splits.select_last_epoch or best is None or (value < best if settings.eval_metric in LOWER_IS_BETTER
@@ -461,18 +475,20 @@ def main(argv=None) -> int:
             changes = check_resume(run_dir, resume_from, vars(args))
             restore(run, resume_from) if resume_from is not None else start_in_place(run)
             record_resume(run, resume_from, changes)  # only a resume that was accepted
-        if args.log_tensorboard:
-            run.accelerator.init_trackers('tensorboard')
-        first_epoch = run.state.epoch
-        for epoch in range(first_epoch, args.epochs):
-            if train_epoch(run, epoch):  # a signal: its checkpoint is saved
-                return 130 if stop.signal == 'SIGINT' else 0
-            end_epoch(run, epoch)
-        if first_epoch == args.epochs and (run_dir / rundir.RESULTS_FILE).exists():
-            _logger.info(f'{run_dir} has finished its {args.epochs} epochs: nothing to do')
-        else:
-            report(run, final_evaluation(run))
-        run.accelerator.end_training()
+        start_trackers(run.accelerator, run.settings.trackers, run_dir, args.log_project, vars(args),
+                       run.state.num_updates, new_run=not args.resume)
+        try:
+            first_epoch = run.state.epoch
+            for epoch in range(first_epoch, args.epochs):
+                if train_epoch(run, epoch):  # a signal: its checkpoint is saved
+                    return 130 if stop.signal == 'SIGINT' else 0
+                end_epoch(run, epoch)
+            if first_epoch == args.epochs and (run_dir / rundir.RESULTS_FILE).exists():
+                _logger.info(f'{run_dir} has finished its {args.epochs} epochs: nothing to do')
+            else:
+                report(run, final_evaluation(run))
+        finally:
+            run.accelerator.end_training()  # the trackers' last events, also of a stopped run
         return 0
     except BaseException:
         if made and lock is not None and rundir.is_stub(run_dir):  # nothing of this run is worth keeping

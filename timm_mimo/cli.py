@@ -56,19 +56,20 @@ def run_cli(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Seque
         return next(code for kind, code in reversed(list(codes.items())) if isinstance(err, kind))
 
 
-def parse_model_kwargs(items) -> dict:
-    """``['k=v', ...]`` from the command line into create_model kwargs (values parsed as YAML)."""
+def parse_model_kwargs(items, flag: str = '--model-kwargs') -> dict:
+    """``['k=v', ...]`` from the command line (``flag``: --model-kwargs, --opt-kwargs) into keyword arguments
+    (values parsed as YAML)."""
     import yaml
     kwargs = {}
     for item in items:
         if '=' not in item:
-            raise ValueError(f'--model-kwargs expects K=V, got {item!r}')
+            raise ValueError(f'{flag} expects K=V, got {item!r}')
         key, value = item.split('=', 1)
         try:
             kwargs[key] = yaml.safe_load(value)
         except yaml.YAMLError as e:  # a tag such as !!python/object is refused by safe_load: say so in one line
             reason = getattr(e, 'problem', None) or one_line(e)
-            raise ValueError(f'--model-kwargs {key}: not a plain YAML value ({reason})') from None
+            raise ValueError(f'{flag} {key}: not a plain YAML value ({reason})') from None
     return kwargs
 
 

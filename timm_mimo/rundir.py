@@ -326,9 +326,9 @@ def is_run_dir(path: Path) -> bool:
     return Path(path).is_dir() and (Path(path) / ARGS_FILE).is_file()
 
 
-TENSORBOARD_DIR = 'tensorboard'
+TRACKERS_DIR = 'trackers'  # the experiment trackers' files (timm_mimo.train.trackers)
 # what a run writes before its first checkpoint: a folder holding only these (and leftovers) is started again
-STUB_ENTRIES = {ARGS_FILE, LOCK_FILE, MIXED_SAMPLES_DIR, TENSORBOARD_DIR}
+STUB_ENTRIES = {ARGS_FILE, LOCK_FILE, MIXED_SAMPLES_DIR, TRACKERS_DIR}
 
 
 def is_stub(run_dir: Path) -> bool:

@@ -76,8 +76,8 @@ def citation_keys(architecture: str, pretrained_cfg: dict, run_args: dict) -> Li
 
 # train.py arguments that are local (paths, logging) and stay out of the card
 _PRIVATE_ARGS = {'config', 'data_dir', 'output', 'experiment', 'resume', 'initial_checkpoint', 'pretrained_path',
-                 'debug', 'log_tensorboard', 'workers', 'dataset_download', 'checkpoint_hist', 'device',
-                 'model_source'}
+                 'debug', 'log_tensorboard', 'log_with', 'log_wandb', 'log_project', 'workers', 'dataset_download',
+                 'checkpoint_hist', 'device', 'model_source'}
 _PATH_RE = re.compile(r'(?<![\w.])(?:~|[A-Za-z]:)?[/\\][^\s:,;()]+')
 
 

@@ -24,10 +24,11 @@ EVAL_METRICS = ('top1', 'top5', 'nll', 'ece', 'brier', 'auc', 'member_mean_top1'
 LOCAL_KEYS = {'config', 'resume', 'output', 'experiment', 'debug', 'workers', 'device_data', 'data_cache_dir',
               'data_dir', 'dataset_download', 'pretrained_path', 'initial_checkpoint', 'log_tensorboard',
               'checkpoint_hist', 'log_interval', 'log_interval_s', 'torchcompile', 'torchcompile_mode',
-              'channels_last', 'fused_opt', 'mix_vis_interval'}
+              'channels_last', 'fused_opt', 'mix_vis_interval', 'log_with', 'log_wandb', 'log_project'}
 # local keys a resumed run takes from its args.yaml when the command line does not give them: where the data is
-# (a run resumes on its own data without naming it again; a new --data-dir still wins, e.g. the data moved)
-RECORDED_LOCAL_KEYS = ('data_dir',)
+# (a run resumes on its own data without naming it again; a new --data-dir still wins, e.g. the data moved) and
+# its trackers (it keeps logging to them; --log-with none turns them off)
+RECORDED_LOCAL_KEYS = ('data_dir', 'log_with', 'log_project')
 # what train.py records in args.yaml beside the flags (a hf-hub: / local-dir: model's Hub commit or folder):
 # a run's args.yaml stays a valid -c config, these keys being skipped
 RECORD_KEYS = ('model_source',)
@@ -178,11 +179,63 @@ def build_parser(description: str = '') -> argparse.ArgumentParser:
                         'data location included unless --data-dir gives a new one')
     g.add_argument('--checkpoint-hist', type=int, default=1, help='complete checkpoints to keep')
     g.add_argument('--eval-metric', default='top1', help='validation metric that selects the best epoch')
-    g.add_argument('--log-tensorboard', action='store_true', help='log the summary columns to <run>/tensorboard/')
     g.add_argument('--debug', action='store_true', help='show tracebacks instead of one-line errors')
     add_data_backend_args(p)
     add_image_transform_args(p)
+    add_tracker_args(p)
+    add_timm_optimizer_args(p)
     return p
+
+
+def add_tracker_args(p: argparse.ArgumentParser):
+    """Experiment trackers through Accelerate (timm_mimo.train.trackers; README "Trackers")."""
+    g = p.add_argument_group('experiment trackers (Accelerate\'s)')
+    g.add_argument('--log-with', default='', metavar='NAME[,NAME]',
+                   help="Accelerate trackers: tensorboard, wandb, mlflow, comet_ml, aim, clearml, dvclive, swanlab, "
+                        "trackio, 'all' (every installed one) or 'none'; the run's arguments as their config, loss / "
+                        "lr / samples per second every --log-interval steps, the summary row at each epoch, the "
+                        "optimizer step as the step; files under <run>/trackers/; a resumed run keeps its trackers "
+                        "and continues their run (TensorBoard, wandb)")
+    g.add_argument('--log-wandb', action='store_true', help="timm's flag: --log-with wandb")
+    g.add_argument('--log-tensorboard', action='store_true', help='--log-with tensorboard')
+    g.add_argument('--log-project', default='timm_mimo',
+                   help="the trackers' project (wandb's project; TensorBoard's folder <run>/trackers/<project>)")
+
+
+def resolve_trackers(args: argparse.Namespace):
+    """--log-with with its aliases folded in, as the checked, comma-joined tracker names (what args.yaml keeps)."""
+    from .trackers import tracker_names
+    names = [n for n in args.log_with.split(',') if n.strip() not in ('', 'none')]
+    names += ['wandb'] * args.log_wandb + ['tensorboard'] * args.log_tensorboard
+    args.log_with = ','.join(tracker_names(','.join(names)))
+
+
+def add_timm_optimizer_args(p: argparse.ArgumentParser):
+    """timm's optimizer and distributed flags, passed to timm.optim.create_optimizer_v2 and
+    timm.layers.convert_sync_batchnorm."""
+    g = p.add_argument_group("timm's optimizer and distributed flags")
+    g.add_argument('--layer-decay', type=float, default=None,
+                   help="layer-wise lr decay in (0, 1]: each layer group's lr scaled by decay^(depth from the head) "
+                        "(timm models with group_matcher; ViT fine-tuning)")
+    g.add_argument('--opt-betas', type=float, nargs='+', default=None, metavar='BETA',
+                   help="the optimizer's betas (Adam-type: two), each in [0, 1); default: the optimizer's")
+    g.add_argument('--opt-eps', type=float, default=None, help="the optimizer's epsilon (> 0); default: its own")
+    g.add_argument('--opt-kwargs', nargs='*', default=[], metavar='K=V',
+                   help='other optimizer arguments, values as YAML (timm\'s flag), e.g. --opt-kwargs foreach=false')
+    g.add_argument('--sync-bn', action='store_true',
+                   help='synchronise BatchNorm statistics across processes (timm\'s convert_sync_batchnorm, before '
+                        'Accelerate wraps the model; GPUs only, as PyTorch\'s SyncBatchNorm; no effect in one process)')
+
+
+def check_timm_optimizer_args(args: argparse.Namespace):
+    from ..cli import parse_model_kwargs
+    if args.layer_decay is not None and not (math.isfinite(args.layer_decay) and 0 < args.layer_decay <= 1):
+        raise ValueError(f'--layer-decay must be in (0, 1], got {args.layer_decay}')
+    if args.opt_betas is not None and not (len(args.opt_betas) <= 3 and all(0 <= b < 1 for b in args.opt_betas)):
+        raise ValueError(f'--opt-betas takes one to three values in [0, 1), got {" ".join(map(str, args.opt_betas))}')
+    if args.opt_eps is not None and not (math.isfinite(args.opt_eps) and args.opt_eps > 0):
+        raise ValueError(f'--opt-eps must be a finite number > 0, got {args.opt_eps}')
+    parse_model_kwargs(args.opt_kwargs, '--opt-kwargs')
 
 
 def add_data_backend_args(p: argparse.ArgumentParser, from_run: bool = False):
@@ -442,6 +495,7 @@ def recipe_changes(saved: dict, arguments: dict) -> list:
 
 def run_settings(args: argparse.Namespace) -> RunSettings:
     """The typed settings of a run, from its parsed (and checked) arguments: what the library reads."""
+    from ..cli import parse_model_kwargs
     mixing = MixingSettings(
         batch_repeat=args.batch_repeat, mix_mode=args.mix_mode, mix_prob=args.mix_prob, mix_alpha=args.mix_alpha,
         weight_root=args.weight_root, msda=None if args.msda == 'none' else args.msda, msda_prob=args.msda_prob,
@@ -450,7 +504,9 @@ def run_settings(args: argparse.Namespace) -> RunSettings:
         opt=args.opt, lr=args.lr, weight_decay=args.weight_decay, decay_all=args.wd_all, momentum=args.momentum,
         fused=args.fused_opt, clip_grad=args.clip_grad, sched=args.sched, warmup_epochs=args.warmup_epochs,
         warmup_lr=args.warmup_lr, min_lr=args.min_lr, decay_milestones=tuple(args.decay_milestones),
-        decay_rate=args.decay_rate)
+        decay_rate=args.decay_rate, layer_decay=args.layer_decay,
+        betas=tuple(args.opt_betas) if args.opt_betas is not None else None, eps=args.opt_eps,
+        opt_kwargs=parse_model_kwargs(args.opt_kwargs, '--opt-kwargs'))
     automix = AutoMixSettings(
         stage=args.automix_stage, alpha=args.automix_alpha, mask_loss_weight=args.automix_mask_loss,
         margin=args.automix_margin, lam_margin=args.automix_lam_margin, lam_concat=args.automix_lam_concat,
@@ -461,7 +517,7 @@ def run_settings(args: argparse.Namespace) -> RunSettings:
         model=args.model, epochs=args.epochs, seed=args.seed, batch_size=args.batch_size,
         grad_accum_steps=args.grad_accum_steps, eval_metric=args.eval_metric, checkpoint_hist=args.checkpoint_hist,
         log_interval=args.log_interval, log_interval_s=args.log_interval_s, mix_vis_interval=args.mix_vis_interval,
-        log_tensorboard=args.log_tensorboard, channels_last=args.channels_last, torchcompile=args.torchcompile,
+        trackers=tuple(filter(None, args.log_with.split(','))), sync_bn=args.sync_bn, channels_last=args.channels_last, torchcompile=args.torchcompile,
         torchcompile_mode=args.torchcompile_mode, ema_decay=args.model_ema_decay if args.model_ema else None,
         mixing=mixing, augment=AugmentSettings(crop=args.aug, erase_prob=args.reprob, erase_mode=args.remode),
         optim=optim, automix=automix)
@@ -500,4 +556,6 @@ def parse_args(argv=None, description: str = '') -> argparse.Namespace:
     if args.cutmix > 0:
         args.msda, args.msda_alpha = 'cutmix', args.cutmix
     check_values(args)
+    check_timm_optimizer_args(args)
+    resolve_trackers(args)
     return args

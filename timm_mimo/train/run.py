@@ -295,20 +295,28 @@ class EpochProgress:
             self.part_sums[key] = self.part_sums.get(key, 0) + value
 
     def step_completed(self, step: int, stopping: bool):
-        """After an optimizer step: its sums are kept; the log line when one is due (always when stopping)."""
+        """After an optimizer step: its sums are kept; the log line when one is due (always when stopping); the
+        trackers' row every --log-interval optimizer steps of the run (the same steps, resumed or not)."""
         self.last_completed = self.sums(step)
         self.bar.update()
-        steps, now = self.run.steps_per_epoch, time.time()
-        if step % self.log_every == 0 or step == steps or stopping or \
-                now - self.logged_at >= self.run.settings.log_interval_s:
+        run, steps, now = self.run, self.run.steps_per_epoch, time.time()
+        line_due = step % self.log_every == 0 or step == steps or stopping or \
+            now - self.logged_at >= run.settings.log_interval_s
+        tracker_due = bool(run.settings.trackers) and run.state.num_updates % run.settings.log_interval == 0
+        if not (line_due or tracker_due):
+            return
+        mean_loss = check_loss(run, self.loss_sum, self.loss_count)  # the epoch's so far
+        rate, lr = self.seen / max(now - self.start, 1e-9), run.optimizer.param_groups[0]['lr']
+        if tracker_due:
+            run.accelerator.log({'train/loss': mean_loss, 'train/lr': lr, 'train/samples_per_s': rate},
+                                step=run.state.num_updates)
+        if line_due:
             self.logged_at = now
-            mean_loss = check_loss(self.run, self.loss_sum, self.loss_count)
-            rate = self.seen / max(now - self.start, 1e-9)
             self.bar.set_postfix(loss=f'{mean_loss:.3f}', img_s=f'{rate:.0f}')
             if self.log_lines:
                 eta = (steps - step) * (now - self.start) / max(step - self.first_step, 1)
-                _logger.info(f'epoch {self.epoch} step {step}/{steps} | loss {mean_loss:.4f} | lr '
-                             f'{self.run.optimizer.param_groups[0]["lr"]:.4g} | {rate:.0f} samples/s | ETA {eta:.0f}s')
+                _logger.info(f'epoch {self.epoch} step {step}/{steps} | loss {mean_loss:.4f} | lr {lr:.4g} | '
+                             f'{rate:.0f} samples/s | ETA {eta:.0f}s')
 
     def summary(self) -> EpochSummary:
         """The finished epoch, all of its steps (those before a resume too)."""

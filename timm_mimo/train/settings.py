@@ -4,8 +4,8 @@ train.py turns its parsed command line into one :class:`RunSettings` (``timm_mim
 once; the tasks, the batch builder and the run state take these objects, never a command line, so each can be
 built and tested on its own. Each group holds one concern of the recipe, named as the flags name it.
 """
-from dataclasses import dataclass
-from typing import Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Tuple
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,16 @@ class OptimSettings:
     min_lr: float = 0.0
     decay_milestones: Tuple[int, ...] = (90, 180, 270)
     decay_rate: float = 0.1
+    # timm's create_optimizer_v2 arguments beyond the above (timm's train.py flags of the same names)
+    layer_decay: Optional[float] = None     # lr scale decay per layer group from the head (ViT fine-tuning)
+    betas: Optional[Tuple[float, ...]] = None   # None: the optimizer's own
+    eps: Optional[float] = None
+    opt_kwargs: Dict[str, Any] = field(default_factory=dict)   # any other optimizer argument
+
+    def optimizer_kwargs(self) -> dict:
+        """The optimizer's own arguments that are set (betas, eps, --opt-kwargs), for create_optimizer_v2."""
+        own = dict(betas=self.betas, eps=self.eps)
+        return {**{k: v for k, v in own.items() if v is not None}, **self.opt_kwargs}
 
 
 @dataclass(frozen=True)
@@ -76,7 +86,8 @@ class RunSettings:
     log_interval: int = 50
     log_interval_s: float = 30.0
     mix_vis_interval: int = 0
-    log_tensorboard: bool = False
+    trackers: Tuple[str, ...] = ()      # Accelerate's tracker names (--log-with)
+    sync_bn: bool = False               # SyncBatchNorm across processes (more than one only)
     channels_last: bool = False
     torchcompile: Optional[str] = None  # the backend; None: eager
     torchcompile_mode: Optional[str] = None

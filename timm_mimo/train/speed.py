@@ -71,6 +71,7 @@ def create_optimizer(model_or_params, opt: str, fused: Optional[bool], device: t
     exist too but gain little). Returns ``(optimizer, fused_used)``.
     """
     import timm.optim
+    refuse_unused_optimizer_args(opt, kwargs)
     want = fused if fused is not None else torch.device(device).type == 'cuda'
     if want:
         try:
@@ -80,8 +81,32 @@ def create_optimizer(model_or_params, opt: str, fused: Optional[bool], device: t
                 raise ValueError(f'--fused-opt: optimizer {opt!r} has no fused implementation ({e})') from e
         else:
             return optimizer, True
-    optimizer = timm.optim.create_optimizer_v2(model_or_params, opt=opt, **kwargs)
+    try:
+        optimizer = timm.optim.create_optimizer_v2(model_or_params, opt=opt, **kwargs)
+    except TypeError as e:  # an argument the optimizer class does not take (--opt-betas, --opt-eps, --opt-kwargs)
+        raise ValueError(f'optimizer {opt!r}: {e}') from e
     return optimizer, False
+
+
+def optimizer_from_settings(model, optim, device: torch.device):
+    """The run's optimizer from its :class:`~timm_mimo.train.settings.OptimSettings`: :func:`create_optimizer`
+    with every create_optimizer_v2 argument the settings hold. Returns ``(optimizer, fused_used)``."""
+    return create_optimizer(model, optim.opt, optim.fused, device, lr=optim.lr, weight_decay=optim.weight_decay,
+                            momentum=optim.momentum, filter_bias_and_bn=not optim.decay_all,
+                            layer_decay=optim.layer_decay, **optim.optimizer_kwargs())
+
+
+def refuse_unused_optimizer_args(opt: str, kwargs: dict):
+    """timm drops betas and eps that ``opt`` does not take, without a word: a flag that would do nothing is
+    refused instead, as are betas of the wrong count."""
+    import timm.optim
+    info = timm.optim.get_optimizer_info(opt.lower().split('_')[-1])  # 'lookahead_adamw': AdamW's
+    for key, has in (('betas', info.has_betas), ('eps', info.has_eps)):
+        if kwargs.get(key) is not None and not has:
+            raise ValueError(f'--opt-{key}: optimizer {opt!r} takes no {key}')
+    betas = kwargs.get('betas')
+    if betas is not None and len(betas) != info.num_betas:
+        raise ValueError(f'--opt-betas: optimizer {opt!r} takes {info.num_betas} betas, got {len(betas)}')
 
 
 def report_cpu_threads(accelerator) -> int:
