@@ -336,16 +336,23 @@ def _missing_folder_split(p):
     return ['--data-dir', p / 'data', '--val-split', 'holdout']
 
 
-@pytest.mark.parametrize('make_args,needle', [
-    (_no_shard, 'no shard of the pattern exists in'),
-    (lambda p: ['--dataset', 'hfds/org/absent', '--data-dir', p / 'cache'], 'cannot read hfds/org/absent'),
-    (_stream_without_selection, 'name one with --val-split, or keep the last epoch with --select-last-epoch'),
-    (_missing_hfds_split, '--val-split holdout: hfds/'),
-    (_missing_folder_split, '--val-split holdout: no folder'),
-    (_tfds_absent, 'tfds/ data sets need TensorFlow Datasets, an optional extra not installed here'),
-    (_download_offline, 'downloading hfids/org/absent into'),
-], ids=['wds-no-shard', 'hfds-absent', 'stream-without-selection', 'hfds-missing-split', 'folder-missing-split',
-        'tfds-absent', 'download-offline'])
+# bad data input, each with the words its one error line must hold: train.py takes them all, validate.py those
+# that are not about training (selection of a stream, downloading)
+BAD_DATA_INPUT = {
+    'wds-no-shard': (_no_shard, 'no shard of the pattern exists in'),
+    'hfds-absent': (lambda p: ['--dataset', 'hfds/org/absent', '--data-dir', p / 'cache'],
+                    'cannot read hfds/org/absent'),
+    'stream-without-selection': (_stream_without_selection,
+                                 'name one with --val-split, or keep the last epoch with --select-last-epoch'),
+    'hfds-missing-split': (_missing_hfds_split, '--val-split holdout: hfds/'),
+    'folder-missing-split': (_missing_folder_split, '--val-split holdout: no folder'),
+    'tfds-absent': (_tfds_absent, 'tfds/ data sets need TensorFlow Datasets, an optional extra not installed here'),
+    'download-offline': (_download_offline, 'downloading hfids/org/absent into'),
+}
+BAD_VALIDATE_INPUT = [case for case in BAD_DATA_INPUT if case not in ('stream-without-selection', 'download-offline')]
+
+
+@pytest.mark.parametrize('make_args,needle', list(BAD_DATA_INPUT.values()), ids=list(BAD_DATA_INPUT))
 def test_bad_data_input_is_one_line_and_leaves_no_run_folder(make_args, needle, tmp_path, capsys, offline,
                                                              one_thread):
     args = make_args(tmp_path)
@@ -355,13 +362,8 @@ def test_bad_data_input_is_one_line_and_leaves_no_run_folder(make_args, needle, 
     assert not (tmp_path / 'out' / 'x').exists()
 
 
-@pytest.mark.parametrize('make_args,needle', [
-    (_no_shard, 'no shard of the pattern exists in'),
-    (lambda p: ['--dataset', 'hfds/org/absent', '--data-dir', p / 'cache'], 'cannot read hfds/org/absent'),
-    (_missing_hfds_split, '--val-split holdout: hfds/'),
-    (_missing_folder_split, '--val-split holdout: no folder'),
-    (_tfds_absent, 'tfds/ data sets need TensorFlow Datasets, an optional extra not installed here'),
-], ids=['wds-no-shard', 'hfds-absent', 'hfds-missing-split', 'folder-missing-split', 'tfds-absent'])
+@pytest.mark.parametrize('make_args,needle', [BAD_DATA_INPUT[case] for case in BAD_VALIDATE_INPUT],
+                         ids=BAD_VALIDATE_INPUT)
 def test_bad_data_input_to_validate_is_one_line_and_writes_nothing(make_args, needle, tmp_path, capsys, offline,
                                                                    one_thread):
     from timm_mimo.cli import run_cli
